@@ -1,0 +1,413 @@
+"""Convert Meta's original Llama 2 checkpoint (`consolidated.NN.pth` + `params.json` + `tokenizer.model`) to a
+Hugging Face model directory (sharded safetensors, `config.json`, `generation_config.json`, tokenizer files).
+
+Meta's files are model-parallel shards written by fairscale layers (`llama/model.py`), one per GPU of the release
+(7B: 1, 13B: 2, 70B: 8). Each weight is split by the rule of the layer that owns it:
+
+====================================  =========================  ===============
+Meta parameter                        layer                      split dimension
+====================================  =========================  ===============
+attention.wq / wk / wv, feed_forward  ColumnParallelLinear       0 (output rows)
+.w1 / w3, output
+attention.wo, feed_forward.w2         RowParallelLinear          1 (input columns)
+tok_embeddings                        ParallelEmbedding          1 (embedding dim)
+attention_norm, ffn_norm, norm        replicated                 -
+rope.freqs (Llama 1 only)             buffer                     ignored
+====================================  =========================  ===============
+
+Meta's RoPE rotates interleaved pairs `(x[2i], x[2i+1])` (complex numbers), transformers' rotates `(x[i], x[i+d/2])`
+(`rotate_half`). Both rotate pair i by the same angle, so reordering the output rows of `wq` and `wk` inside each
+head (even rows first, then odd rows) turns one convention into the other; `wk` is reordered per KV head.
+
+Memory: shards are opened with `torch.load(mmap=True, weights_only=True)`, each tensor is merged on its own and
+written into the current safetensors file; after each file the shard mappings are dropped so that the pages read so
+far leave the resident set. Peak memory is therefore about two output files (`max_shard_size`) plus the largest
+tensor, whatever the model size (see benchmarks/README.md for measurements).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+from transformers.utils.hub import convert_file_size_to_int
+
+from .configuration_llama2 import Llama2Config
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
+_IGNORED_KEYS = frozenset({"rope.freqs"})  # precomputed RoPE table in Llama 1 checkpoints; rebuilt from the config
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Meta sampling defaults of `Llama.text_completion` / `chat_completion` (LLAMA2_FACTS §11).
+_META_TEMPERATURE = 0.6
+_META_TOP_P = 0.9
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One weight of the merged model: where it comes from and how it is rebuilt."""
+
+    meta_name: str
+    hf_name: str
+    shape: tuple[int, ...]  # full (merged) shape
+    split_dim: int | None  # None: replicated in every shard
+    rope_heads: int | None  # number of heads whose rows are reordered to rotate-half layout (wq, wk), else None
+
+    def shard_shape(self, n_shards: int) -> tuple[int, ...]:
+        if self.split_dim is None:
+            return self.shape
+        shape = list(self.shape)
+        shape[self.split_dim] //= n_shards
+        return tuple(shape)
+
+
+def meta_layout(config: Llama2Config) -> list[_Tensor]:
+    """Every weight of a Meta checkpoint for `config`, in the order it is written (embeddings, layers, norm, head).
+
+    The list is the contract the shards are checked against: names, full shapes, split rule, RoPE reordering.
+    """
+    d, hd = config.hidden_size, config.head_dim
+    nh, nkv, ffn, vocab = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, \
+        config.vocab_size
+    layout = [_Tensor("tok_embeddings.weight", "model.embed_tokens.weight", (vocab, d), 1, None)]
+    for i in range(config.num_hidden_layers):
+        m, h = f"layers.{i}.", f"model.layers.{i}."
+        layout += [
+            _Tensor(m + "attention.wq.weight", h + "self_attn.q_proj.weight", (nh * hd, d), 0, nh),
+            _Tensor(m + "attention.wk.weight", h + "self_attn.k_proj.weight", (nkv * hd, d), 0, nkv),
+            _Tensor(m + "attention.wv.weight", h + "self_attn.v_proj.weight", (nkv * hd, d), 0, None),
+            _Tensor(m + "attention.wo.weight", h + "self_attn.o_proj.weight", (d, nh * hd), 1, None),
+            _Tensor(m + "feed_forward.w1.weight", h + "mlp.gate_proj.weight", (ffn, d), 0, None),
+            _Tensor(m + "feed_forward.w3.weight", h + "mlp.up_proj.weight", (ffn, d), 0, None),
+            _Tensor(m + "feed_forward.w2.weight", h + "mlp.down_proj.weight", (d, ffn), 1, None),
+            _Tensor(m + "attention_norm.weight", h + "input_layernorm.weight", (d,), None, None),
+            _Tensor(m + "ffn_norm.weight", h + "post_attention_layernorm.weight", (d,), None, None),
+        ]
+    layout += [
+        _Tensor("norm.weight", "model.norm.weight", (d,), None, None),
+        _Tensor("output.weight", "lm_head.weight", (vocab, d), 0, None),
+    ]
+    return layout
+
+
+def interleaved_to_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the output rows of a q/k projection from Meta's interleaved RoPE pairs to rotate-half pairs.
+
+    Inside each head of size d, Meta rotates rows (2i, 2i+1) together; rotate-half rotates rows (i, i + d/2). The
+    new row order per head is [0, 2, 4, ..., d-2, 1, 3, ..., d-1]. `weight` is (n_heads * d, in_features).
+    """
+    rows, cols = weight.shape
+    head_dim = rows // n_heads
+    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    per_head = weight.reshape(n_heads, head_dim, cols)  # (heads, d, in)
+    return per_head[:, order].reshape(rows, cols)
+
+
+def _find_shards(input_dir: Path) -> list[Path]:
+    indexed = []
+    for path in input_dir.glob("consolidated.*.pth"):
+        match = _SHARD_RE.match(path.name)
+        if match:
+            indexed.append((int(match.group(1)), path))
+    if not indexed:
+        raise ValueError(f"No consolidated.NN.pth files in {input_dir}: expected Meta's model-parallel shards "
+                         "consolidated.00.pth, consolidated.01.pth, ...")
+    indexed.sort()
+    numbers = [n for n, _ in indexed]
+    if numbers != list(range(len(numbers))):
+        missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
+        raise ValueError(f"Model-parallel shards in {input_dir} are not numbered 00..{len(numbers) - 1}: found "
+                         f"{[p.name for _, p in indexed]}; missing {[f'consolidated.{n:02d}.pth' for n in missing]}")
+    return [p for _, p in indexed]
+
+
+def _find_tokenizer(input_dir: Path, tokenizer_path: str | Path | None) -> Path:
+    if tokenizer_path is not None:
+        path = Path(tokenizer_path)
+        if not path.is_file():
+            raise ValueError(f"tokenizer_path {path} does not exist")
+        return path
+    # Meta's download script puts tokenizer.model next to the size folders (llama-2-7b/, llama-2-13b/, ...).
+    for candidate in (input_dir / "tokenizer.model", input_dir.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    raise ValueError(f"No tokenizer.model in {input_dir} or its parent: pass tokenizer_path= (--tokenizer)")
+
+
+def _read_params(input_dir: Path) -> dict:
+    path = input_dir / "params.json"
+    if not path.is_file():
+        raise ValueError(f"Missing params.json in {input_dir}: Meta's checkpoint folder holds params.json next to "
+                         "the consolidated.NN.pth shards")
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(params).__name__}")
+    return params
+
+
+class _ShardReader:
+    """Memory-mapped access to the model-parallel shards, reopened on demand.
+
+    Pages of a mapping stay resident until it is closed, so `release()` drops the mappings after each output
+    file: the resident set then holds only the pages read since the last file was written.
+    """
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = list(paths)
+        self._shards: list[dict[str, torch.Tensor]] | None = None
+
+    def shards(self) -> list[dict[str, torch.Tensor]]:
+        if self._shards is None:
+            self._shards = []
+            for path in self.paths:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                if not isinstance(state, dict):
+                    raise ValueError(f"{path.name} holds a {type(state).__name__}, expected a state dict")
+                self._shards.append({k: v for k, v in state.items() if k not in _IGNORED_KEYS})
+        return self._shards
+
+    def release(self) -> None:
+        self._shards = None  # the last reference: the mappings close here (no reference cycles, no gc needed)
+
+
+def _check_shards(shards: list[dict[str, torch.Tensor]], paths: Sequence[Path], layout: list[_Tensor],
+                  config: Llama2Config) -> None:
+    """Refuse shards whose key sets differ, or whose shapes do not follow Meta's split rules for the config."""
+    n = len(shards)
+    # Meta gives each rank n_heads / n and n_kv_heads / n whole heads (`n_local_heads`, `n_local_kv_heads`).
+    for field, value in (("n_heads", config.num_attention_heads), ("n_kv_heads", config.num_key_value_heads)):
+        if value % n:
+            raise ValueError(f"params.json has {field}={value}, which cannot be split into {n} model-parallel "
+                             f"shards ({n} consolidated.NN.pth files found)")
+    for t in layout:
+        if t.split_dim is not None and t.shape[t.split_dim] % n:
+            raise ValueError(f"{t.meta_name} has {t.shape[t.split_dim]} entries along dim {t.split_dim} by "
+                             f"params.json, which cannot be split into {n} model-parallel shards")
+    expected = {t.meta_name for t in layout}
+    for path, shard in zip(paths, shards):
+        keys = set(shard)
+        if keys != expected:
+            missing, unexpected = sorted(expected - keys), sorted(keys - expected)
+            raise ValueError(
+                f"{path.name} does not have the keys params.json implies: missing {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected {unexpected[:8]}"
+                f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
+        for t in layout:
+            got, want = tuple(shard[t.meta_name].shape), t.shard_shape(n)
+            if got == want:
+                continue
+            hint = ""
+            if t.split_dim is not None and len(got) == len(want) and got[t.split_dim] and \
+                    t.shape[t.split_dim] % got[t.split_dim] == 0 and t.shape[t.split_dim] // got[t.split_dim] != n:
+                hint = (f"; its shape fits {t.shape[t.split_dim] // got[t.split_dim]} shards, but {n} "
+                        "consolidated.NN.pth files were found")
+            rule = "replicated" if t.split_dim is None else f"split on dim {t.split_dim} into {n}"
+            raise ValueError(f"{path.name}: {t.meta_name} has shape {list(got)}, expected {list(want)} (full shape "
+                             f"{list(t.shape)} from params.json and the tokenizer's vocabulary, {rule}){hint}")
+
+
+def _merge(t: _Tensor, shards: list[dict[str, torch.Tensor]], paths: Sequence[Path],
+           dtype: torch.dtype | None) -> torch.Tensor:
+    """Rebuild one full tensor from its model-parallel pieces, in rotate-half layout and the output dtype."""
+    pieces = [shard[t.meta_name] for shard in shards]
+    if t.split_dim is None:
+        for path, piece in zip(paths[1:], pieces[1:]):
+            if not torch.equal(piece, pieces[0]):
+                raise ValueError(f"{t.meta_name} must be replicated across model-parallel shards, but {path.name} "
+                                 f"differs from {paths[0].name}: the shards come from different checkpoints")
+        full = pieces[0]
+    else:
+        full = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=t.split_dim)
+    if t.rope_heads is not None:
+        full = interleaved_to_rotate_half(full, t.rope_heads)
+    if dtype is not None and full.dtype != dtype:
+        full = full.to(dtype)
+    return full.contiguous()
+
+
+def _plan_files(layout: list[_Tensor], itemsize: int, max_bytes: int) -> list[list[_Tensor]]:
+    """Group tensors, in order, into files of at most `max_bytes` (a larger single tensor gets a file of its own)."""
+    files: list[list[_Tensor]] = [[]]
+    size = 0
+    for t in layout:
+        nbytes = itemsize * torch.Size(t.shape).numel()
+        if files[-1] and size + nbytes > max_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(t)
+        size += nbytes
+    return files
+
+
+def _file_names(n_files: int) -> Iterator[str]:
+    if n_files == 1:
+        yield SAFE_WEIGHTS_NAME
+        return
+    for i in range(n_files):
+        yield f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
+
+
+def _prepare_output(output_dir: Path, overwrite: bool) -> None:
+    stale = sorted(output_dir.glob("model*.safetensors")) + sorted(output_dir.glob(SAFE_WEIGHTS_INDEX_NAME))
+    if stale and not overwrite:
+        raise ValueError(f"{output_dir} already holds weights ({stale[0].name}, ...): pass overwrite=True "
+                         "(--overwrite) to replace them")
+    for path in stale:
+        path.unlink()  # stale shards of another layout would be picked up by from_pretrained
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def save_tokenizer(tokenizer_path: Path, output_dir: Path) -> None:
+    """Write the SentencePiece-exact Llama2Tokenizer files (tokenizer.json, tokenizer_config.json, ...)."""
+    from .tokenization_llama2 import Llama2Tokenizer
+
+    Llama2Tokenizer.from_sentencepiece(str(tokenizer_path)).save_pretrained(str(output_dir))
+    shutil.copyfile(tokenizer_path, output_dir / "tokenizer.model")  # keep the original for sentencepiece users
+
+
+def convert_meta_checkpoint(input_dir: str | Path, output_dir: str | Path, *, tokenizer_path: str | Path | None = None,
+                            max_shard_size: int | str = "5GB", dtype: str | torch.dtype | None = None,
+                            overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert a Meta Llama 2 checkpoint folder to a Hugging Face model directory loadable by
+    `Llama2ForCausalLM.from_pretrained(output_dir)` (and `LlamaForCausalLM`: the tensors are identical).
+
+    Args:
+        input_dir: folder with `params.json` and `consolidated.00.pth` ... `consolidated.{N-1}.pth`.
+        output_dir: created if needed. Receives `model.safetensors` (or `model-0000k-of-0000n.safetensors` plus
+            `model.safetensors.index.json` when the weights exceed `max_shard_size`), `config.json`,
+            `generation_config.json` and the tokenizer files.
+        tokenizer_path: Meta's `tokenizer.model`; default: in `input_dir`, else in its parent (Meta's layout).
+        max_shard_size: upper bound of one safetensors file (`"5GB"`, `"500MB"` or bytes); also bounds peak memory.
+        dtype: output dtype (`"float32"`, `"bfloat16"`, `"float16"` or a torch dtype); None keeps the checkpoint's
+            (bfloat16 for Meta's release).
+        overwrite: replace weights already in `output_dir` (otherwise refused).
+        progress: show a progress bar over tensors.
+
+    Raises:
+        ValueError: missing params.json / shards / tokenizer; shards numbered with gaps; shards whose key sets differ
+            from the model params.json describes; shapes that do not follow Meta's split rules for the number of
+            shards; replicated norms that differ between shards; a vocabulary that disagrees with the tokenizer.
+
+    Returns the output directory.
+    """
+    import sentencepiece as spm
+
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise ValueError(f"input_dir {input_dir} is not a directory")
+    params = _read_params(input_dir)
+    paths = _find_shards(input_dir)
+    tok_path = _find_tokenizer(input_dir, tokenizer_path)
+    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    # params.json has vocab_size -1 in the release: Meta takes it from the tokenizer (`tokenizer.n_words`).
+    config = Llama2Config.from_meta_params(params, vocab_size=sp.vocab_size(),
+                                           bos_token_id=sp.bos_id() if sp.bos_id() >= 0 else None,
+                                           eos_token_id=sp.eos_id() if sp.eos_id() >= 0 else None)
+    out_dtype = _DTYPES[dtype] if isinstance(dtype, str) and dtype in _DTYPES else dtype
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or None, got {dtype!r}")
+    max_bytes = convert_file_size_to_int(max_shard_size)
+    if max_bytes <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
+
+    layout = meta_layout(config)
+    reader = _ShardReader(paths)
+    shards = reader.shards()
+    _check_shards(shards, paths, layout, config)
+    src_dtypes = {v.dtype for shard in shards for v in shard.values()}
+    if out_dtype is None:
+        if len(src_dtypes) != 1:
+            raise ValueError(f"The shards mix dtypes {sorted(map(str, src_dtypes))}: pass dtype= to choose one")
+        out_dtype = next(iter(src_dtypes))
+    logger.info("Converting %d model-parallel shard(s) of %s (%d layers, %d heads, %d KV heads) to %s",
+                len(paths), input_dir, config.num_hidden_layers, config.num_attention_heads,
+                config.num_key_value_heads, out_dtype)
+
+    _prepare_output(output_dir, overwrite)
+    plan = _plan_files(layout, torch.empty((), dtype=out_dtype).element_size(), max_bytes)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    bar = tqdm(total=len(layout), desc="convert-meta", unit="tensor", disable=not progress)
+    for group, name in zip(plan, _file_names(len(plan))):
+        shards = reader.shards()
+        tensors = {}
+        for t in group:
+            tensors[t.hf_name] = _merge(t, shards, paths, out_dtype)
+            weight_map[t.hf_name] = name
+            total_size += tensors[t.hf_name].numel() * tensors[t.hf_name].element_size()
+            bar.update()
+        save_file(tensors, str(output_dir / name), metadata={"format": "pt"})
+        logger.info("Wrote %s (%d tensors)", name, len(tensors))
+        del tensors, shards
+        reader.release()
+    bar.close()
+    if len(plan) > 1:
+        with open(output_dir / SAFE_WEIGHTS_INDEX_NAME, "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    config.dtype = out_dtype
+    config.architectures = ["Llama2ForCausalLM"]
+    config.save_pretrained(output_dir)
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, do_sample=True,
+                     temperature=_META_TEMPERATURE, top_p=_META_TOP_P,
+                     max_length=config.max_position_embeddings).save_pretrained(output_dir)
+    save_tokenizer(tok_path, output_dir)
+    logger.info("Saved %s (%.1f MB of weights in %d file(s))", output_dir, total_size / 1e6, len(plan))
+    return output_dir
+
+
+def _parse_size(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llama2-hf convert-meta",
+        description="Convert Meta's Llama 2 checkpoint (consolidated.NN.pth shards, params.json, tokenizer.model) "
+                    "to a Hugging Face model directory with sharded safetensors, config and tokenizer.")
+    parser.add_argument("--input", required=True, type=Path,
+                        help="folder with params.json and consolidated.00.pth ... (1, 2 or 8 shards)")
+    parser.add_argument("--output", required=True, type=Path, help="output model directory (created if needed)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="path to tokenizer.model (default: in --input, else in its parent folder)")
+    parser.add_argument("--max-shard-size", type=_parse_size, default="5GB",
+                        help="largest safetensors file, e.g. 5GB, 500MB or a number of bytes; bounds peak memory "
+                             "(default: 5GB)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                        help="dtype of the written weights (default: keep the checkpoint's, bfloat16 for Meta's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace weights already in --output")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = convert_meta_checkpoint(args.input, args.output, tokenizer_path=args.tokenizer,
+                                      max_shard_size=args.max_shard_size, dtype=args.dtype,
+                                      overwrite=args.overwrite, progress=not args.no_progress)
+    except ValueError as err:
+        print(f"llama2-hf convert-meta: error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+__all__ = ["convert_meta_checkpoint", "interleaved_to_rotate_half", "meta_layout", "main"]

@@ -1,0 +1,507 @@
+"""Data formats of the SFT and reward-modelling stages: schemas, validation, bad-input policies, adapters, RM mixing.
+
+Schemas (plain `datasets.Dataset` columns; JSONL files with these keys load as they are):
+
+SFT (paper §3.1), one of
+  - `messages`: list of `{"role", "content"}` dicts: an optional `system` message first, then `user` / `assistant`
+    alternating from `user`, ending with `assistant`;
+  - `prompt` (text, or the message list of the previous turns ending with `user`) and `answer` (text; `completion`
+    is accepted as an alias).
+
+Preferences (paper §3.2.1):
+  - `prompt`: text, or the message list of the previous turns (ending with `user`);
+  - `chosen`, `rejected`: the two final assistant responses (text);
+  - `rating`: `significantly_better`, `better`, `slightly_better`, `negligibly_better` or `unsure` (pooled with
+    `negligibly_better`), or null for data without a strength label (open-source sets: margin 0, counted in overall
+    accuracy only);
+  - optional `safety_label`: `chosen_safe_rejected_unsafe`, `both_safe`, `both_unsafe` (or null);
+  - optional `is_safety_prompt`: bool (or null).
+
+Bad input (missing fields, unknown rating, identical chosen/rejected, empty responses, non-alternating roles, texts
+over `max_length`) raises a `ValueError` that names the row and the field, unless a policy asks otherwise:
+`on_invalid="drop"` drops invalid rows, `on_overlength="drop"|"truncate"` drops or truncates long ones. Every drop and
+truncation is counted in the returned `DataReport` and logged; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset, Features, List, Value, concatenate_datasets, load_dataset
+
+from .losses import RATINGS, canonical_rating, margins_for
+from .tokenization_llama2 import encode_chat_with_mask, validate_messages
+
+logger = logging.getLogger(__name__)
+
+SAFETY_LABELS = ("chosen_safe_rejected_unsafe", "both_safe", "both_unsafe")
+"""Safety bins of the safety annotation track (paper §3.2.1: 18% / 47% / 35%)."""
+
+ON_INVALID = ("error", "drop")
+ON_OVERLENGTH = ("error", "truncate", "drop")
+
+MESSAGE = {"role": Value("string"), "content": Value("string")}
+PREFERENCE_FEATURES = Features({
+    "prompt": List(MESSAGE),
+    "chosen": Value("string"),
+    "rejected": Value("string"),
+    "rating": Value("string"),
+    "safety_label": Value("string"),
+    "is_safety_prompt": Value("bool"),
+})
+"""The canonical preference schema produced by the adapters and `standardize_preferences` (prompt as messages)."""
+
+
+class InvalidExample(ValueError):
+    """A row that breaks the schema. `reason` is a short key used to count drops (e.g. `empty_response`)."""
+
+    def __init__(self, row: int, field_name: str, reason: str, detail: str):
+        super().__init__(f"row {row}, field {field_name!r}: {detail}")
+        self.row, self.field, self.reason = row, field_name, reason
+
+
+@dataclass
+class DataReport:
+    """What preparing one dataset did: rows in, rows kept, rows dropped by reason, rows truncated."""
+
+    name: str
+    total: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def log(self) -> None:
+        msg = f"{self.name}: {self.kept}/{self.total} rows kept"
+        if self.truncated:
+            msg += f", {self.truncated} truncated"
+        if self.dropped:
+            msg += f", dropped {dict(self.dropped)}"
+        (logger.warning if self.dropped or self.truncated else logger.info)(msg)
+
+
+def _check_policy(on_invalid: str, on_overlength: str) -> None:
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+    if on_overlength not in ON_OVERLENGTH:
+        raise ValueError(f"on_overlength must be one of {ON_OVERLENGTH}, got {on_overlength!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Row validation
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _require(example: Mapping, row: int, name: str) -> Any:
+    if name not in example:
+        raise InvalidExample(row, name, "missing_field", f"missing (columns present: {sorted(example)})")
+    return example[name]
+
+
+def _messages(value: Any, row: int, name: str, last_role: str) -> list[dict]:
+    """Text -> one user message; a message list is checked (roles, non-empty contents, role of the last message)."""
+    if isinstance(value, str):
+        value = [{"role": "user", "content": value}]
+    if not isinstance(value, (list, tuple)):
+        raise InvalidExample(row, name, "bad_type", f"expected text or a list of messages, got {type(value).__name__}")
+    messages = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, Mapping) else m for m in value]
+    try:
+        validate_messages(messages)
+    except ValueError as err:
+        raise InvalidExample(row, name, "bad_roles", str(err)) from None
+    for i, m in enumerate(messages):
+        if m["role"] != "system" and not m["content"].strip():
+            raise InvalidExample(row, name, "empty_message", f"messages[{i}] ({m['role']}) is empty")
+    if messages[-1]["role"] != last_role:
+        raise InvalidExample(row, name, "bad_roles",
+                             f"must end with a {last_role!r} message, ends with {messages[-1]['role']!r}")
+    return messages
+
+
+def sft_messages(example: Mapping, row: int) -> list[dict]:
+    """The conversation of an SFT row (either schema) as a checked message list ending with the answer."""
+    if example.get("messages") is not None:
+        return _messages(example["messages"], row, "messages", last_role="assistant")
+    if "prompt" not in example:
+        raise InvalidExample(row, "messages", "missing_field",
+                             "an SFT row needs 'messages', or 'prompt' and 'answer' (or 'completion')")
+    answer_field = "answer" if "answer" in example or "completion" not in example else "completion"
+    answer = _require(example, row, answer_field)
+    if not isinstance(answer, str) or not answer.strip():
+        raise InvalidExample(row, answer_field, "empty_response", f"must be non-empty text, got {answer!r}")
+    prompt = _messages(_require(example, row, "prompt"), row, "prompt", last_role="user")
+    return [*prompt, {"role": "assistant", "content": answer}]
+
+
+@dataclass
+class Preference:
+    """One validated preference row: the prompt turns, the two responses and the labels."""
+
+    prompt: list[dict]
+    chosen: str
+    rejected: str
+    rating: str | None
+    safety_label: str | None
+    is_safety_prompt: bool | None
+
+
+def validate_preference(example: Mapping, row: int) -> Preference:
+    """Check a preference row against the schema (module docstring); raises `InvalidExample` naming row and field."""
+    prompt = _messages(_require(example, row, "prompt"), row, "prompt", last_role="user")
+    responses = {}
+    for name in ("chosen", "rejected"):
+        value = _require(example, row, name)
+        if not isinstance(value, str):
+            raise InvalidExample(row, name, "bad_type", f"expected the response text, got {type(value).__name__}")
+        if not value.strip():
+            raise InvalidExample(row, name, "empty_response", "the response is empty")
+        responses[name] = value
+    if responses["chosen"].strip() == responses["rejected"].strip():
+        raise InvalidExample(row, "rejected", "identical_responses", "identical to 'chosen': the pair carries no signal")
+    try:
+        rating = canonical_rating(_require(example, row, "rating"))
+    except ValueError as err:
+        raise InvalidExample(row, "rating", "unknown_rating", str(err)) from None
+    safety_label = example.get("safety_label")
+    if safety_label is not None and safety_label not in SAFETY_LABELS:
+        raise InvalidExample(row, "safety_label", "unknown_safety_label",
+                             f"{safety_label!r} is not one of {SAFETY_LABELS} (or null)")
+    is_safety = example.get("is_safety_prompt")
+    if is_safety is not None and not isinstance(is_safety, bool):
+        raise InvalidExample(row, "is_safety_prompt", "bad_type", f"expected a bool or null, got {is_safety!r}")
+    return Preference(prompt, responses["chosen"], responses["rejected"], rating, safety_label, is_safety)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenization with policies
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _apply_policies(dataset: Dataset, row_fn, empty: dict, name: str, on_invalid: str,
+                    num_proc: int | None) -> tuple[Dataset, DataReport]:
+    """Map `row_fn(example, row) -> dict` over the rows, replacing the input columns by its outputs.
+
+    An `InvalidExample` raises (`on_invalid="error"`) or marks the row dropped. `row_fn` returns `_status` ("ok",
+    "truncated" or "drop:<reason>"; a dropped row's other columns are filled from `empty`, since every row of a map
+    needs the same columns); statuses are counted, then dropped rows are filtered out.
+    """
+
+    def wrapped(example, row):
+        try:
+            out = row_fn(example, row)
+        except InvalidExample as err:
+            if on_invalid == "error":
+                raise
+            out = {"_status": f"drop:{err.reason}"}
+        return {**empty, **out}
+
+    report = DataReport(name=name, total=len(dataset))
+    dataset = dataset.map(wrapped, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc,
+                          desc=f"Tokenizing {name}")
+    statuses = Counter(dataset["_status"])
+    report.truncated = statuses.pop("truncated", 0)
+    report.dropped = Counter({k.removeprefix("drop:"): v for k, v in statuses.items() if k.startswith("drop:")})
+    if report.dropped:
+        dataset = dataset.filter(lambda s: not s.startswith("drop:"), input_columns="_status", num_proc=num_proc)
+    dataset = dataset.remove_columns("_status")
+    report.kept = len(dataset)
+    report.log()
+    return dataset, report
+
+
+def prepare_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, train_on: str = "all",
+                        on_invalid: str = "error", on_overlength: str = "error", num_proc: int | None = None,
+                        name: str = "sft") -> tuple[Dataset, DataReport]:
+    """Tokenize SFT rows in the Llama 2-Chat format with answer-only labels.
+
+    Returns a dataset with `input_ids` and `labels` (the ids on answer tokens and their EOS, -100 elsewhere;
+    `train_on="last"` keeps only the final answer, as Ghost Attention needs) and the report. Rows that already have
+    `input_ids` are taken as tokenized: their `labels` are kept, or built from `assistant_mask(s)`.
+    `on_overlength="truncate"` keeps the first `max_length` tokens; a row left without any answer token is then
+    dropped (reason `no_answer_after_truncation`).
+    """
+    _check_policy(on_invalid, on_overlength)
+
+    def row_fn(example, row):
+        if example.get("input_ids") is not None:
+            ids = list(example["input_ids"])
+            mask = example.get("assistant_mask", example.get("assistant_masks"))
+            if example.get("labels") is not None:
+                labels = list(example["labels"])
+            elif mask is not None:
+                labels = [t if m else -100 for t, m in zip(ids, mask)]
+            else:
+                raise InvalidExample(row, "labels", "missing_field",
+                                     "a tokenized row needs 'labels' or 'assistant_mask' (answer-only loss)")
+            if len(labels) != len(ids):
+                raise InvalidExample(row, "labels", "bad_type", f"{len(labels)} labels for {len(ids)} input_ids")
+        else:
+            enc = encode_chat_with_mask(tokenizer, sft_messages(example, row), train_on=train_on)
+            ids = enc.input_ids
+            labels = [t if m else -100 for t, m in zip(ids, enc.assistant_mask)]
+        status = "ok"
+        if max_length is not None and len(ids) > max_length:
+            if on_overlength == "error":
+                raise ValueError(f"row {row}, field 'messages': {len(ids)} tokens exceed max_length={max_length} "
+                                 "(set on_overlength='truncate' or 'drop' to allow it)")
+            if on_overlength == "drop":
+                return {"_status": "drop:over_length"}
+            ids, labels, status = ids[:max_length], labels[:max_length], "truncated"
+            if all(x == -100 for x in labels):
+                return {"_status": "drop:no_answer_after_truncation"}
+        return {"input_ids": ids, "labels": labels, "_status": status}
+
+    return _apply_policies(dataset, row_fn, {"input_ids": [], "labels": []}, name, on_invalid, num_proc)
+
+
+def prepare_preference_dataset(dataset: Dataset, tokenizer, max_length: int | None,
+                               margins: str | dict[str, float] = "small", on_invalid: str = "error",
+                               on_overlength: str = "error", num_proc: int | None = None,
+                               name: str = "preferences") -> tuple[Dataset, DataReport]:
+    """Tokenize preference rows for reward modelling.
+
+    Each response is encoded as the full dialog (prompt turns + the response as the final assistant turn) with
+    `encode_dialog`, so it ends with EOS; the reward model reads its scalar at that last token. Output columns:
+    `chosen_ids`, `rejected_ids`, `margin` (m(rating) of paper Eq. 2 under `margins`, a Table 27 preset or a map),
+    `rating_id` (index in `RATINGS`, -1 unrated), `safety_bin` (index in `SAFETY_LABELS`, -1 unknown).
+    Rows that already have `chosen_ids`/`rejected_ids` are taken as tokenized (rating and safety label optional).
+    `on_overlength="truncate"` keeps the last `max_length` tokens of a response's dialog (the response, its EOS and
+    the nearest context).
+    """
+    _check_policy(on_invalid, on_overlength)
+
+    def row_fn(example, row):
+        if example.get("chosen_ids") is not None:
+            ids = {"chosen": list(example["chosen_ids"]), "rejected": list(_require(example, row, "rejected_ids"))}
+            try:
+                rating = canonical_rating(example.get("rating"))
+            except ValueError as err:
+                raise InvalidExample(row, "rating", "unknown_rating", str(err)) from None
+            safety_label = example.get("safety_label")
+        else:
+            pref = validate_preference(example, row)
+            ids = {k: encode_chat_with_mask(tokenizer, [*pref.prompt, {"role": "assistant", "content": text}]).input_ids
+                   for k, text in (("chosen", pref.chosen), ("rejected", pref.rejected))}
+            rating, safety_label = pref.rating, pref.safety_label
+        status = "ok"
+        for key in ("chosen", "rejected"):
+            if max_length is not None and len(ids[key]) > max_length:
+                if on_overlength == "error":
+                    raise ValueError(f"row {row}, field {key!r}: the dialog has {len(ids[key])} tokens, over "
+                                     f"max_length={max_length} (set on_overlength='truncate' or 'drop' to allow it)")
+                if on_overlength == "drop":
+                    return {"_status": "drop:over_length"}
+                ids[key], status = ids[key][-max_length:], "truncated"
+        return {
+            "chosen_ids": ids["chosen"], "rejected_ids": ids["rejected"],
+            "margin": float(margins_for([rating], margins)[0]),
+            "rating_id": -1 if rating is None else RATINGS.index(rating),
+            "safety_bin": SAFETY_LABELS.index(safety_label) if safety_label in SAFETY_LABELS else -1,
+            "_status": status,
+        }
+
+    empty = {"chosen_ids": [], "rejected_ids": [], "margin": 0.0, "rating_id": -1, "safety_bin": -1}
+    return _apply_policies(dataset, row_fn, empty, name, on_invalid, num_proc)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Adapters for common Hub formats
+# ---------------------------------------------------------------------------------------------------------------------
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def parse_hh_transcript(text: str) -> list[dict]:
+    """An Anthropic HH-RLHF transcript (`\\n\\nHuman: ...\\n\\nAssistant: ...`) as messages (Human -> user,
+    Assistant -> assistant), contents stripped. Raises ValueError if the text does not start with a turn marker."""
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise ValueError(f"not an HH-RLHF transcript (expected '\\n\\nHuman: ...'): {text[:60]!r}")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def _as_preference_dataset(rows: list[dict], report: DataReport) -> tuple[Dataset, DataReport]:
+    report.kept = len(rows)
+    report.log()
+    return Dataset.from_list(rows, features=PREFERENCE_FEATURES), report
+
+
+def from_hh_rlhf(dataset: Dataset, is_safety_prompt: bool | None = None, on_invalid: str = "error",
+                 name: str = "hh-rlhf") -> tuple[Dataset, DataReport]:
+    """Anthropic HH-RLHF (`chosen` / `rejected` full transcripts) -> the preference schema.
+
+    The prompt is every turn before the final assistant turn; both transcripts must share it. HH-RLHF has no
+    strength labels, so `rating` is null (margin 0). `is_safety_prompt` tags the whole set (e.g. True for
+    `harmless-base`). Role order and empty responses are checked later, by `prepare_preference_dataset`.
+    """
+    _check_policy(on_invalid, "error")
+    report, rows = DataReport(name=name, total=len(dataset)), []
+    for row, example in enumerate(dataset):
+        try:
+            turns = {}
+            for key in ("chosen", "rejected"):
+                text = _require(example, row, key)
+                try:
+                    turns[key] = parse_hh_transcript(text)
+                except ValueError as err:
+                    raise InvalidExample(row, key, "bad_transcript", str(err)) from None
+                if turns[key][-1]["role"] != "assistant":
+                    raise InvalidExample(row, key, "bad_transcript", "the transcript does not end with an Assistant turn")
+            if turns["chosen"][:-1] != turns["rejected"][:-1]:
+                raise InvalidExample(row, "rejected", "prompt_mismatch",
+                                     "chosen and rejected transcripts differ before their final Assistant turn")
+        except InvalidExample as err:
+            if on_invalid == "error":
+                raise
+            report.dropped[err.reason] += 1
+            continue
+        rows.append({"prompt": turns["chosen"][:-1], "chosen": turns["chosen"][-1]["content"],
+                     "rejected": turns["rejected"][-1]["content"], "rating": None, "safety_label": None,
+                     "is_safety_prompt": is_safety_prompt})
+    return _as_preference_dataset(rows, report)
+
+
+def _response_text(value: Any, row: int, name: str) -> str:
+    """TRL responses are text or a message list whose last message is the assistant's answer."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and isinstance(value[-1], Mapping):
+        if value[-1].get("role") != "assistant":
+            raise InvalidExample(row, name, "bad_roles", "the last message of the response is not from the assistant")
+        return value[-1].get("content")
+    raise InvalidExample(row, name, "bad_type", f"expected text or messages, got {type(value).__name__}")
+
+
+def from_trl_preference(dataset: Dataset, rating: str | None = None, on_invalid: str = "error",
+                        name: str = "trl-preference") -> tuple[Dataset, DataReport]:
+    """TRL's preference formats -> the preference schema.
+
+    Accepts an explicit prompt (`prompt` + `chosen` + `rejected`, as text or as messages) or an implicit one
+    (`chosen` / `rejected` full conversations sharing every message before the last). `rating` tags every row
+    (TRL sets have none: null by default). A `rating`/`safety_label`/`is_safety_prompt` column, if present, is kept.
+    """
+    _check_policy(on_invalid, "error")
+    report, rows = DataReport(name=name, total=len(dataset)), []
+    for row, example in enumerate(dataset):
+        try:
+            chosen, rejected = _require(example, row, "chosen"), _require(example, row, "rejected")
+            if "prompt" in example:
+                prompt = example["prompt"]
+            elif isinstance(chosen, list) and isinstance(rejected, list):
+                if chosen[:-1] != rejected[:-1]:
+                    raise InvalidExample(row, "rejected", "prompt_mismatch",
+                                         "chosen and rejected conversations differ before their last message")
+                prompt = chosen[:-1]
+            else:
+                raise InvalidExample(row, "prompt", "missing_field",
+                                     "text chosen/rejected need a 'prompt' column (the prompt cannot be inferred)")
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            rows.append({"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
+                         "chosen": _response_text(chosen, row, "chosen"),
+                         "rejected": _response_text(rejected, row, "rejected"),
+                         "rating": example.get("rating", rating), "safety_label": example.get("safety_label"),
+                         "is_safety_prompt": example.get("is_safety_prompt")})
+        except InvalidExample as err:
+            if on_invalid == "error":
+                raise
+            report.dropped[err.reason] += 1
+    return _as_preference_dataset(rows, report)
+
+
+def standardize_preferences(dataset: Dataset) -> Dataset:
+    """A dataset in the preference schema cast to `PREFERENCE_FEATURES` (text prompts become one user message,
+    absent optional columns become null), so that datasets from different sources concatenate."""
+    missing = [c for c in ("prompt", "chosen", "rejected", "rating") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"not a preference dataset: missing columns {missing} (see llama2_hf.data)")
+
+    def fix(example):
+        prompt = example["prompt"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        return {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
+                "safety_label": example.get("safety_label"), "is_safety_prompt": example.get("is_safety_prompt")}
+
+    extra = [c for c in dataset.column_names if c not in PREFERENCE_FEATURES]
+    dataset = dataset.map(fix, remove_columns=["prompt", *extra])
+    return dataset.cast(PREFERENCE_FEATURES)
+
+
+def load_preference_data(path_or_name: str, split: str = "train", data_format: str = "auto",
+                         data_dir: str | None = None, on_invalid: str = "error") -> tuple[Dataset, DataReport | None]:
+    """Load a preference set from a local `.json`/`.jsonl`(`.gz`)/`.parquet` file or a Hub dataset name and bring it
+    to the preference schema. `data_format`: `auto` (ours if `rating` is a column, HH-RLHF if `chosen` is a
+    `\\n\\nHuman:` transcript, else TRL), `llama2`, `hh-rlhf` or `trl`."""
+    dataset = load_any(path_or_name, split=split, data_dir=data_dir)
+    if data_format == "auto":
+        first = dataset[0] if len(dataset) else {}
+        if "rating" in dataset.column_names:
+            data_format = "llama2"
+        elif isinstance(first.get("chosen"), str) and first["chosen"].startswith("\n\nHuman:"):
+            data_format = "hh-rlhf"
+        else:
+            data_format = "trl"
+    if data_format == "llama2":
+        return dataset, None
+    if data_format == "hh-rlhf":
+        return from_hh_rlhf(dataset, on_invalid=on_invalid, name=path_or_name)
+    if data_format == "trl":
+        return from_trl_preference(dataset, on_invalid=on_invalid, name=path_or_name)
+    raise ValueError(f"data_format must be 'auto', 'llama2', 'hh-rlhf' or 'trl', got {data_format!r}")
+
+
+def load_any(path_or_name: str, split: str = "train", data_dir: str | None = None) -> Dataset:
+    """A local JSON/JSONL (optionally gzipped) or Parquet file, or a Hub dataset by name."""
+    lowered = path_or_name.lower()
+    for suffix, builder in ((".jsonl", "json"), (".json", "json"), (".jsonl.gz", "json"), (".json.gz", "json"),
+                            (".parquet", "parquet"), (".csv", "csv")):
+        if lowered.endswith(suffix):
+            return load_dataset(builder, data_files=path_or_name, split="train")
+    return load_dataset(path_or_name, data_dir=data_dir, split=split)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reward-model data mixing (paper §3.2.2, "Data Composition")
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _concat_named(sources: Mapping[str, Dataset]) -> Dataset:
+    if not sources:
+        raise ValueError("at least one source dataset is needed")
+    parts = [standardize_preferences(ds).add_column("source", [name] * len(ds)) for name, ds in sources.items()]
+    return concatenate_datasets(parts)
+
+
+def _sample(pool: Dataset, n: int, seed: int, what: str) -> Dataset:
+    if n > len(pool):
+        logger.warning("%s: asked for %d rows but the pool has %d; taking all of them", what, n, len(pool))
+        n = len(pool)
+    return pool.shuffle(seed=seed).select(range(n))
+
+
+def mix_helpfulness_rm_data(helpfulness: Mapping[str, Dataset], others: Mapping[str, Dataset],
+                            seed: int = 0) -> Dataset:
+    """Training data of the Helpfulness RM: all helpfulness data plus an equal number of rows sampled uniformly from
+    the others (Meta Safety and the open-source sets). Rows keep a `source` column; the result is shuffled."""
+    primary = _concat_named(helpfulness)
+    extra = _sample(_concat_named(others), len(primary), seed, "helpfulness RM mix")
+    logger.info("helpfulness RM mix: %d helpfulness + %d sampled rows", len(primary), len(extra))
+    return concatenate_datasets([primary, extra]).shuffle(seed=seed)
+
+
+def mix_safety_rm_data(safety: Mapping[str, Dataset], helpfulness: Mapping[str, Dataset],
+                       safety_fraction: float = 0.9, seed: int = 0) -> Dataset:
+    """Training data of the Safety RM: all safety data (Meta Safety + Anthropic Harmless) mixed with helpfulness data
+    (Meta Helpfulness + open-source helpfulness) sampled uniformly so that safety is `safety_fraction` of the mix
+    (0.9: the paper's 90/10). Rows keep a `source` column; the result is shuffled."""
+    if not 0.0 < safety_fraction <= 1.0:
+        raise ValueError(f"safety_fraction must be in (0, 1], got {safety_fraction}")
+    primary = _concat_named(safety)
+    n_help = round(len(primary) * (1.0 - safety_fraction) / safety_fraction)
+    extra = _sample(_concat_named(helpfulness), n_help, seed, "safety RM mix")
+    logger.info("safety RM mix: %d safety + %d helpfulness rows", len(primary), len(extra))
+    return concatenate_datasets([primary, extra]).shuffle(seed=seed)
+

@@ -1,0 +1,81 @@
+"""Shared fixtures: offline environment, the real data in ../shared/data, a tiny tokenizer and tiny models."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+# Nothing in the tests may wait on the network (ECOSYSTEM_NOTES: offline flags; remote code lands in HF_HOME).
+for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "HF_EVALUATE_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}.items():
+    os.environ.setdefault(_k, _v)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LLAMA2_HF_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+LLAMA2_TOKENIZER_MODEL = SHARED_DATA / "llama2-tokenizer" / "tokenizer.model"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:
+    """A small English-like corpus with digits, punctuation and chat tags, enough to train a ~512-piece BPE."""
+    rng = random.Random(seed)
+    words = ("the a an assistant user answer question model helpful safe sorry cannot help with that please "
+             "what is how many apples does have give me write poem about cat dog sun moon tennis french napoleon "
+             "yes no plus minus equals number hello world thanks you are i am it".split())
+    lines = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        sent = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
+        lines.append(f"[INST] What is {a} plus {b}? [/INST] {a} plus {b} equals {a + b}. {sent.capitalize()}.")
+        lines.append(f"<<SYS>>\n{sent}\n<</SYS>>\n\n{sent}!  {sent}?")
+    return lines
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_model() -> Path:
+    if not LLAMA2_TOKENIZER_MODEL.is_file():
+        pytest.skip(f"official Llama 2 tokenizer.model not found at {LLAMA2_TOKENIZER_MODEL}")
+    return LLAMA2_TOKENIZER_MODEL
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer(llama2_tokenizer_model):
+    """Meta's official 32k tokenizer (from ../shared/data)."""
+    from llama2_hf import Llama2Tokenizer
+
+    return Llama2Tokenizer.from_sentencepiece(llama2_tokenizer_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A 512-piece Llama 2-style tokenizer trained in-process (no files needed)."""
+    from llama2_hf import train_llama2_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    return train_llama2_tokenizer(tiny_corpus(), vocab_size=512, output_dir=out)
+
+
+@pytest.fixture
+def tiny_model_factory(tiny_tokenizer):
+    """`make(**config_overrides) -> Llama2ForCausalLM`: tiny preset (GQA, 2 layers) with the tiny tokenizer's vocab,
+    seeded so two calls give the same weights."""
+    from llama2_hf import Llama2Config, Llama2ForCausalLM
+
+    def make(seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        cfg = Llama2Config.from_preset("tiny", vocab_size=len(tiny_tokenizer), **overrides)
+        return Llama2ForCausalLM(cfg).eval()
+
+    return make

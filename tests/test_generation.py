@@ -1,0 +1,153 @@
+"""The shared sampling helper: parity with transformers' generate, shared prefill, nucleus semantics, EOS, FSDP2."""
+
+import os
+import socket
+
+import pytest
+import torch
+
+from llama2_hf.generation import (
+    SamplingConfig,
+    as_messages,
+    full_weights_for_generation,
+    generate,
+    generate_text,
+    sample_top_p,
+)
+from llama2_hf.tokenization_llama2 import encode_dialog
+
+PROMPTS = ["What is 3 plus 4?", "Write a poem about the sun and the moon please", "hello"]
+
+
+def prompt_ids(tokenizer):
+    return [encode_dialog(tokenizer, as_messages(p)) for p in PROMPTS]
+
+
+def test_greedy_matches_transformers_generate_per_prompt(tiny_tokenizer, tiny_model_factory):
+    """Left padding, the K-fold cache copy and batching change nothing: every greedy sample equals an unbatched,
+    unpadded `model.generate` of its prompt."""
+    model = tiny_model_factory()
+    ids = prompt_ids(tiny_tokenizer)
+    out = generate(model, ids, SamplingConfig(max_new_tokens=12, temperature=0, num_samples=3, prompt_batch_size=2),
+                   eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=0)
+    assert len(out.response_ids) == 3 and all(len(r) == 3 for r in out.response_ids)
+    for p, samples, finished in zip(ids, out.response_ids, out.finished):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
+                             eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=0)[0, len(p):].tolist()
+        for sample, done in zip(samples, finished):
+            assert sample == ref
+            assert done == (tiny_tokenizer.eos_token_id in ref)
+
+
+def test_prefill_runs_once_per_prompt_then_expands(tiny_tokenizer, tiny_model_factory):
+    model = tiny_model_factory()
+    batch_sizes = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: batch_sizes.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    ids = prompt_ids(tiny_tokenizer)
+    generate(model, ids, SamplingConfig(max_new_tokens=4, temperature=1.0, top_p=1.0, num_samples=8,
+                                        prompt_batch_size=3), eos_token_id=-1)  # no EOS: always 4 steps
+    handle.remove()
+    longest = max(len(p) for p in ids)
+    assert batch_sizes[0] == (3, longest)  # one prefill row per prompt, not per sample
+    assert batch_sizes[1:] == [(24, 1)] * 3  # then 3 prompts x 8 samples decode one token at a time
+
+
+def test_sampling_is_reproducible_and_diverse(tiny_tokenizer, tiny_model_factory):
+    model = tiny_model_factory()
+    ids = prompt_ids(tiny_tokenizer)[:1]
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.5, top_p=1.0, num_samples=6)
+    a = generate(model, ids, cfg, generator=torch.Generator().manual_seed(3)).response_ids
+    b = generate(model, ids, cfg, generator=torch.Generator().manual_seed(3)).response_ids
+    assert a == b
+    assert len({tuple(s) for s in a[0]}) > 1  # the K samples are not copies of one another
+
+
+def test_eos_stops_a_sample_and_max_new_tokens_truncates(tiny_tokenizer, tiny_model_factory):
+    model = tiny_model_factory()
+    ids = prompt_ids(tiny_tokenizer)
+    greedy = SamplingConfig(max_new_tokens=10, temperature=0, num_samples=2)
+    full = generate(model, ids, greedy, eos_token_id=-1)
+    assert all(len(s) == 10 and not f for ss, ff in zip(full.response_ids, full.finished) for s, f in zip(ss, ff))
+    stop = full.response_ids[0][0][3]  # make the 4th greedy token of prompt 0 the EOS
+    out = generate(model, ids, greedy, eos_token_id=stop)
+    for ref, samples, finished in zip(full.response_ids, out.response_ids, out.finished):
+        end = ref.index(stop) + 1 if stop in ref else None
+        for sample, done in zip(samples, finished):
+            assert sample == ref[:end] and done == (end is not None)
+    assert len(out.response_ids[0][0]) <= 4
+
+
+def test_sample_top_p_follows_meta_nucleus_semantics():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).repeat(4000, 1)
+    # sorted: 0.5, 0.3, 0.15, 0.05; mass before each: 0, 0.5, 0.8, 0.95 -> top_p 0.7 keeps {0.5, 0.3}, which
+    # renormalise to 0.625 / 0.375 (the token that crosses the threshold is kept).
+    tokens = sample_top_p(probs, 0.7, torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {1, 3}
+    assert abs((tokens == 1).float().mean().item() - 0.625) < 0.03
+    # top_p below the largest probability keeps only the argmax
+    assert set(sample_top_p(probs[:50], 0.4).tolist()) == {1}
+
+
+def test_generate_text_and_validation(tiny_tokenizer, tiny_model_factory):
+    model = tiny_model_factory()
+    texts = generate_text(model, tiny_tokenizer, ["hi", [{"role": "user", "content": "what is 2 plus 2"}]],
+                          SamplingConfig(max_new_tokens=5, num_samples=2), generator=torch.Generator().manual_seed(0))
+    assert len(texts) == 2 and all(len(t) == 2 and all(isinstance(s, str) for s in t) for t in texts)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=-1)
+    with pytest.raises(ValueError, match=r"prompt_ids\[1\] is empty"):
+        generate(model, [[1, 2], []], SamplingConfig(max_new_tokens=2), eos_token_id=2)
+    with pytest.raises(ValueError, match=r"prompt_ids\[0\] has 300 tokens"):
+        generate(model, [[1] * 300], SamplingConfig(max_new_tokens=2), eos_token_id=2)
+    with pytest.raises(ValueError, match="a prompt must be"):
+        as_messages(3)
+
+
+def _fsdp_worker(rank: int, world: int, port: int, result_path: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from llama2_hf import Llama2Config, Llama2ForCausalLM
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Llama2ForCausalLM(Llama2Config.from_preset("tiny")).eval()
+    prompts = [[1, 5, 6, 7], [1, 8, 9]]
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0, num_samples=2)
+    expected = generate(model, prompts, cfg, eos_token_id=2, pad_token_id=0).response_ids
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    weight = model.model.layers[0].mlp.up_proj.weight
+    full_rows = weight.shape[0]
+    calls = []
+    handle = dist.all_gather_into_tensor
+    with full_weights_for_generation(model):
+        gathered_rows = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
+        got = generate(model, prompts, cfg, eos_token_id=2, pad_token_id=0).response_ids
+    local_rows = model.model.layers[0].mlp.up_proj.weight.to_local().shape[0]
+    del calls, handle
+    if rank == 0:
+        torch.save({"same": got == expected, "full": full_rows, "local_after": local_rows,
+                    "during": gathered_rows}, result_path)
+    dist.destroy_process_group()
+
+
+def test_full_weights_for_generation_under_fsdp2(tmp_path):
+    """Two gloo ranks shard a tiny model with `fully_shard`; generation inside the context equals the unsharded
+    model's and the weights are sharded again afterwards."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "result.pt")
+    mp.spawn(_fsdp_worker, args=(2, port, path), nprocs=2, join=True)
+    result = torch.load(path, weights_only=True)
+    assert result["same"]
+    assert result["local_after"] == result["full"] // 2
