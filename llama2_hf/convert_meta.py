@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
 import re
 import shutil
 import sys
@@ -179,7 +180,10 @@ class _ShardReader:
         if self._shards is None:
             self._shards = []
             for path in self.paths:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except (RuntimeError, pickle.UnpicklingError) as err:
+                    raise ValueError(f"{path.name} is not a loadable PyTorch state dict ({err})") from err
                 if not isinstance(state, dict):
                     raise ValueError(f"{path.name} holds a {type(state).__name__}, expected a state dict")
                 self._shards.append({k: v for k, v in state.items() if k not in _IGNORED_KEYS})
@@ -187,6 +191,12 @@ class _ShardReader:
 
     def release(self) -> None:
         self._shards = None  # the last reference: the mappings close here (no reference cycles, no gc needed)
+
+
+def _key_diff(keys: set[str], reference: set[str]) -> str:
+    missing, extra = sorted(reference - keys), sorted(keys - reference)
+    return (f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), "
+            f"unexpected {extra[:8]}{' ...' if len(extra) > 8 else ''} ({len(extra)})")
 
 
 def _check_shards(shards: list[dict[str, torch.Tensor]], paths: Sequence[Path], layout: list[_Tensor],
@@ -202,15 +212,16 @@ def _check_shards(shards: list[dict[str, torch.Tensor]], paths: Sequence[Path], 
         if t.split_dim is not None and t.shape[t.split_dim] % n:
             raise ValueError(f"{t.meta_name} has {t.shape[t.split_dim]} entries along dim {t.split_dim} by "
                              f"params.json, which cannot be split into {n} model-parallel shards")
+    first = set(shards[0])
+    for path, shard in zip(paths[1:], shards[1:]):
+        if set(shard) != first:
+            raise ValueError(f"{path.name} and {paths[0].name} have different key sets: {path.name} has "
+                             f"{_key_diff(set(shard), first)}")
     expected = {t.meta_name for t in layout}
+    if first != expected:
+        raise ValueError(f"The shards do not have the keys params.json implies ({config.num_hidden_layers} layers): "
+                         f"{_key_diff(first, expected)}")
     for path, shard in zip(paths, shards):
-        keys = set(shard)
-        if keys != expected:
-            missing, unexpected = sorted(expected - keys), sorted(keys - expected)
-            raise ValueError(
-                f"{path.name} does not have the keys params.json implies: missing {missing[:8]}"
-                f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected {unexpected[:8]}"
-                f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
         for t in layout:
             got, want = tuple(shard[t.meta_name].shape), t.shard_shape(n)
             if got == want:

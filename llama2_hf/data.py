@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_dataset
 
 from .losses import RATINGS, canonical_rating, margins_for
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 SAFETY_LABELS = ("chosen_safe_rejected_unsafe", "both_safe", "both_unsafe")
 """Safety bins of the safety annotation track (paper §3.2.1: 18% / 47% / 35%)."""
+
+# Per safety bin: is the chosen response safe, is the rejected one safe (1 safe, 0 unsafe).
+_BIN_SAFETY = {"chosen_safe_rejected_unsafe": (1, 0), "both_safe": (1, 1), "both_unsafe": (0, 0)}
 
 ON_INVALID = ("error", "drop")
 ON_OVERLENGTH = ("error", "truncate", "drop")
@@ -55,6 +59,14 @@ PREFERENCE_FEATURES = Features({
     "is_safety_prompt": Value("bool"),
 })
 """The canonical preference schema produced by the adapters and `standardize_preferences` (prompt as messages)."""
+
+
+def response_safety(safety_bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-response safety labels from pair safety bins (indices in `SAFETY_LABELS`, -1 unknown): two (N,) long
+    tensors for the chosen and the rejected responses, 1 = safe, 0 = unsafe, -1 = unknown."""
+    table = torch.tensor([_BIN_SAFETY[label] for label in SAFETY_LABELS] + [(-1, -1)], device=safety_bins.device)
+    both = table[torch.where(safety_bins >= 0, safety_bins, len(SAFETY_LABELS))]  # (N, 2)
+    return both[:, 0], both[:, 1]
 
 
 class InvalidExample(ValueError):

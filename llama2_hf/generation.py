@@ -197,7 +197,7 @@ def generate(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], config
         prompt_ids: token ids of each prompt, e.g. `encode_dialog(tokenizer, messages)` (ends after `[/INST]`).
         config: sampling settings (`SamplingConfig()` if None).
         eos_token_id: id(s) that end a sample; default `model.config.eos_token_id`.
-        pad_token_id: id used for padding rows; default `model.config.pad_token_id`, else the EOS id.
+        pad_token_id: id used for padding rows; default `model.config.pad_token_id`, else 0.
         generator: a `torch.Generator` on the model's device, for reproducible sampling.
         progress: show a progress bar over prompt batches.
 

@@ -24,7 +24,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -120,16 +120,17 @@ class ClassifierRefusalDetector:
     """A `transformers` sequence classifier as refusal detector.
 
     The classifier reads `response` alone, or the pair (`prompt`, `response`) when `use_prompt=True` (tokenizer text
-    pairs). A response is a refusal when P(`refusal_label`) >= `threshold` (softmax over the labels; sigmoid of the
-    single logit for a one-label head). `refusal_label` may be an index or a name from `config.id2label`.
+    pairs). A response is a refusal when P(`refusal_label`) >= `threshold` (softmax over the labels; for a one-label
+    head, the sigmoid of its logit and `refusal_label` is ignored). `refusal_label` may be an index or a name from
+    `config.id2label`.
     """
 
     def __init__(self, model, tokenizer, refusal_label: int | str = 1, threshold: float = 0.5,
                  use_prompt: bool = False, batch_size: int = 16, max_length: int = 512) -> None:
-        import torch  # noqa: F401  (the classifier is a torch model)
-
         self.model = model.eval()
         self.tokenizer = tokenizer
+        if tokenizer.pad_token is None:  # Llama tokenizers have none; batches need one (hidden by the mask)
+            tokenizer.pad_token = tokenizer.unk_token
         if isinstance(refusal_label, str):
             by_name = {str(v).lower(): int(k) for k, v in model.config.id2label.items()}
             if refusal_label.lower() not in by_name:
@@ -137,7 +138,7 @@ class ClassifierRefusalDetector:
                                  f"labels: {sorted(by_name)}")
             refusal_label = by_name[refusal_label.lower()]
         n_labels = model.config.num_labels
-        if not 0 <= refusal_label < max(n_labels, 1) and not (n_labels == 1 and refusal_label in (0, 1)):
+        if n_labels > 1 and not 0 <= refusal_label < n_labels:
             raise ValueError(f"refusal_label must be in [0, {n_labels}), got {refusal_label}")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")

@@ -239,6 +239,7 @@ class SafetyGatedReward:
         n = len(prompts)
         if len(responses) != n:
             raise ValueError(f"got {n} prompts but {len(responses)} responses")
+        responses = [response_text(r) for r in responses]
         tagged = _flags(columns.get(self.safety_column), n, self.safety_column)
         safety = self._scores(self.safety, prompts, responses)
         safety_prob = safety if self.rm_outputs == "probabilities" else torch.sigmoid(safety)

@@ -153,10 +153,13 @@ def test_missing_params_json(tmp_path, sp_model):
         _convert(src, tmp_path)
 
 
-def test_no_shards_and_gap_in_numbering(tmp_path, sp_model):
+def test_missing_unreadable_or_no_shards(tmp_path, sp_model):
     src, _ = _checkpoint(tmp_path, sp_model, MHA, 8)
     (src / "consolidated.03.pth").unlink()
     with pytest.raises(ValueError, match=r"missing \['consolidated.03.pth'\]"):
+        _convert(src, tmp_path)
+    (src / "consolidated.03.pth").write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match="consolidated.03.pth is not a loadable PyTorch state dict"):
         _convert(src, tmp_path)
     for path in src.glob("consolidated.*.pth"):
         path.unlink()
@@ -181,10 +184,16 @@ def test_heads_not_divisible_by_shard_count(tmp_path, sp_model):
 
 def test_different_key_sets(tmp_path, sp_model):
     src, _ = _checkpoint(tmp_path, sp_model, MHA, 2)
+    params = json.loads((src / "params.json").read_text())
+    (src / "params.json").write_text(json.dumps(dict(params, n_layers=3)))
+    with pytest.raises(ValueError, match=r"keys params.json implies \(3 layers\): missing \['layers.2.attention.wk"):
+        _convert(src, tmp_path)
+    (src / "params.json").write_text(json.dumps(params))
     shard = torch.load(src / "consolidated.01.pth", weights_only=True)
     del shard["layers.1.feed_forward.w3.weight"]
     torch.save(shard, src / "consolidated.01.pth")
-    with pytest.raises(ValueError, match=r"consolidated.01.pth .*missing \['layers.1.feed_forward.w3.weight'\]"):
+    with pytest.raises(ValueError, match=r"consolidated.01.pth and consolidated.00.pth have different key sets: "
+                                         r"consolidated.01.pth has missing \['layers.1.feed_forward.w3.weight'\]"):
         _convert(src, tmp_path)
 
 

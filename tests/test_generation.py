@@ -71,7 +71,7 @@ def test_eos_stops_a_sample_and_max_new_tokens_truncates(tiny_tokenizer, tiny_mo
     assert all(len(s) == 10 and not f for ss, ff in zip(full.response_ids, full.finished) for s, f in zip(ss, ff))
     stop = full.response_ids[0][0][3]  # make the 4th greedy token of prompt 0 the EOS
     out = generate(model, ids, greedy, eos_token_id=stop)
-    for ref, samples, finished in zip(full.response_ids, out.response_ids, out.finished):
+    for (ref, _), samples, finished in zip(full.response_ids, out.response_ids, out.finished):
         end = ref.index(stop) + 1 if stop in ref else None
         for sample, done in zip(samples, finished):
             assert sample == ref[:end] and done == (end is not None)
@@ -123,18 +123,22 @@ def _fsdp_worker(rank: int, world: int, port: int, result_path: str) -> None:
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
-    weight = model.model.layers[0].mlp.up_proj.weight
-    full_rows = weight.shape[0]
-    calls = []
-    handle = dist.all_gather_into_tensor
+    up_proj = model.model.layers[0].mlp.up_proj
+    full_rows = up_proj.weight.shape[0]  # a DTensor reports the global shape
+
+    def local_rows():
+        weight = up_proj.weight
+        return weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
+
+    sharded_rows = local_rows()
     with full_weights_for_generation(model):
-        gathered_rows = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
+        during = local_rows()
         got = generate(model, prompts, cfg, eos_token_id=2, pad_token_id=0).response_ids
-    local_rows = model.model.layers[0].mlp.up_proj.weight.to_local().shape[0]
-    del calls, handle
+        after_forward = local_rows()  # the per-layer forward hooks did not reshard
+    after = local_rows()
     if rank == 0:
-        torch.save({"same": got == expected, "full": full_rows, "local_after": local_rows,
-                    "during": gathered_rows}, result_path)
+        torch.save({"same": got == expected, "rows": [full_rows, sharded_rows, during, after_forward, after]},
+                   result_path)
     dist.destroy_process_group()
 
 
@@ -147,7 +151,9 @@ def test_full_weights_for_generation_under_fsdp2(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     path = str(tmp_path / "result.pt")
-    mp.spawn(_fsdp_worker, args=(2, port, path), nprocs=2, join=True)
+    mp.start_processes(_fsdp_worker, args=(2, port, path), nprocs=2, join=True, start_method="fork")
     result = torch.load(path, weights_only=True)
     assert result["same"]
-    assert result["local_after"] == result["full"] // 2
+    full, sharded, during, after_forward, after = result["rows"]
+    assert sharded == after == full // 2
+    assert during == after_forward == full

@@ -1,0 +1,120 @@
+"""Settings shared by all tasks, the result type of a task, and loading of the models a protocol needs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSettings:
+    """What every task runner needs besides the model: data source, batching, chat format, seeding."""
+
+    batch_size: int = 8
+    limit: int | None = None  # first N examples per task (per MMLU subject, per ToxiGen group), as lm-eval --limit
+    data_dir: str | None = None  # a folder laid out like ../shared/data; None = Hugging Face Hub datasets
+    chat: bool = False  # wrap prompts in the Llama 2-Chat format (tasks may override)
+    system_prompt: str | None = None  # system prompt of the chat format (tasks may override)
+    max_length: int | None = None  # context length; None = the model's (lm-eval's rule)
+    seed: int = 1234  # seeds sampling (TruthfulQA, ToxiGen, GSM8K maj@k)
+    progress: bool = True
+    device: str | None = None  # where judge / classifier models go; None = the evaluated model's device
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
+
+    def take(self, rows: list) -> list:
+        return rows[: self.limit] if self.limit is not None else rows
+
+
+@dataclass
+class ChatOptions:
+    """Per-task chat settings; None falls back to the run's `RunSettings.chat` / `system_prompt`."""
+
+    chat: bool | None = None
+    system_prompt: str | None = None
+
+    def resolve(self, settings: RunSettings) -> tuple[bool, str | None]:
+        chat = settings.chat if self.chat is None else self.chat
+        system = self.system_prompt if self.system_prompt is not None else settings.system_prompt
+        if system is not None and not chat:
+            raise ValueError("a system prompt needs the chat format: set chat=True (CLI --chat)")
+        return chat, system
+
+
+@dataclass
+class TaskResult:
+    """`metrics`: name -> value (fractions in [0, 1]); `samples`: one JSON-able dict per evaluated example."""
+
+    metrics: dict[str, float]
+    samples: list[dict] = field(default_factory=list)
+
+
+def format_context(prompt: str, chat: bool, system_prompt: str | None) -> str:
+    from .prompts import chat_prompt
+
+    return chat_prompt(prompt, system_prompt) if chat else prompt
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a checkpoint. Llama / Llama 2 checkpoints get `Llama2Tokenizer` (SentencePiece-exact ids from
+    their `tokenizer.model`; transformers' own conversion is not exact); anything else `AutoTokenizer`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..tokenization_llama2 import Llama2Tokenizer
+
+    try:
+        model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    except (OSError, ValueError):
+        model_type = None
+    if model_type in ("llama", "llama2"):
+        return Llama2Tokenizer.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def resolve_dtype(dtype):
+    import torch
+
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of {['auto', *names]}, got {dtype!r}")
+    return names[dtype]
+
+
+def load_model(name_or_path: str, kind: str = "causal_lm", device: str | None = None, dtype="auto"):
+    """A causal LM (`kind="causal_lm"`) or sequence classifier (`"classifier"`) in eval mode on `device`.
+
+    Weights load through `from_pretrained` (safetensors, or `torch.load(weights_only=True)`); remote code is never
+    trusted: Llama 2 checkpoints of this package load through the Auto classes it registers.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from .. import Llama2Config  # noqa: F401  (importing the package registers model_type "llama2")
+
+    classes = {"causal_lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}
+    if kind not in classes:
+        raise ValueError(f"kind must be one of {list(classes)}, got {kind!r}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    logger.info("loading %s %s on %s", kind, name_or_path, device)
+    model = classes[kind].from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
+    return model.to(device).eval()
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Batching needs a pad id: use UNK as lm-eval does (then EOS) when the tokenizer has none. Mutates it."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+    elif tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    else:
+        raise ValueError("the tokenizer has no pad, unk or eos token to pad batches with")

@@ -1,0 +1,66 @@
+"""GSM8K, 8-shot chain of thought, greedy (maj@1, the paper's Table 25), as lm-evaluation-harness's `gsm8k_cot`.
+
+Generation stops at "Q:", "</s>" or "<|im_end|>" or after 256 new tokens. The answer is extracted two ways:
+`strict` (the first "The answer is N.") and `flexible` (the last number), then compared with the gold number after
+dropping commas, `$` and a final period. Optionally, maj@k: k sampled chains per question and a majority vote over
+their normalised answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import ChatOptions, RunSettings, TaskResult, format_context
+from .data import load_gsm8k
+from .engine import SamplingConfig, generate_until
+from .prompts import GSM8K_STOP, gsm8k_prompt
+from .scoring import gsm8k_exact_match, gsm8k_extract, gsm8k_gold, majority_vote, mean
+
+
+@dataclass
+class GSM8KConfig(ChatOptions):
+    num_fewshot: int = 8  # 8-shot: paper §2.3 (Table 3 "Math")
+    max_new_tokens: int = 256  # lm-eval gsm8k_cot (its hf backend's max_gen_toks)
+    maj_k: int = 0  # > 1: also report maj@k over sampled chains (the paper reports maj@1 only)
+    # Sampling of the maj@k chains. The paper is silent: lm-eval's gsm8k_cot_self_consistency uses T=0.2.
+    maj_temperature: float = 0.2
+    maj_top_p: float = 1.0
+
+
+def run_gsm8k(model, tokenizer, settings: RunSettings, config: GSM8KConfig | None = None) -> TaskResult:
+    config = config or GSM8KConfig()
+    chat, system = config.resolve(settings)
+    docs = settings.take(load_gsm8k(settings.data_dir))
+    contexts = [format_context(gsm8k_prompt(d["question"], config.num_fewshot), chat, system) for d in docs]
+    common = dict(stop=GSM8K_STOP, batch_size=settings.batch_size, max_length=settings.max_length,
+                  progress=settings.progress)
+    greedy = generate_until(model, tokenizer, contexts, sampling=SamplingConfig(config.max_new_tokens),
+                            desc="gsm8k", **common)
+
+    samples, strict_ok, flexible_ok = [], [], []
+    for doc, context, text in zip(docs, contexts, greedy):
+        gold = gsm8k_gold(doc["answer"])
+        strict, flexible = gsm8k_extract(text, "strict"), gsm8k_extract(text, "flexible")
+        strict_ok.append(gsm8k_exact_match(strict, gold))
+        flexible_ok.append(gsm8k_exact_match(flexible, gold))
+        samples.append({"question": doc["question"], "gold": gold, "prompt": context, "generation": text,
+                        "strict": strict, "flexible": flexible, "strict_correct": strict_ok[-1],
+                        "flexible_correct": flexible_ok[-1]})
+    metrics = {"exact_match_strict": mean(strict_ok), "exact_match_flexible": mean(flexible_ok)}
+
+    if config.maj_k > 1:
+        k = config.maj_k
+        sampled = generate_until(model, tokenizer, [c for c in contexts for _ in range(k)],
+                                 sampling=SamplingConfig(config.max_new_tokens, config.maj_temperature,
+                                                         config.maj_top_p),
+                                 seed=settings.seed, desc=f"gsm8k maj@{k}", **common)
+        for mode in ("strict", "flexible"):
+            hits = []
+            for j, sample in enumerate(samples):
+                chains = sampled[j * k:(j + 1) * k]
+                vote = majority_vote([gsm8k_extract(t, mode) for t in chains])
+                hits.append(gsm8k_exact_match(vote, sample["gold"]))
+                sample[f"maj@{k}_{mode}"] = vote
+                sample["samples"] = chains
+            metrics[f"maj@{k}_{mode}"] = mean(hits)
+    return TaskResult(metrics, samples)

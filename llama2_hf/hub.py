@@ -1,0 +1,441 @@
+"""Upload a saved model, tokenizer or reward model to the Hugging Face Hub with a generated model card.
+
+    llama2-hf push --model out/sft --repo-id me/llama-2-7b-sft --stage sft
+    push_to_hub("out/rm-safety", "me/llama-2-7b-safety-rm")            # a folder
+    push_to_hub(model, "me/tiny-chat", tokenizer=tokenizer)             # objects: saved to a temp folder first
+
+What is uploaded: every file of the folder except trainer leftovers (`checkpoint-*/`, `runs/`, optimizer / scheduler /
+RNG states, `training_args.bin`), plus a generated README.md. The folder's remote-code files and `auto_map` (written by
+`save_pretrained` after `import llama2_hf`) are checked: for a `model_type: llama2` folder, a missing
+`configuration_/modeling_/tokenization_llama2.py` is added from this package and missing `auto_map` entries are filled
+in the uploaded copy of `config.json` / `tokenizer_config.json` (the folder itself is never modified), so users without
+this package load every head with `trust_remote_code=True`.
+
+The card's stage, data, hyperparameters and evaluation table come from `run.json` in the folder when present (the
+pipeline convention: `{"stage", "config", "inputs", "metrics"}`; `args` / `eval` are accepted as aliases of
+`config` / `metrics`). The Hub endpoint is `HF_ENDPOINT` (or `endpoint=`); the token is `token=`, else `HF_TOKEN` or
+the stored login.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
+
+from .configuration_llama2 import LLAMA2_AUTO_MAP
+
+logger = logging.getLogger(__name__)
+
+# Stage name -> (card sentence, extra tags). Aliases let run.json files written by the CLI subcommands map here.
+STAGES: dict[str, tuple[str, list[str]]] = {
+    "base": ("a pretrained Llama 2 base model", []),
+    "convert": ("a Llama 2 checkpoint converted from Meta's original weights", []),
+    "sft": ("a Llama 2 model after supervised fine-tuning on chat data with the loss on answer tokens only "
+            "(paper §3.1)", ["sft", "chat"]),
+    "rm": ("a Llama 2 reward model: the chat model with its next-token head replaced by a scalar head, trained with "
+           "the binary ranking loss with a rating margin (paper §3.2.2)", ["reward-model"]),
+    "rs": ("a Llama 2-Chat model fine-tuned on its best-of-K samples as scored by the reward models (rejection "
+           "sampling, paper §3.2.3)", ["rlhf", "rejection-sampling", "chat"]),
+    "ppo": ("a Llama 2-Chat model optimised with PPO against the safety-gated reward with a KL penalty "
+            "(paper §3.2.3)", ["rlhf", "ppo", "chat"]),
+    "gatt": ("a Llama 2-Chat model fine-tuned with Ghost Attention data for multi-turn instruction following "
+             "(paper §3.3)", ["gatt", "chat"]),
+    "distill": ("a Llama 2-Chat model after targeted safety context distillation (paper §4.2.4)",
+                ["safety", "context-distillation", "chat"]),
+    "tokenizer": ("the Llama 2 SentencePiece BPE tokenizer with the Llama 2-Chat format", []),
+}
+STAGE_ALIASES = {"pretrain": "base", "convert-meta": "convert", "train-rm": "rm", "reward": "rm",
+                 "reward-model": "rm", "rejection-sample": "rs", "rejection_sampling": "rs",
+                 "rejection-sampling": "rs", "safety-distill": "distill", "safety_distill": "distill"}
+
+REQUIRED_AUTO_MAP_KEYS = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification")
+# Trainer output that is state for resuming, not part of the model (and pickles the Hub flags as unsafe).
+EXCLUDE_PATTERNS = ("checkpoint-*", "runs", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin",
+                    "trainer_state.json", "*.lock", ".git", "__pycache__")
+# Hyperparameters shown in the card's table when a run config has many fields; the full config goes in a details block.
+KEY_HYPERPARAMETERS = (
+    "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "max_grad_norm", "num_train_epochs", "max_steps", "global_batch_size",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "packing", "train_on", "margin",
+    "safety_aux_loss_coef", "kl_coef", "beta", "cliprange", "num_samples", "temperature", "top_p", "seed",
+)
+MODEL_INPUT_KEYS = ("base_model", "model", "model_name_or_path", "policy", "sft_model", "init_model")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".gz", ".model")
+_MAX_PROVENANCE_HOPS = 16
+
+
+def normalize_stage(stage: str) -> str:
+    """Canonical stage name (`train-rm` -> `rm`); unknown names are kept as given."""
+    key = stage.strip().lower()
+    return STAGE_ALIASES.get(key, key)
+
+
+def read_run_info(folder: str | os.PathLike) -> dict:
+    """`run.json` of a stage output as `{"stage", "config", "inputs", "metrics", "other"}` ({} when absent).
+
+    Raises ValueError naming the file and field when run.json is not a JSON object of the expected shape.
+    """
+    path = Path(folder) / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object with stage/config/inputs/metrics, got {type(raw).__name__}")
+    info = {"stage": raw.get("stage"), "config": raw.get("config", raw.get("args")) or {},
+            "inputs": raw.get("inputs") or {}, "metrics": raw.get("metrics", raw.get("eval")) or {}}
+    for field in ("config", "metrics"):
+        if not isinstance(info[field], dict):
+            raise ValueError(f"{path}: field {field!r} must be a JSON object, got {type(info[field]).__name__}")
+    if isinstance(info["inputs"], (list, tuple)):
+        info["inputs"] = {f"input_{i}": v for i, v in enumerate(info["inputs"])}
+    if not isinstance(info["inputs"], dict):
+        raise ValueError(f"{path}: field 'inputs' must be a JSON object or list, got {type(info['inputs']).__name__}")
+    if info["stage"] is not None and not isinstance(info["stage"], str):
+        raise ValueError(f"{path}: field 'stage' must be a string, got {info['stage']!r}")
+    known = {"stage", "config", "args", "inputs", "metrics", "eval"}
+    info["other"] = {k: v for k, v in raw.items() if k not in known}
+    return info
+
+
+def _is_hub_id(value) -> bool:
+    """A string that names a Hub repo rather than a local path or data file."""
+    return (isinstance(value, str) and _HUB_ID.fullmatch(value) is not None and not os.path.exists(value)
+            and not value.endswith(_FILE_SUFFIXES))
+
+
+def find_base_model(folder: str | os.PathLike, run_info: Mapping | None = None) -> str | None:
+    """The Hub id this model derives from, following local model paths through their run.json files.
+
+    E.g. ppo/run.json names rs/, whose run.json names sft/, whose run.json names meta-llama/Llama-2-7b-hf.
+    """
+    info = read_run_info(folder) if run_info is None else run_info
+    seen = {Path(folder).resolve()}
+    for _ in range(_MAX_PROVENANCE_HOPS):
+        candidates = [info.get("inputs", {}).get(k) for k in MODEL_INPUT_KEYS]
+        candidates += [info.get("config", {}).get(k) for k in MODEL_INPUT_KEYS]
+        candidates = [c for c in candidates if isinstance(c, str) and c]
+        hub_ids = [c for c in candidates if _is_hub_id(c)]
+        if hub_ids:
+            return hub_ids[0]
+        local = [Path(c).resolve() for c in candidates if Path(c).is_dir()]
+        local = [p for p in local if p not in seen and (p / "run.json").is_file()]
+        if not local:
+            return None
+        seen.add(local[0])
+        info = read_run_info(local[0])
+    logger.warning("stopped following run.json provenance after %d hops", _MAX_PROVENANCE_HOPS)
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _count_parameters(folder: Path) -> int | None:
+    """Parameter count from the safetensors headers (no weights are loaded)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                n = 1
+                for dim in shape:
+                    n *= dim
+                total += n
+    return total
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list, tuple)):
+        return "`" + json.dumps(value, default=str) + "`"
+    return str(value)
+
+
+def _flatten(metrics: Mapping, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested metrics as (dotted.name, value) rows."""
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            rows += _flatten(value, name + ".")
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def _table(header: tuple[str, str], rows: list[tuple[str, object]]) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {name} | {_fmt(value)} |".replace("\n", " ") for name, value in rows]
+    return "\n".join(lines)
+
+
+def build_model_card(folder: str | os.PathLike, repo_id: str, stage: str | None = None,
+                     base_model: str | None = None) -> str:
+    """README.md text for `folder`: YAML front matter for the Hub, then stage, model, data, hyperparameters,
+    evaluation and usage. `stage` / `base_model` override what run.json says."""
+    folder = Path(folder)
+    info = read_run_info(folder)
+    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    is_reward = bool(config) and any("SequenceClassification" in a or "RewardModel" in a
+                                     for a in config.get("architectures") or [])
+    stage = normalize_stage(stage or info.get("stage") or ("rm" if is_reward else "tokenizer" if config is None
+                                                           else "base"))
+    description, stage_tags = STAGES.get(stage, (f"a Llama 2 model produced by the `{stage}` stage", []))
+    base_model = base_model or find_base_model(folder, info)
+
+    inputs = info.get("inputs", {})
+    datasets = sorted({v for k, v in inputs.items() if k not in MODEL_INPUT_KEYS and _is_hub_id(v)})
+    card_data = ModelCardData(
+        license="llama2", library_name="transformers", base_model=base_model,
+        pipeline_tag=None if config is None else "text-classification" if is_reward else "text-generation",
+        tags=["llama2", "llama-2", "llama2_hf", "custom_code", *stage_tags], datasets=datasets or None)
+
+    name = repo_id.split("/")[-1]
+    parts = [f"---\n{card_data.to_yaml()}\n---", f"# {name}", f"This is {description}, made with `llama2_hf` (the "
+             "Llama 2 / Llama 2-Chat method of Touvron et al. 2023, arXiv:2307.09288, in the Hugging Face "
+             "ecosystem)." + (f" Base model: `{base_model}`." if base_model else "")]
+    facts = [f"- **Stage:** `{stage}`"]
+    if config is not None:
+        n_params = _count_parameters(folder)
+        arch = ", ".join(config.get("architectures") or ["?"])
+        shape = (f"{config.get('num_hidden_layers')} layers, hidden size {config.get('hidden_size')}, "
+                 f"{config.get('num_attention_heads')} attention heads ({config.get('num_key_value_heads')} KV heads), "
+                 f"vocabulary {config.get('vocab_size')}, context {config.get('max_position_embeddings')}")
+        facts.append(f"- **Architecture:** `{arch}` ({config.get('model_type')}): {shape}"
+                     + (f", {n_params:,} parameters" if n_params else ""))
+    parts.append("\n".join(facts))
+
+    parts.append("## Training data")
+    if inputs:
+        parts.append("\n".join(f"- {k}: `{_fmt(v).strip('`')}`" for k, v in inputs.items()))
+    else:
+        parts.append("Not recorded (no `inputs` in run.json).")
+
+    run_config = info.get("config", {})
+    parts.append("## Hyperparameters")
+    if run_config:
+        scalars = [(k, v) for k, v in run_config.items() if v is not None and not isinstance(v, (dict, list))]
+        rows = scalars if len(scalars) <= 30 else [(k, run_config[k]) for k in KEY_HYPERPARAMETERS
+                                                   if run_config.get(k) is not None]
+        parts.append(_table(("hyperparameter", "value"), rows))
+        if len(rows) < len(run_config):
+            parts.append("<details><summary>Full run configuration</summary>\n\n```json\n"
+                         + json.dumps(run_config, indent=2, default=str) + "\n```\n</details>")
+    else:
+        parts.append("Not recorded (no `config` in run.json).")
+
+    parts.append("## Evaluation")
+    metrics = _flatten(info.get("metrics", {}))
+    parts.append(_table(("metric", "value"), metrics) if metrics else "No evaluation recorded in run.json.")
+    if info.get("other"):
+        parts.append("<details><summary>Other run information</summary>\n\n```json\n"
+                     + json.dumps(info["other"], indent=2, default=str) + "\n```\n</details>")
+
+    parts.append("## Usage")
+    parts.append("The model code ships in this repository (`*_llama2.py`): `trust_remote_code=True` runs it, so "
+                 "read it first or pin a `revision`. With `pip install llama2_hf` and `import llama2_hf`, no remote "
+                 "code is needed.")
+    has_tokenizer = (folder / "tokenizer_config.json").is_file()
+    parts.append(_usage_snippet(repo_id, config, is_reward, repo_id if has_tokenizer else base_model or repo_id))
+    parts.append("## License\n\nLlama 2 is licensed under the LLAMA 2 Community License, Copyright (c) Meta Platforms, "
+                 "Inc. All Rights Reserved. Use of this model is subject to that license and Meta's acceptable use "
+                 "policy.")
+    return "\n\n".join(parts) + "\n"
+
+
+def _usage_snippet(repo_id: str, config: dict | None, is_reward: bool, tokenizer_repo: str) -> str:
+    tok = f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer_repo}", trust_remote_code=True)\n'
+    if config is None:
+        return ("```python\nfrom transformers import AutoTokenizer\n\n" + tok
+                + 'ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}], '
+                  'return_dict=False)\n```')
+    if is_reward:
+        return ("```python\nimport torch\nfrom transformers import AutoModelForSequenceClassification, "
+                "AutoTokenizer\n\n" + tok
+                + f'model = AutoModelForSequenceClassification.from_pretrained("{repo_id}", trust_remote_code=True)\n'
+                  'messages = [{"role": "user", "content": "How do I boil an egg?"},\n'
+                  '            {"role": "assistant", "content": "Put it in boiling water for 8 minutes."}]\n'
+                  "ids = torch.tensor([tokenizer.apply_chat_template(messages, return_dict=False)])\n"
+                  "reward = model(ids).logits[0, 0].item()  # higher is better\n```")
+    return ("```python\nimport torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n" + tok
+            + f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)\n'
+              'ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}], '
+              "return_dict=False)])\n"
+              "out = model.generate(ids, max_new_tokens=64, do_sample=True, temperature=0.6, top_p=0.9)\n"
+              "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n```")
+
+
+def _excluded(rel: Path) -> bool:
+    return any(fnmatch.fnmatch(part, pattern) for part in rel.parts for pattern in EXCLUDE_PATTERNS)
+
+
+def remote_code_fixes(folder: str | os.PathLike) -> dict[str, bytes]:
+    """Files to add or replace in the upload so a `model_type: llama2` folder loads with `trust_remote_code=True`:
+    missing remote-code modules (from this package) and `config.json` / `tokenizer_config.json` with a full auto_map.
+    Empty when the folder is complete or is not a llama2 folder."""
+    folder = Path(folder)
+    fixes: dict[str, bytes] = {}
+    config_path, tok_path = folder / "config.json", folder / "tokenizer_config.json"
+    config = _read_json(config_path) if config_path.is_file() else None
+    tok_config = _read_json(tok_path) if tok_path.is_file() else None
+    if config is not None and config.get("model_type") != "llama2":
+        return fixes
+    if config is None and (tok_config is None or "Llama2Tokenizer" not in str(tok_config.get("tokenizer_class"))):
+        return fixes
+    needed = set()
+    if config is not None:
+        auto_map = dict(config.get("auto_map") or {})
+        required = (*REQUIRED_AUTO_MAP_KEYS, "AutoTokenizer") if tok_config is not None else REQUIRED_AUTO_MAP_KEYS
+        missing = [k for k in required if k not in auto_map]
+        if missing:
+            auto_map.update({k: LLAMA2_AUTO_MAP[k] for k in missing})
+            fixes["config.json"] = (json.dumps({**config, "auto_map": auto_map}, indent=2) + "\n").encode()
+            logger.info("config.json: adding auto_map entries %s in the uploaded copy", missing)
+        needed |= {"configuration_llama2.py", "modeling_llama2.py"}
+    if tok_config is not None:
+        tok_map = dict(tok_config.get("auto_map") or {})
+        if "AutoTokenizer" not in tok_map:
+            tok_map["AutoTokenizer"] = LLAMA2_AUTO_MAP["AutoTokenizer"]
+            fixes["tokenizer_config.json"] = (json.dumps({**tok_config, "auto_map": tok_map}, indent=2)
+                                              + "\n").encode()
+            logger.info("tokenizer_config.json: adding the AutoTokenizer auto_map entry in the uploaded copy")
+        needed.add("tokenization_llama2.py")
+    package_dir = Path(__file__).resolve().parent
+    for name in sorted(needed):
+        if not (folder / name).is_file():
+            fixes[name] = (package_dir / name).read_bytes()
+            logger.info("%s: missing from the folder, uploading this package's copy", name)
+    return fixes
+
+
+def collect_upload(folder: str | os.PathLike, repo_id: str, stage: str | None = None, base_model: str | None = None,
+                   model_card: bool = True) -> dict[str, bytes | Path]:
+    """`{path_in_repo: local file or bytes}`: what `push_to_hub` uploads for `folder` (see the module docstring)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--model {folder}: not a directory (expected a folder written by save_pretrained)")
+    if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise ValueError(f"{folder}: has neither config.json nor tokenizer_config.json; save the model or tokenizer "
+                         "with save_pretrained first")
+    files: dict[str, bytes | Path] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not _excluded(rel):
+            files[rel.as_posix()] = path
+    files.update(remote_code_fixes(folder))
+    if model_card:
+        if "README.md" in files:
+            logger.warning("%s/README.md is replaced by the generated model card (pass model_card=False / "
+                           "--no-card to upload it as is)", folder)
+        files["README.md"] = build_model_card(folder, repo_id, stage=stage, base_model=base_model).encode()
+    return files
+
+
+def push_to_hub(path_or_model, repo_id: str, *, tokenizer=None, stage: str | None = None,
+                base_model: str | None = None, private: bool | None = None, token: str | bool | None = None,
+                commit_message: str | None = None, model_card: bool = True, endpoint: str | None = None) -> str:
+    """Create `repo_id` (if needed) and upload a model / tokenizer / reward model in one commit. Returns the commit URL.
+
+    `path_or_model`: a folder written by `save_pretrained` (a stage's output dir), or an object with
+    `save_pretrained` (model or tokenizer; `tokenizer=` is saved next to a model), saved to a temporary folder first.
+    """
+    if isinstance(path_or_model, (str, os.PathLike)):
+        if tokenizer is not None:
+            raise ValueError("tokenizer= is for model objects; a folder is uploaded as it is (save the tokenizer "
+                             "into it)")
+        return _push_folder(Path(path_or_model), repo_id, stage=stage, base_model=base_model, private=private,
+                            token=token, commit_message=commit_message, model_card=model_card, endpoint=endpoint)
+    if not hasattr(path_or_model, "save_pretrained"):
+        raise ValueError(f"path_or_model must be a folder or an object with save_pretrained, got "
+                         f"{type(path_or_model).__name__}")
+    with tempfile.TemporaryDirectory(prefix="llama2_hf_push_") as tmp:
+        path_or_model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        return _push_folder(Path(tmp), repo_id, stage=stage, base_model=base_model, private=private, token=token,
+                            commit_message=commit_message, model_card=model_card, endpoint=endpoint)
+
+
+def _push_folder(folder: Path, repo_id: str, *, stage, base_model, private, token, commit_message, model_card,
+                 endpoint) -> str:
+    files = collect_upload(folder, repo_id, stage=stage, base_model=base_model, model_card=model_card)
+    api = HfApi(endpoint=endpoint, token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=src if isinstance(src, bytes) else str(src))
+                  for p, src in files.items()]
+    stage_name = normalize_stage(stage or read_run_info(folder).get("stage") or "model")
+    info = api.create_commit(repo_id, operations, commit_message=commit_message or f"Upload {stage_name} with llama2_hf")
+    logger.info("uploaded %d files to %s", len(operations), info.commit_url)
+    return info.commit_url
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llama2-hf push",
+        description="Upload a saved model, tokenizer or reward model folder to the Hugging Face Hub with a generated "
+                    "model card (stage, data, hyperparameters and evaluation from the folder's run.json), the "
+                    "remote-code files and a full auto_map. The endpoint is $HF_ENDPOINT (default huggingface.co).")
+    p.add_argument("--model", required=True, help="folder written by save_pretrained (a stage's --output-dir)")
+    p.add_argument("--repo-id", required=True, help="target repo, 'namespace/name' (created if it does not exist)")
+    p.add_argument("--private", action="store_true", help="create the repo as private (ignored if it exists)")
+    p.add_argument("--token", default=None, help="Hub token with write access (default: $HF_TOKEN or the stored "
+                   "login; prefer those: a token on the command line shows in the process list)")
+    p.add_argument("--stage", default=None, choices=sorted(set(STAGES) | set(STAGE_ALIASES)),
+                   help="pipeline stage for the model card (default: run.json's stage, else guessed from config)")
+    p.add_argument("--base-model", default=None, help="Hub id of the base model for the card (default: followed "
+                   "from run.json inputs)")
+    p.add_argument("--commit-message", default=None, help="commit summary (default: 'Upload <stage> with llama2_hf')")
+    p.add_argument("--no-card", action="store_true", help="upload the folder's own README.md instead of a "
+                   "generated model card")
+    p.add_argument("--dry-run", action="store_true", help="print the files and the model card, upload nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.dry_run:
+            files = collect_upload(args.model, args.repo_id, stage=args.stage, base_model=args.base_model,
+                                   model_card=not args.no_card)
+            for path, src in files.items():
+                print(f"{path}  ({'generated' if isinstance(src, bytes) else 'from folder'})")
+            if "README.md" in files and isinstance(files["README.md"], bytes):
+                print("\n" + files["README.md"].decode())
+            return 0
+        url = push_to_hub(args.model, args.repo_id, stage=args.stage, base_model=args.base_model,
+                          private=args.private or None, token=args.token, commit_message=args.commit_message,
+                          model_card=not args.no_card)
+    except ValueError as e:
+        print(f"llama2-hf push: error: {e}", file=sys.stderr)
+        return 2
+    print(url)
+    return 0
+
+
+__all__ = ["STAGES", "build_model_card", "collect_upload", "find_base_model", "main", "push_to_hub",
+           "read_run_info", "remote_code_fixes"]

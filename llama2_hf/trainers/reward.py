@@ -1,0 +1,291 @@
+"""The paper's reward models (helpfulness, safety; §3.2.2) as a thin subclass of TRL's `RewardTrainer`.
+
+What it adds to TRL: preference rows in our schema (`llama2_hf.data`) tokenized as full Llama 2-Chat dialogs ending
+with EOS (the reward is read at that last token); the Table 27 margin m(rating) fed through TRL's `margin` column
+(TRL's loss is `-log sigmoid(r_c - r_r - m)`, i.e. `llama2_hf.losses.margin_ranking_loss`); an optional safety
+auxiliary loss; metrics per rating (Table 8 layout), per safety bin, reward mean/std and unsafe-response recall;
+initialisation from a causal-LM checkpoint; the paper's optimiser and schedule as defaults.
+
+    trainer = Llama2RewardTrainer(model=sft_model_or_path, args=Llama2RewardConfig(output_dir="rm"),
+                                  train_dataset=preferences, processing_class=tokenizer)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset, IterableDataset, concatenate_datasets
+from trl import RewardConfig, RewardTrainer
+
+from ..collators import DataCollatorForRatedPreference
+from ..data import (
+    ON_INVALID,
+    ON_OVERLENGTH,
+    DataReport,
+    load_preference_data,
+    mix_helpfulness_rm_data,
+    mix_safety_rm_data,
+    prepare_preference_dataset,
+    response_safety,
+)
+from ..losses import resolve_margins, safety_auxiliary_loss
+from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
+from ..rm_eval import preference_metrics
+from .sft import apply_global_batch_size, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Llama2RewardConfig(RewardConfig):
+    """`RewardConfig` with the paper's RM recipe as defaults (§3.2.2, optimiser as pretraining §2.2).
+
+    The paper does not say which Table 27 margin the final RMs used (default here: `small`, the best average in
+    Table 28), nor the form of the safety auxiliary loss (see `llama2_hf.losses.safety_auxiliary_loss`; off by
+    default). Use `Llama2RewardConfig.for_model_size("70b", ...)` for the 70B learning rate.
+    """
+
+    _VALID_DICT_FIELDS = RewardConfig._VALID_DICT_FIELDS + ["margin"]
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak LR (1e-5; 5e-6 for 70B: paper §3.2.2)."})
+    lr_scheduler_type: str = field(default="cosine_with_min_lr",
+                                   metadata={"help": "Cosine decay to lr_scheduler_kwargs.min_lr_rate (§3.2.2)."})
+    lr_scheduler_kwargs: dict | str | None = field(
+        default_factory=lambda: {"min_lr_rate": 0.1},
+        metadata={"help": "Scheduler options; min_lr_rate 0.1: cosine down to 10% of the peak (§3.2.2)."})
+    warmup_steps: float = field(default=0.03, metadata={
+        "help": "Warmup, as a fraction of the steps if < 1 (0.03: paper §3.2.2), at least min_warmup_steps."})
+    min_warmup_steps: int = field(default=5, metadata={"help": "Lower bound of the warmup (5 steps: §3.2.2)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs (1: longer over-fits, §3.2.2)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (0.9: §2.2)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95: §2.2)."})
+    adam_epsilon: float = field(default=1e-5, metadata={"help": "AdamW epsilon (1e-5: §2.2)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (0.1: §2.2)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (1.0: §2.2)."})
+    max_length: int | None = field(default=4096, metadata={"help": "Longest dialog in tokens (the 4096 context)."})
+    global_batch_size: int | None = field(default=512, metadata={
+        "help": "Pairs per optimizer step over all processes (512: paper §3.2.2); sets gradient_accumulation_steps. "
+                "None leaves gradient_accumulation_steps as given."})
+    margin: dict | str = field(default="small", metadata={
+        "help": "m(rating) of paper Eq. 2: a Table 27 preset ('none', 'small', 'large') or a JSON map "
+                "{rating: margin} for all four ratings."})
+    safety_aux_loss_coef: float = field(default=0.0, metadata={
+        "help": "Weight of the safety auxiliary loss on responses with a safety label (0: off). Its form is our "
+                "choice (paper §A.3.4 gives none): binary cross-entropy of sigmoid(reward) against 'safe'."})
+    unsafe_threshold: float = field(default=0.5, metadata={
+        "help": "sigmoid(reward) below this flags a response unsafe, for the unsafe_recall metric (0.5: Tab 29)."})
+    on_invalid: str = field(default="error", metadata={
+        "help": "Invalid rows (missing fields, unknown rating, identical or empty responses, bad roles): 'error' or "
+                "'drop' (counted and logged).", "choices": list(ON_INVALID)})
+    on_overlength: str = field(default="error", metadata={
+        "help": "Dialogs over max_length: 'error', 'truncate' (keep the end, where the reward is read) or 'drop'.",
+        "choices": list(ON_OVERLENGTH)})
+
+    def __post_init__(self):
+        apply_global_batch_size(self)
+        super().__post_init__()
+        checked = resolve_margins(self.margin)  # fails early on an unknown preset or an incomplete map
+        if isinstance(self.margin, dict):
+            self.margin = checked
+        for name in ("on_invalid", "on_overlength"):
+            allowed = ON_INVALID if name == "on_invalid" else ON_OVERLENGTH
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """`warmup_steps` (a fraction of the steps when < 1), but at least `min_warmup_steps` (paper: 3%, >= 5)."""
+        return min(num_training_steps, max(super().get_warmup_steps(num_training_steps), self.min_warmup_steps))
+
+    @classmethod
+    def for_model_size(cls, size: str, **kwargs) -> "Llama2RewardConfig":
+        """The config for a Llama 2 size: peak LR 5e-6 for 70B, 1e-5 for the others (paper §3.2.2)."""
+        kwargs.setdefault("learning_rate", 5e-6 if size.lower() == "70b" else 1e-5)
+        return cls(**kwargs)
+
+
+def reward_model_from_causal_lm(causal_lm: Llama2ForCausalLM) -> Llama2ForRewardModel:
+    """A reward model whose decoder is a copy of the causal LM's (paper: RMs start from chat checkpoints); the
+    next-token head is replaced by a freshly initialised scalar head `score`."""
+    config = copy.deepcopy(causal_lm.config)
+    config.num_labels = 1
+    config.architectures = ["Llama2ForRewardModel"]
+    reward_model = Llama2ForRewardModel(config)
+    reward_model.model.load_state_dict(causal_lm.model.state_dict())
+    param = next(causal_lm.parameters())
+    return reward_model.to(device=param.device, dtype=param.dtype)
+
+
+class Llama2RewardTrainer(RewardTrainer):
+    """TRL's `RewardTrainer` for the paper's helpfulness / safety reward models.
+
+    `model`: a `Llama2ForRewardModel`; a `Llama2ForCausalLM` (converted with `reward_model_from_causal_lm`); or a
+    path/id of either (a causal-LM checkpoint gets a new head). Datasets follow the preference schema of
+    `llama2_hf.data` (or are already prepared by `prepare_preference_dataset`). Preparation reports are in
+    `trainer.data_reports[name]`. Logged metrics add `accuracy_<rating>`, `accuracy_<safety bin>`, `reward_std`,
+    `unsafe_recall` / `unsafe_precision` (pairs with safety labels) and `safety_aux_loss` (when enabled); the
+    `accuracy` key is the exact accuracy over the pairs of the logging window (or of the whole eval set).
+    """
+
+    _tag_names = ["trl", "reward-trainer", "llama2_hf"]
+
+    def __init__(self, model, args: Llama2RewardConfig | None = None, train_dataset: Dataset | None = None,
+                 eval_dataset: Dataset | dict[str, Dataset] | None = None, processing_class=None,
+                 data_collator=None, **kwargs):
+        if args is None:
+            name = (model if isinstance(model, str) else model.config._name_or_path or "llama2").rstrip("/")
+            args = Llama2RewardConfig(output_dir=f"{name.split('/')[-1]}-Reward")
+        if not isinstance(args, Llama2RewardConfig):
+            raise TypeError(f"args must be a Llama2RewardConfig, got {type(args).__name__}")
+        if processing_class is None:
+            processing_class = load_tokenizer(model)
+        if isinstance(model, str):
+            init_kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {})}
+            if kwargs.get("quantization_config") is not None:
+                init_kwargs["quantization_config"] = kwargs.pop("quantization_config")
+            model = Llama2ForRewardModel.from_pretrained(model, **init_kwargs)
+        elif isinstance(model, Llama2ForCausalLM):
+            model = reward_model_from_causal_lm(model)
+        # A pad distinct from EOS: every dialog ends with EOS, and the reward is read at the last non-pad token.
+        if processing_class.pad_token is None or processing_class.pad_token_id == processing_class.eos_token_id:
+            processing_class.pad_token = processing_class.unk_token
+        if data_collator is None:
+            data_collator = DataCollatorForRatedPreference(processing_class.pad_token_id, args.pad_to_multiple_of)
+        self.data_reports: dict[str, DataReport] = {}
+        self._pairs: dict[str, list[torch.Tensor]] = defaultdict(list)
+        super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Tokenize preference rows as full dialogs, with the margin of each pair's rating (policies applied)."""
+        if isinstance(dataset, IterableDataset):
+            raise ValueError("Llama2RewardTrainer needs a map-style datasets.Dataset")
+        if {"chosen_ids", "rejected_ids", "margin", "rating_id"} <= set(dataset.column_names):  # already prepared
+            return dataset
+        dataset, report = prepare_preference_dataset(
+            dataset, processing_class, max_length=args.max_length, margins=args.margin, on_invalid=args.on_invalid,
+            on_overlength=args.on_overlength, num_proc=args.dataset_num_proc, name=dataset_name)
+        self.data_reports[dataset_name] = report
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "rating_id", "safety_bin"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's margin ranking loss (+ the optional safety auxiliary loss); keeps each pair's rewards and labels
+        for the per-rating / per-bin metrics."""
+        mode = "train" if self.model.training else "eval"
+        rating_id, safety_bin = inputs.pop("rating_id"), inputs.pop("safety_bin")
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        rewards = outputs.logits.squeeze(-1)  # (2B,): chosen rows, then rejected rows
+        if self.args.safety_aux_loss_coef:
+            aux = safety_auxiliary_loss(rewards, torch.cat(response_safety(safety_bin)))
+            loss = loss + self.args.safety_aux_loss_coef * aux
+            self._metrics[mode]["safety_aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
+        chosen, rejected = rewards.detach().float().chunk(2)
+        pairs = torch.stack([chosen, rejected, rating_id.float(), safety_bin.float()], dim=1)  # (B, 4)
+        self._pairs[mode].append(self.accelerator.gather_for_metrics(pairs).cpu())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        if self._pairs[mode]:
+            pairs = torch.cat(self._pairs[mode])
+            self._pairs[mode].clear()
+            metrics = preference_metrics(pairs[:, 0], pairs[:, 1], pairs[:, 2].long(), pairs[:, 3].long(),
+                                         self.args.unsafe_threshold)
+            self._metrics[mode].pop("accuracy", None)  # TRL's mean of batch accuracies; ours is exact
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({prefix + k: v for k, v in metrics.items()})
+        super().log(logs, start_time)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI: llama2-hf train-rm
+# ---------------------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama2-hf train-rm", description="Train a helpfulness or safety reward model "
+                                "with the margin ranking loss (paper §3.2.2 defaults).")
+    p.add_argument("--model", required=True, help="causal LM (e.g. the SFT model) or reward model: path or Hub id")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path if not saved with the model")
+    p.add_argument("--train-file", nargs="+", required=True,
+                   help="preference files (.jsonl/.json(.gz)/.parquet) or Hub names; several are concatenated")
+    p.add_argument("--format", choices=["auto", "llama2", "hh-rlhf", "trl"], default="auto",
+                   help="format of the preference files")
+    p.add_argument("--mix", choices=["none", "helpfulness", "safety"], default="none",
+                   help="paper §3.2.2 mixing: helpfulness = train files + as many rows sampled from --mix-with; "
+                        "safety = train files (safety data) + --mix-with (helpfulness) at 90/10")
+    p.add_argument("--mix-with", nargs="*", default=[], help="the data sampled into the mix")
+    p.add_argument("--eval-file", default=None, help="held-out preference file (evaluated after training)")
+    p.add_argument("--output-dir", required=True, help="where the reward model and run.json are written")
+    p.add_argument("--margin", default="small",
+                   help="Table 27 margin preset (none, small, large) or a JSON map {rating: margin}")
+    p.add_argument("--safety-aux-loss-coef", type=float, default=0.0, help="weight of the safety auxiliary loss")
+    p.add_argument("--unsafe-threshold", type=float, default=0.5, help="score threshold for unsafe recall")
+    p.add_argument("--max-length", type=int, default=4096, help="longest dialog in tokens")
+    p.add_argument("--learning-rate", type=float, default=1e-5, help="peak LR (paper: 1e-5; 5e-6 for 70B)")
+    p.add_argument("--epochs", type=float, default=1.0, help="epochs (paper: 1)")
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
+    p.add_argument("--global-batch-size", type=int, default=512,
+                   help="pairs per optimizer step (paper: 512); 0 disables and uses --grad-accum")
+    p.add_argument("--per-device-batch-size", type=int, default=8, help="pairs per device per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1, help="accumulation steps when --global-batch-size is 0")
+    p.add_argument("--on-invalid", choices=ON_INVALID, default="error", help="invalid rows: error or drop")
+    p.add_argument("--on-overlength", choices=ON_OVERLENGTH, default="error",
+                   help="dialogs longer than --max-length: error, truncate (keep the end) or drop")
+    p.add_argument("--cpu", action="store_true", help="train on CPU (fp32, no gradient checkpointing)")
+    p.add_argument("--logging-steps", type=int, default=10, help="steps between logs")
+    p.add_argument("--seed", type=int, default=42, help="random seed (also for the data mix)")
+    return p
+
+
+def _load_all(paths: list[str], data_format: str, on_invalid: str) -> Dataset:
+    return concatenate_datasets([load_preference_data(p, data_format=data_format, on_invalid=on_invalid)[0]
+                                 for p in paths])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    margin = json.loads(args.margin) if args.margin.lstrip().startswith("{") else args.margin
+    if args.mix == "none":
+        train = _load_all(args.train_file, args.format, args.on_invalid)
+    else:
+        if not args.mix_with:
+            raise SystemExit("--mix needs --mix-with")
+        primary = {p: load_preference_data(p, data_format=args.format, on_invalid=args.on_invalid)[0]
+                   for p in args.train_file}
+        others = {p: load_preference_data(p, data_format=args.format, on_invalid=args.on_invalid)[0]
+                  for p in args.mix_with}
+        mix = mix_helpfulness_rm_data if args.mix == "helpfulness" else mix_safety_rm_data
+        train = mix(primary, others, seed=args.seed)
+    cpu = dict(use_cpu=True, bf16=False, gradient_checkpointing=False) if args.cpu else {}
+    config = Llama2RewardConfig(
+        output_dir=args.output_dir, margin=margin, safety_aux_loss_coef=args.safety_aux_loss_coef,
+        unsafe_threshold=args.unsafe_threshold, max_length=args.max_length, learning_rate=args.learning_rate,
+        num_train_epochs=args.epochs, max_steps=args.max_steps, global_batch_size=args.global_batch_size or None,
+        per_device_train_batch_size=args.per_device_batch_size, gradient_accumulation_steps=args.grad_accum,
+        on_invalid=args.on_invalid, on_overlength=args.on_overlength, logging_steps=args.logging_steps,
+        seed=args.seed, report_to=[], **cpu)
+    trainer = Llama2RewardTrainer(model=args.model, args=config, train_dataset=train,
+                                  processing_class=load_tokenizer(args.tokenizer or args.model))
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    trainer.processing_class.save_pretrained(args.output_dir)
+    run = {"stage": "train-rm", "args": vars(args),
+           "data": {k: {"total": r.total, "kept": r.kept, "truncated": r.truncated, "dropped": dict(r.dropped)}
+                    for k, r in trainer.data_reports.items()}}
+    if args.eval_file:
+        eval_set = load_preference_data(args.eval_file, data_format=args.format, on_invalid=args.on_invalid)[0]
+        run["eval"] = trainer.evaluate(eval_set)
+    with open(os.path.join(args.output_dir, "run.json"), "w") as f:
+        json.dump(run, f, indent=2, default=str)
+    return 0

@@ -1,0 +1,227 @@
+"""Supervised fine-tuning of Llama 2-Chat (paper §3.1) as a thin subclass of TRL's `SFTTrainer`.
+
+What it adds to TRL: the Llama 2-Chat token format from `llama2_hf.tokenization_llama2` (never a Jinja template), the
+loss on answer tokens only (every assistant turn, or only the last one for Ghost Attention), packing of whole examples
+into fixed-length rows with no attention across examples (`llama2_hf.collators`), explicit bad-input policies, and the
+paper's hyperparameters as defaults. LoRA / QLoRA go through TRL's `peft_config` / `quantization_config`.
+
+    trainer = Llama2SFTTrainer(model=model_or_path, args=Llama2SFTConfig(output_dir="sft"),
+                               train_dataset=Dataset.from_list([{"messages": [...]}, ...]), processing_class=tok)
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field
+
+from datasets import Dataset, IterableDataset
+from trl import SFTConfig, SFTTrainer
+
+from ..collators import PACKING_STRATEGIES, DataCollatorForAnswerOnlyLM, DataCollatorForPackedLM, pack_dataset
+from ..data import ON_INVALID, ON_OVERLENGTH, DataReport, load_any, prepare_sft_dataset
+from ..tokenization_llama2 import Llama2Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def apply_global_batch_size(config) -> None:
+    """Set `gradient_accumulation_steps` so that per-device batch x processes x accumulation = `global_batch_size`.
+
+    Runs before TrainingArguments' own `__post_init__`, so the process count comes from the launcher's `WORLD_SIZE`.
+    """
+    if config.global_batch_size is None:
+        return
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = config.per_device_train_batch_size * world_size
+    if config.global_batch_size % per_step:
+        raise ValueError(f"global_batch_size={config.global_batch_size} is not a multiple of per-device batch "
+                         f"{config.per_device_train_batch_size} x {world_size} processes")
+    steps = config.global_batch_size // per_step
+    if config.gradient_accumulation_steps not in (1, steps):
+        raise ValueError(f"gradient_accumulation_steps={config.gradient_accumulation_steps} contradicts "
+                         f"global_batch_size={config.global_batch_size}; set global_batch_size=None to choose it")
+    config.gradient_accumulation_steps = steps
+
+
+@dataclass
+class Llama2SFTConfig(SFTConfig):
+    """`SFTConfig` with the paper's SFT recipe as defaults (§3.1) and the Llama 2 data options.
+
+    The paper gives LR, schedule, weight decay, batch, length and epochs. Its warmup, final LR and AdamW betas/eps are
+    not stated: we keep no warmup and a cosine decay to 0, and take the pretraining AdamW settings (§2.2).
+    On CPU pass `use_cpu=True, bf16=False, gradient_checkpointing=False` (TRL defaults to bf16 and checkpointing).
+    """
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate (2e-5: paper §3.1)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "LR schedule (cosine: paper §3.1)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (0.1: paper §3.1)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95: pretraining value, §2.2)."})
+    adam_epsilon: float = field(default=1e-5, metadata={"help": "AdamW epsilon (1e-5: pretraining value, §2.2)."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs (2: paper §3.1)."})
+    max_length: int | None = field(default=4096, metadata={"help": "Row length in tokens (4096: paper §3.1)."})
+    packing: bool = field(default=True, metadata={
+        "help": "Pack whole examples into rows of max_length tokens, with no attention across examples (paper §3.1 "
+                "packs prompts and answers to fill the sequences)."})
+    packing_strategy: str = field(default="bfd_rows", metadata={
+        "help": "bfd_rows (best-fit decreasing: fewest rows) or ordered_rows (next-fit in dataset order).",
+        "choices": list(PACKING_STRATEGIES)})
+    global_batch_size: int | None = field(default=64, metadata={
+        "help": "Rows per optimizer step over all processes (64: paper §3.1); sets gradient_accumulation_steps. "
+                "None leaves gradient_accumulation_steps as given."})
+    train_on: str = field(default="all", metadata={
+        "help": "Answer tokens that carry the loss: 'all' assistant turns or only the 'last' (Ghost Attention).",
+        "choices": ["all", "last"]})
+    on_invalid: str = field(default="error", metadata={
+        "help": "Invalid rows (missing fields, bad roles, empty answers): 'error' or 'drop' (counted and logged).",
+        "choices": list(ON_INVALID)})
+    on_overlength: str = field(default="error", metadata={
+        "help": "Rows over max_length: 'error', 'truncate' (keep the start) or 'drop' (counted and logged).",
+        "choices": list(ON_OVERLENGTH)})
+
+    def __post_init__(self):
+        if self.packing_strategy not in PACKING_STRATEGIES:
+            raise ValueError(f"packing_strategy must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}: "
+                             "TRL's padding-free strategies flatten a batch into one row, which is not used here")
+        if self.train_on not in ("all", "last"):
+            raise ValueError(f"train_on must be 'all' or 'last', got {self.train_on!r}")
+        if self.assistant_only_loss or self.completion_only_loss is False:
+            raise ValueError("Llama2SFTTrainer always takes the loss on answer tokens only; choose which with "
+                             "train_on ('all' or 'last') instead of assistant_only_loss / completion_only_loss")
+        if self.packing and self.max_length is None:
+            raise ValueError("packing needs max_length (the row length)")
+        apply_global_batch_size(self)
+        super().__post_init__()
+
+
+def load_tokenizer(model) -> Llama2Tokenizer:
+    """The tokenizer saved next to a model (given as a path/id or as a model loaded from one)."""
+    source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+    if not source:
+        raise ValueError("pass processing_class: the model was not loaded from a path, so its tokenizer is unknown")
+    return Llama2Tokenizer.from_pretrained(source)
+
+
+class Llama2SFTTrainer(SFTTrainer):
+    """TRL's `SFTTrainer` on Llama 2-Chat data (see the module docstring and `llama2_hf.data` for the schema).
+
+    `model`: a `Llama2ForCausalLM`, a PEFT model, or a path/id (loaded by TRL with `args.model_init_kwargs`,
+    `quantization_config` for QLoRA). `processing_class` defaults to the tokenizer saved with the model; without a pad
+    token, `unk` is used for padding (its label is -100 and it is never attended to).
+    Preparation reports (rows kept / dropped / truncated) are in `trainer.data_reports[name]`.
+    """
+
+    _tag_names = ["trl", "sft", "llama2_hf"]
+
+    def __init__(self, model, args: Llama2SFTConfig | None = None, train_dataset: Dataset | None = None,
+                 eval_dataset: Dataset | dict[str, Dataset] | None = None, processing_class=None,
+                 data_collator=None, **kwargs):
+        if args is None:
+            name = (model if isinstance(model, str) else model.config._name_or_path or "llama2").rstrip("/")
+            args = Llama2SFTConfig(output_dir=f"{name.split('/')[-1]}-SFT")
+        if not isinstance(args, Llama2SFTConfig):
+            raise TypeError(f"args must be a Llama2SFTConfig, got {type(args).__name__}")
+        if kwargs.get("formatting_func") is not None:
+            raise ValueError("formatting_func is not used: pass rows in the schema of llama2_hf.data")
+        if processing_class is None:
+            processing_class = load_tokenizer(model)
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.unk_token
+        if data_collator is None:
+            collator_cls = DataCollatorForPackedLM if args.packing else DataCollatorForAnswerOnlyLM
+            data_collator = collator_cls(processing_class.pad_token_id, args.pad_to_multiple_of)
+        self.data_reports: dict[str, DataReport] = {}
+        super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """Tokenize in the Llama 2-Chat format with answer-only labels (policies applied), then pack into rows."""
+        if isinstance(dataset, IterableDataset):
+            raise ValueError("Llama2SFTTrainer needs a map-style datasets.Dataset (packing sees the whole set)")
+        if "seq_lengths" in dataset.column_names:  # already packed
+            return dataset
+        dataset, report = prepare_sft_dataset(
+            dataset, processing_class, max_length=args.max_length, train_on=args.train_on,
+            on_invalid=args.on_invalid, on_overlength=args.on_overlength, num_proc=args.dataset_num_proc,
+            name=dataset_name)
+        self.data_reports[dataset_name] = report
+        if packing:
+            n_examples = len(dataset)
+            dataset = pack_dataset(dataset, args.max_length, args.packing_strategy)
+            logger.info("%s: packed %d examples into %d rows of <= %d tokens", dataset_name, n_examples,
+                        len(dataset), args.max_length)
+        return dataset
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI: llama2-hf sft
+# ---------------------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama2-hf sft", description="Supervised fine-tuning with answer-only loss "
+                                "(Llama 2-Chat format, packed rows, paper §3.1 defaults).")
+    p.add_argument("--model", required=True, help="path or Hub id of a Llama 2 causal LM (with its tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path if not saved with the model")
+    p.add_argument("--train-file", required=True,
+                   help="SFT data: .jsonl/.json/.parquet file or Hub dataset name; rows have 'messages' or "
+                        "'prompt' + 'answer'")
+    p.add_argument("--eval-file", default=None, help="held-out SFT data in the same schema")
+    p.add_argument("--output-dir", required=True, help="where checkpoints and the final model are written")
+    p.add_argument("--max-length", type=int, default=4096, help="row length in tokens (paper: 4096)")
+    p.add_argument("--train-on", choices=["all", "last"], default="all",
+                   help="answer turns that carry the loss: all, or only the last (Ghost Attention)")
+    p.add_argument("--no-packing", action="store_true", help="pad each example instead of packing rows")
+    p.add_argument("--packing-strategy", choices=PACKING_STRATEGIES, default="bfd_rows", help="how rows are filled")
+    p.add_argument("--learning-rate", type=float, default=2e-5, help="peak learning rate (paper: 2e-5)")
+    p.add_argument("--epochs", type=float, default=2.0, help="training epochs (paper: 2)")
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
+    p.add_argument("--global-batch-size", type=int, default=64, help="rows per optimizer step (paper: 64); 0 "
+                   "disables and uses --grad-accum")
+    p.add_argument("--per-device-batch-size", type=int, default=8, help="rows per device per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1, help="accumulation steps when --global-batch-size is 0")
+    p.add_argument("--on-invalid", choices=ON_INVALID, default="error", help="invalid rows: error or drop")
+    p.add_argument("--on-overlength", choices=ON_OVERLENGTH, default="error",
+                   help="rows longer than --max-length: error, truncate or drop")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha")
+    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: load the base model in 4-bit (bitsandbytes)")
+    p.add_argument("--cpu", action="store_true", help="train on CPU (fp32, no gradient checkpointing)")
+    p.add_argument("--logging-steps", type=int, default=10, help="steps between logs")
+    p.add_argument("--seed", type=int, default=42, help="random seed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cpu = dict(use_cpu=True, bf16=False, gradient_checkpointing=False) if args.cpu else {}
+    config = Llama2SFTConfig(
+        output_dir=args.output_dir, max_length=args.max_length, train_on=args.train_on,
+        packing=not args.no_packing, packing_strategy=args.packing_strategy, learning_rate=args.learning_rate,
+        num_train_epochs=args.epochs, max_steps=args.max_steps, global_batch_size=args.global_batch_size or None,
+        per_device_train_batch_size=args.per_device_batch_size, gradient_accumulation_steps=args.grad_accum,
+        on_invalid=args.on_invalid, on_overlength=args.on_overlength, logging_steps=args.logging_steps,
+        seed=args.seed, report_to=[], eval_strategy="epoch" if args.eval_file else "no", **cpu)
+    peft_config = quantization_config = None
+    if args.lora_r:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, task_type="CAUSAL_LM",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    if args.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        if not args.lora_r:
+            raise SystemExit("--load-in-4bit (QLoRA) needs --lora-r > 0")
+        quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    tokenizer = Llama2Tokenizer.from_pretrained(args.tokenizer or args.model)
+    trainer = Llama2SFTTrainer(
+        model=args.model, args=config, processing_class=tokenizer, train_dataset=load_any(args.train_file),
+        eval_dataset=load_any(args.eval_file) if args.eval_file else None, peft_config=peft_config,
+        quantization_config=quantization_config)
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    return 0

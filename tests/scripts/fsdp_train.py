@@ -1,0 +1,160 @@
+"""Sharded (FSDP2) training and generation of a tiny Llama2ForCausalLM on CPU, for tests/test_fsdp.py.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/scripts/fsdp_train.py --out result.json
+
+Each `Llama2DecoderLayer` and then the root model are wrapped with torch's `fully_shard` over gloo (accelerate's FSDP
+falls back to DDP on CPU, so this is how the sharded code paths are exercised without GPUs). The script trains a few
+AdamW steps (paper §2.2 optimizer settings, gradient clipping 1.0) on each rank's slice of a global batch, then gathers
+the full weights once, generates greedily with the KV cache, frees them again (the paper's fix for slow generation
+under FSDP, §3.2.3) and trains one more step. Rank 0 writes the global losses, gradient norms, generated tokens,
+shard sizes and the full final weights (safetensors) for the test to compare with an unsharded run of the same
+functions (`build_model`, `make_batches`, `make_optimizer`, `train_step`) in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+
+from llama2_hf import Llama2Config, Llama2ForCausalLM
+from llama2_hf.modeling_llama2 import Llama2DecoderLayer
+
+VOCAB, SEQ_LEN, GLOBAL_BATCH = 128, 16, 4
+STEPS_BEFORE_GENERATION, STEPS_AFTER_GENERATION = 3, 1
+MAX_GRAD_NORM = 1.0  # paper §2.2
+PROMPT = [[1, 5, 9, 17, 33]]
+MAX_NEW_TOKENS = 8
+
+
+def build_model(seed: int = 0) -> Llama2ForCausalLM:
+    """The tiny GQA preset with a 128-token vocabulary, identical on every rank for a given seed."""
+    torch.manual_seed(seed)
+    return Llama2ForCausalLM(Llama2Config.from_preset("tiny", vocab_size=VOCAB))
+
+
+def make_batches(n_steps: int, seed: int = 1) -> list[torch.Tensor]:
+    """`n_steps` global batches of token ids, each (GLOBAL_BATCH, SEQ_LEN), with no padding so that every rank's
+    slice holds the same number of loss tokens (then the mean of per-rank mean losses is the global mean)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (GLOBAL_BATCH, SEQ_LEN), generator=g) for _ in range(n_steps)]
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    # AdamW beta2 0.95, eps 1e-5, weight decay 0.1: paper §2.2. A large LR makes 4 steps move the weights visibly.
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor) -> tuple[float,
+                                                                                                            float]:
+    """One optimizer step on `input_ids` (B, T); returns (this process's loss, global gradient norm before clipping).
+
+    Under FSDP the gradients are DTensors: `clip_grad_norm_` then computes the norm over all shards."""
+    model.train()
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), norm.item()
+
+
+def shard_model(model: Llama2ForCausalLM) -> Llama2ForCausalLM:
+    """FSDP2 auto-wrap as the recipes' FSDP config does: each decoder layer is a unit, the root holds the rest."""
+    for layer in model.model.layers:
+        if not isinstance(layer, Llama2DecoderLayer):
+            raise TypeError(f"expected Llama2DecoderLayer, got {type(layer).__name__}")
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+@contextmanager
+def full_weights(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """All-gather every FSDP unit once and keep it gathered (no reshard after each forward) for generation; free the
+    gathered weights on exit. The root keeps its default (no reshard after forward); the layers reshard again."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
+
+
+def greedy(model: torch.nn.Module) -> list[int]:
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor(PROMPT), max_new_tokens=MAX_NEW_TOKENS, do_sample=False, use_cache=True,
+                             pad_token_id=0)
+    return out[0, len(PROMPT[0]):].tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON results (rank 0); weights go to <out>.safetensors")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if GLOBAL_BATCH % world:
+        raise ValueError(f"GLOBAL_BATCH={GLOBAL_BATCH} must be divisible by the world size {world}")
+    per_rank = GLOBAL_BATCH // world
+
+    model = build_model()
+    full_numel = sum(p.numel() for p in model.parameters())
+    shard_model(model)
+    local_numel = sum(p.to_local().numel() for p in model.parameters())
+    all_dtensor = all(isinstance(p, DTensor) for p in model.parameters())
+    optimizer = make_optimizer(model)
+    batches = make_batches(STEPS_BEFORE_GENERATION + STEPS_AFTER_GENERATION)
+
+    def step(batch: torch.Tensor) -> tuple[float, float]:
+        local_loss, norm = train_step(model, optimizer, batch[rank * per_rank:(rank + 1) * per_rank])
+        loss = torch.tensor(local_loss)
+        dist.all_reduce(loss)  # sum of equal-weight per-rank means
+        return loss.item() / world, norm
+
+    history = [step(b) for b in batches[:STEPS_BEFORE_GENERATION]]
+    with full_weights(model):
+        gathered_is_plain = not any(isinstance(p, DTensor) for p in model.parameters())
+        generated = greedy(model)
+    resharded = all(isinstance(p, DTensor) for p in model.parameters())
+    history += [step(b) for b in batches[STEPS_BEFORE_GENERATION:]]
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    per_rank_info = [None] * world
+    dist.all_gather_object(per_rank_info, {"local_numel": local_numel, "generated": generated,
+                                           "all_dtensor": all_dtensor, "gathered_is_plain": gathered_is_plain,
+                                           "resharded": resharded})
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, args.out + ".safetensors")
+        result = {"world_size": world, "full_numel": full_numel, "losses": [h[0] for h in history],
+                  "grad_norms": [h[1] for h in history], "ranks": per_rank_info,
+                  "layers_are_fsdp_units": all(isinstance(layer, FSDPModule) for layer in model.model.layers)}
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
