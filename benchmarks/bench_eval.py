@@ -177,7 +177,7 @@ def compare(model_dir: Path, include: Path, subjects: list[str], limit: int, gsm
               "flexible": ours["results"]["gsm8k"]["exact_match_flexible"]}
     emit(kind="equality", task="gsm8k_cot", examples=len(ours_gsm), lm_eval_exact_match=ref_em,
          ours_exact_match=our_em, em_equal=ref_em == our_em,
-         same_prompts=sum(strict_ref[i]["arguments"]["gen_args_0"]["arg_0"] == o["prompt"]
+         same_prompts=sum(strict_ref[i]["arguments"][0][0] == o["prompt"]
                           for i, o in enumerate(ours_gsm)),
          same_generations=sum(strict_ref[i]["resps"][0][0] == o["generation"] for i, o in enumerate(ours_gsm)),
          same_extractions=sum(strict_ref[i]["filtered_resps"][0] == o["strict"]

@@ -6,8 +6,11 @@ shared and noisy):
 - training step: forward + backward of the causal-LM loss (no optimizer step), tokens/s at `--seq-len` (512);
 - generation: greedy decoding with the KV cache (`generate(do_sample=False)`), new tokens/s at batch 1 and 8
   (prefill included in the time);
-- peak memory of each measurement (CPU: peak resident set above the one before, via /proc/self/clear_refs;
-  CUDA: peak allocated above the one before);
+- process CPU time next to wall-clock time: on a shared machine other processes stretch the wall clock, while the
+  CPU seconds this process used are disturbed less (with one thread they are close to the work done);
+- peak tensor memory of each task and model, in one extra untimed pass (CPU: replayed from the profiler's
+  allocation records; CUDA: the allocator's peak), above the memory allocated before (weights excluded, gradients
+  included);
 - achieved GFLOP/s and its fraction of a fp32 2048x2048 `torch.matmul` measured in the same run.
 
 FLOP counts (multiply-add = 2): training = 6 * N_matmul + 6 * L * D * T per token (the causal half of QK^T and AV,
@@ -38,41 +41,27 @@ def _emit(**record) -> None:
     print(json.dumps(record), flush=True)
 
 
-class PeakMemory:
-    """Peak memory of a block above the memory in use when it started, in MB."""
+def peak_memory_mb(fn, device: torch.device) -> float:
+    """Peak memory of tensors allocated while `fn()` runs, above what was allocated before, in MB.
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak_mb = float("nan")
-
-    @staticmethod
-    def _proc(field: str) -> float:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated() / 2**20
-        else:
-            try:  # "5" resets the peak resident set (VmHWM) to the current one (Linux >= 4.0)
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                pass
-            self._start = self._proc("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20 - self._start
-        else:
-            self.peak_mb = self._proc("VmHWM") - self._start
+    CUDA: the caching allocator's peak. CPU has no allocator statistics, and the resident set keeps freed memory,
+    so the profiler's allocation records are replayed in time order (allocation peaks inside one op are missed).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - start) / 2**20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def _sync(device: torch.device) -> None:
@@ -117,30 +106,31 @@ def build_models(args, device: torch.device) -> tuple[torch.nn.Module, torch.nn.
     return ours, ref
 
 
-def train_step_seconds(model, batch: torch.Tensor, steps: int, device) -> float:
-    """Mean seconds of forward + backward of the LM loss."""
+def train_step_seconds(model, batch: torch.Tensor, steps: int, device) -> tuple[float, float]:
+    """Mean wall-clock and process-CPU seconds of forward + backward of the LM loss."""
     model.train()
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         model.zero_grad(set_to_none=True)
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
     _sync(device)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
 
 
-def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, device) -> tuple[float, torch.Tensor]:
+def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, device) -> tuple[float, float, torch.Tensor]:
+    """Wall-clock and process-CPU seconds of greedy generation of exactly `new_tokens` tokens, and the output."""
     model.eval()
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     _sync(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     if out.shape[1] != prompt.shape[1] + new_tokens:
         raise RuntimeError(f"generate stopped early: {out.shape[1] - prompt.shape[1]} of {new_tokens} tokens")
-    return seconds, out
+    return seconds, cpu_seconds, out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
 
     gen = torch.Generator().manual_seed(1)
     train_batch = torch.randint(0, args.vocab, (args.train_batch, args.seq_len), generator=gen).to(device)
-    prompts = {b: torch.randint(0, args.vocab, (b, args.prompt_len), generator=gen).to(device) for b in args.gen_batches}
+    prompts = {b: torch.randint(0, args.vocab, (b, args.prompt_len), generator=gen).to(device)
+               for b in args.gen_batches}
     train_flops = args.train_batch * args.seq_len * (6 * n_matmul + 6 * L * D * args.seq_len)
 
     def gen_flops(b: int) -> float:
@@ -191,50 +182,63 @@ def main(argv: list[str] | None = None) -> None:
     for name, model in impls.items():
         train_step_seconds(model, train_batch, 1, device)
         for b, prompt in prompts.items():
-            outs[(name, b)] = generate_seconds(model, prompt, 8, device)[1]
+            outs[(name, b)] = generate_seconds(model, prompt, 8, device)[2]
     for b in prompts:
         if not torch.equal(outs[("ours", b)], outs[("transformers", b)]):
             raise RuntimeError(f"greedy generations differ at batch {b}")
 
+    def run(task: str, b: int | None, model) -> tuple[float, float, int, float]:
+        """One measurement: wall seconds, CPU seconds, tokens processed, FLOPs."""
+        if task == "train":
+            wall, cpu = train_step_seconds(model, train_batch, args.train_steps, device)
+            return wall, cpu, args.train_batch * args.seq_len, train_flops
+        wall, cpu, _ = generate_seconds(model, prompts[b], args.new_tokens, device)
+        return wall, cpu, b * args.new_tokens, gen_flops(b)
+
     tasks = [("train", None)] + [("generate", b) for b in args.gen_batches]
-    results: dict[tuple[str, int | None, str], list[float]] = {}
+    peak_mem = {}  # untimed pass: the profiler slows the code it watches
+    for task, b in tasks:
+        for name, model in impls.items():
+            model.zero_grad(set_to_none=True)  # gradients count in the training peak
+            peak_mem[(task, b, name)] = peak_memory_mb(lambda: run(task, b, model), device)
+            _emit(**common, task=task, impl=name, batch=b or args.train_batch,
+                  peak_mem_mb=round(peak_mem[(task, b, name)], 1))
+
+    wall_tps: dict[tuple[str, int | None, str], list[float]] = {}  # tokens per wall-clock second, per round
+    cpu_tps: dict[tuple[str, int | None, str], list[float]] = {}  # tokens per process-CPU second, per round
     peaks = []
     for r in range(args.rounds):
-        peak = matmul_peak_gflops(device)
-        peaks.append(peak)
-        _emit(**common, task="matmul_fp32_2048", round=r, gflops=round(peak, 1))
+        peaks.append(matmul_peak_gflops(device))
+        _emit(**common, task="matmul_fp32_2048", round=r, gflops=round(peaks[-1], 1))
         for task, b in tasks:
             order = list(impls) if (r + (b or 0)) % 2 == 0 else list(impls)[::-1]  # alternate who goes first
             for name in order:
-                model = impls[name]
-                with PeakMemory(device) as mem:
-                    if task == "train":
-                        seconds = train_step_seconds(model, train_batch, args.train_steps, device)
-                        tokens, flops = args.train_batch * args.seq_len, train_flops
-                    else:
-                        seconds, _ = generate_seconds(model, prompts[b], args.new_tokens, device)
-                        tokens, flops = b * args.new_tokens, gen_flops(b)
-                tps = tokens / seconds
-                results.setdefault((task, b, name), []).append(tps)
+                seconds, cpu_seconds, tokens, flops = run(task, b, impls[name])
+                wall_tps.setdefault((task, b, name), []).append(tokens / seconds)
+                cpu_tps.setdefault((task, b, name), []).append(tokens / cpu_seconds)
                 _emit(**common, task=task, impl=name, round=r, batch=b or args.train_batch,
                       seq_len=args.seq_len if task == "train" else args.prompt_len + args.new_tokens,
-                      seconds=round(seconds, 4), tokens_per_s=round(tps, 1), peak_mem_mb=round(mem.peak_mb, 1),
-                      gflops=round(flops / seconds / 1e9, 1), frac_of_matmul_peak=round(flops / seconds / 1e9 / peak, 3))
+                      seconds=round(seconds, 4), cpu_seconds=round(cpu_seconds, 4),
+                      tokens_per_s=round(tokens / seconds, 1), gflops=round(flops / seconds / 1e9, 1),
+                      frac_of_matmul_peak=round(flops / seconds / 1e9 / peaks[-1], 3))
 
     peak = statistics.median(peaks)
     for task, b in tasks:
-        ours_tps, ref_tps = results[(task, b, "ours")], results[(task, b, "transformers")]
-        flops = train_flops if task == "train" else gen_flops(b)
-        tokens = args.train_batch * args.seq_len if task == "train" else b * args.new_tokens
-        med_ours, med_ref = statistics.median(ours_tps), statistics.median(ref_tps)
+        ours, ref = wall_tps[(task, b, "ours")], wall_tps[(task, b, "transformers")]
+        ours_cpu, ref_cpu = cpu_tps[(task, b, "ours")], cpu_tps[(task, b, "transformers")]
+        tokens, flops = (args.train_batch * args.seq_len, train_flops) if task == "train" else \
+            (b * args.new_tokens, gen_flops(b))
+        gflops = flops * statistics.median(ours) / tokens / 1e9
         _emit(**common, task=task, summary=True, batch=b or args.train_batch, rounds=args.rounds,
-              ours_tokens_per_s=round(med_ours, 1), transformers_tokens_per_s=round(med_ref, 1),
-              ratio_ours_over_transformers=round(med_ours / med_ref, 3),
-              median_paired_ratio=round(statistics.median(o / t for o, t in zip(ours_tps, ref_tps)), 3),
-              ours_gflops=round(flops * med_ours / tokens / 1e9, 1),
-              ours_frac_of_matmul_peak=round(flops * med_ours / tokens / 1e9 / peak, 3),
-              matmul_peak_gflops=round(peak, 1))
-
+              ours_tokens_per_s=round(statistics.median(ours), 1),
+              transformers_tokens_per_s=round(statistics.median(ref), 1),
+              ratio_ours_over_transformers=round(statistics.median(ours) / statistics.median(ref), 3),
+              median_paired_ratio=round(statistics.median(o / t for o, t in zip(ours, ref)), 3),
+              cpu_time_ratio_ours_over_transformers=round(statistics.median(ours_cpu) / statistics.median(ref_cpu), 3),
+              median_paired_cpu_time_ratio=round(statistics.median(o / t for o, t in zip(ours_cpu, ref_cpu)), 3),
+              ours_gflops=round(gflops, 1), ours_frac_of_matmul_peak=round(gflops / peak, 3),
+              matmul_peak_gflops=round(peak, 1), ours_peak_mem_mb=round(peak_mem[(task, b, "ours")], 1),
+              transformers_peak_mem_mb=round(peak_mem[(task, b, "transformers")], 1))
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppo": ("llama2_hf.trainers.ppo:main", "PPO against the safety-gated reward with a KL penalty"),
     "gatt": ("llama2_hf.gatt:main", "Ghost Attention data generation and evaluation"),
     "distill": ("llama2_hf.safety_distill:main", "targeted safety context distillation"),
+    "refusals": ("llama2_hf.refusals:main", "false-refusal rates on helpfulness prompts and a borderline set"),
     "eval": ("llama2_hf.evaluation.cli:main", "MMLU, GSM8K, TruthfulQA and ToxiGen as the paper measures them"),
     "push": ("llama2_hf.hub:main", "upload a model, tokenizer or reward model to the Hub with a model card"),
     "quickstart": ("llama2_hf.quickstart:main", "the whole Llama 2-Chat pipeline on a laptop-sized example"),

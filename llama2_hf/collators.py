@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from torch.utils.data import Sampler
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 PACKING_STRATEGIES = ("bfd_rows", "ordered_rows")
@@ -194,3 +195,29 @@ class DataCollatorForRatedPreference(DataCollatorForPreference):
         for key in ("rating_id", "safety_bin"):
             batch[key] = torch.tensor([e.get(key, -1) for e in examples], dtype=torch.long)
         return batch
+
+
+class ChunkSortedSampler(Sampler[int]):
+    """A random permutation cut into chunks of `chunk_size` (one optimizer step: per-device batch x accumulation x
+    processes), each chunk ordered longest first.
+
+    Every optimizer step sees the same uniformly random set of examples as with a plain random permutation, and its
+    loss is the same average over that set (micro-batches keep a fixed size), but each micro-batch holds examples of
+    similar length, so much less padding is computed. The order depends only on `seed` and the epoch
+    (`set_epoch`, called by the Trainer), so every process draws the same permutation.
+    """
+
+    def __init__(self, lengths: Sequence[int], chunk_size: int, seed: int = 0):
+        self.lengths = torch.as_tensor(list(lengths))
+        self.chunk_size, self.seed, self.epoch = chunk_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for chunk in order.split(self.chunk_size):
+            yield from chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)].tolist()

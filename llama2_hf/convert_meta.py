@@ -42,9 +42,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils.hub import convert_file_size_to_int
 
 from .configuration_llama2 import Llama2Config
+from .modeling_llama2 import Llama2ForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +307,8 @@ def convert_meta_checkpoint(input_dir: str | Path, output_dir: str | Path, *, to
         input_dir: folder with `params.json` and `consolidated.00.pth` ... `consolidated.{N-1}.pth`.
         output_dir: created if needed. Receives `model.safetensors` (or `model-0000k-of-0000n.safetensors` plus
             `model.safetensors.index.json` when the weights exceed `max_shard_size`), `config.json`,
-            `generation_config.json` and the tokenizer files.
+            `generation_config.json`, the tokenizer files (with Meta's `tokenizer.model`) and the model code
+            files that the config's `auto_map` names (`modeling_llama2.py`, ...), as `save_pretrained` writes them.
         tokenizer_path: Meta's `tokenizer.model`; default: in `input_dir`, else in its parent (Meta's layout).
         max_shard_size: upper bound of one safetensors file (`"5GB"`, `"500MB"` or bytes); also bounds peak memory.
         dtype: output dtype (`"float32"`, `"bfloat16"`, `"float16"` or a torch dtype); None keeps the checkpoint's
@@ -379,6 +382,9 @@ def convert_meta_checkpoint(input_dir: str | Path, output_dir: str | Path, *, to
     config.dtype = out_dtype
     config.architectures = ["Llama2ForCausalLM"]
     config.save_pretrained(output_dir)
+    # The code files, as `save_pretrained` of a model writes them: the config's auto_map points at them, so users
+    # without this package can load the directory with trust_remote_code=True.
+    custom_object_save(Llama2ForCausalLM, output_dir)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, do_sample=True,
                      temperature=_META_TEMPERATURE, top_p=_META_TOP_P,
                      max_length=config.max_position_embeddings).save_pretrained(output_dir)

@@ -277,7 +277,8 @@ def prepare_preference_dataset(dataset: Dataset, tokenizer, max_length: int | No
     Each response is encoded as the full dialog (prompt turns + the response as the final assistant turn) with
     `encode_dialog`, so it ends with EOS; the reward model reads its scalar at that last token. Output columns:
     `chosen_ids`, `rejected_ids`, `margin` (m(rating) of paper Eq. 2 under `margins`, a Table 27 preset or a map),
-    `rating_id` (index in `RATINGS`, -1 unrated), `safety_bin` (index in `SAFETY_LABELS`, -1 unknown).
+    `rating_id` (index in `RATINGS`, -1 unrated), `safety_bin` (index in `SAFETY_LABELS`, -1 unknown), `length`
+    (the longer of the two dialogs, for length-aware batching).
     Rows that already have `chosen_ids`/`rejected_ids` are taken as tokenized (rating and safety label optional).
     `on_overlength="truncate"` keeps the last `max_length` tokens of a response's dialog (the response, its EOS and
     the nearest context).
@@ -311,10 +312,10 @@ def prepare_preference_dataset(dataset: Dataset, tokenizer, max_length: int | No
             "margin": float(margins_for([rating], margins)[0]),
             "rating_id": -1 if rating is None else RATINGS.index(rating),
             "safety_bin": SAFETY_LABELS.index(safety_label) if safety_label in SAFETY_LABELS else -1,
-            "_status": status,
+            "length": max(len(ids["chosen"]), len(ids["rejected"])), "_status": status,
         }
 
-    empty = {"chosen_ids": [], "rejected_ids": [], "margin": 0.0, "rating_id": -1, "safety_bin": -1}
+    empty = {"chosen_ids": [], "rejected_ids": [], "margin": 0.0, "rating_id": -1, "safety_bin": -1, "length": 0}
     return _apply_policies(dataset, row_fn, empty, name, on_invalid, num_proc)
 
 
@@ -338,7 +339,8 @@ def parse_hh_transcript(text: str) -> list[dict]:
 def _as_preference_dataset(rows: list[dict], report: DataReport) -> tuple[Dataset, DataReport]:
     report.kept = len(rows)
     report.log()
-    return Dataset.from_list(rows, features=PREFERENCE_FEATURES), report
+    columns = {name: [r[name] for r in rows] for name in PREFERENCE_FEATURES}
+    return Dataset.from_dict(columns, features=PREFERENCE_FEATURES), report
 
 
 def from_hh_rlhf(dataset: Dataset, is_safety_prompt: bool | None = None, on_invalid: str = "error",

@@ -17,7 +17,8 @@ GAtt SFT dataset (JSONL, one dialogue per row; `write_jsonl` / `llama2-hf gatt m
     instruction           the instruction text as it appears in the first turn (long or short form).
     instruction_form      "long" | "short".
     sampling_instruction  the long form, concatenated to every user turn while sampling.
-    constraints           {constraint type: value}, e.g. {"public_figure": "Napoleon Bonaparte", "language": "French"}.
+    constraints           {constraint type: value}, e.g. {"public_figure": "Napoleon Bonaparte", "language": "French"};
+                          {} for an instruction given as text (`GAttDataConfig.instructions`).
     placement             "system" | "prefix".
     num_turns             number of user/assistant pairs in `messages`.
     source_index          row of the source dialogue in the input dataset.
@@ -42,6 +43,7 @@ Choices where the paper is silent (all options):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -225,8 +227,7 @@ def load_constraint_sets(path: str | Path | None = None,
     for name, file in (value_files or {}).items():
         if name not in sets:
             raise ValueError(f"no constraint set named {name!r} to take values from {file}; known: {sorted(sets)}")
-        sets[name].values = read_list_file(file)
-        sets[name].__post_init__()
+        sets[name] = dataclasses.replace(sets[name], values=read_list_file(file))  # re-validated
     return sets
 
 
@@ -267,18 +268,20 @@ def sample_instruction(constraint_sets: Mapping[str, ConstraintSet], rng: random
 class ChatSampler:
     """Answers a batch of chat conversations with a causal LM through the pipeline's `generation.generate_text`.
 
-    Also counts prompt tokens (`count_tokens`), so turn-by-turn rollouts can stop at the context length.
-    Defaults are Meta's chat sampling defaults (temperature 0.6, top-p 0.9); temperature 0 is greedy.
+    `config` is a `generation.SamplingConfig` with `num_samples=1` (default: Meta's chat defaults, temperature 0.6,
+    top-p 0.9; temperature 0 is greedy). Also counts prompt tokens (`count_tokens`) and knows the model's context
+    (`max_length`), so turn-by-turn rollouts can stop at the context length.
     """
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9,
-                 batch_size: int = 8, seed: int | None = None, progress: bool = False):
+    def __init__(self, model, tokenizer, config=None, seed: int | None = None, progress: bool = False):
         from .generation import SamplingConfig
 
+        self.config = config if config is not None else SamplingConfig()
+        if self.config.num_samples != 1:
+            raise ValueError(f"ChatSampler answers once per conversation: num_samples must be 1, got "
+                             f"{self.config.num_samples}")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                     num_samples=1, prompt_batch_size=batch_size)
         self.max_length = getattr(model.config, "max_position_embeddings", None)
         self.generator = None
         if seed is not None:
@@ -288,12 +291,13 @@ class ChatSampler:
         self.progress = progress
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, tokenizer_dir: str | None = None, **kwargs) -> "ChatSampler":
+    def from_pretrained(cls, model_dir: str, tokenizer_dir: str | None = None, config=None,
+                        **kwargs) -> "ChatSampler":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
-        return cls(model, tokenizer, **kwargs)
+        return cls(model, tokenizer, config, **kwargs)
 
     @property
     def max_new_tokens(self) -> int:
@@ -369,6 +373,7 @@ class GAttDataConfig:
     short_form_prob: float = 0.5  # 0.5: "half of the time" the instruction is made less verbose, paper §3.3
     num_constraints: tuple[int, int] = (1, 3)  # constraint types combined per instruction (min, max)
     constraint_types: tuple[str, ...] | None = None  # None: every loaded constraint set
+    instructions: tuple[str, ...] | None = None  # fixed instruction texts instead of constraint combinations
     placement: str = "system"  # where the instruction lives in the first turn of the final data
     separator: str = "\n\n"  # between the instruction and a user message when concatenated
     max_turns: int | None = None  # cap on the turns taken from each source dialogue
@@ -428,13 +433,14 @@ def make_gatt_data(dialogues: Iterable[Mapping], sampler: Sampler,
                    token_counter: Callable[[Messages], int] | None = None) -> tuple[list[dict], dict]:
     """Build the GAtt SFT dataset (schema in the module docstring) from source dialogues and a chat sampler.
 
-    For each source dialogue (a row with `messages`), draw an instruction, sample the assistant's answers turn by
-    turn with the long instruction concatenated to every user message, then keep the instruction in the first turn
-    only. Returns the rows and counts (`dialogues`, `rows`, `short_form`, `stopped_at_context`, `skipped_too_long`,
-    `replaced_system`).
+    For each source dialogue (a row with `messages`), draw an instruction (a random combination of constraints, or
+    one of `config.instructions`), sample the assistant's answers turn by turn with the long instruction
+    concatenated to every user message, then keep the instruction in the first turn only. Returns the rows and
+    counts (`dialogues`, `rows`, `short_form`, `stopped_at_context`, `skipped_too_long`, `replaced_system`).
     """
     config = config or GAttDataConfig()
-    constraint_sets = constraint_sets or load_constraint_sets()
+    if not config.instructions:
+        constraint_sets = constraint_sets or load_constraint_sets()
     rng = random.Random(config.seed)
     sources = list(dialogues)
     users, instructions, short = [], [], []
@@ -443,9 +449,14 @@ def make_gatt_data(dialogues: Iterable[Mapping], sampler: Sampler,
         turns, had_system = user_turns_of(row, index)
         replaced_system += had_system
         users.append(turns[: config.max_turns] if config.max_turns else turns)
-        instructions.append(sample_instruction(constraint_sets, rng, config.num_constraints,
-                                               config.constraint_types))
-        short.append(rng.random() < config.short_form_prob)
+        if config.instructions:  # a given text has no short form
+            text = rng.choice(config.instructions)
+            instructions.append(Instruction(constraints={}, long=text, short=text))
+            short.append(False)
+        else:
+            instructions.append(sample_instruction(constraint_sets, rng, config.num_constraints,
+                                                   config.constraint_types))
+            short.append(rng.random() < config.short_form_prob)
 
     def sampling_messages(i: int, k: int, answers: list[str]) -> Messages:
         inst = instructions[i].long
@@ -514,8 +525,8 @@ def validate_gatt_row(row: Mapping, index: int) -> None:
         raise ValueError(f"row {index}, field 'placement': expected one of {PLACEMENTS}, got {row['placement']!r}")
     if row["instruction_form"] not in ("long", "short"):
         raise ValueError(f"row {index}, field 'instruction_form': expected 'long' or 'short'")
-    if not isinstance(row["constraints"], Mapping) or not row["constraints"]:
-        raise ValueError(f"row {index}, field 'constraints': expected a non-empty {{type: value}} mapping")
+    if not isinstance(row["constraints"], Mapping):
+        raise ValueError(f"row {index}, field 'constraints': expected a {{type: value}} mapping")
 
 
 def tokenize_gatt_dataset(rows, tokenizer, max_length: int | None = None, on_overlength: str = "error"):
@@ -973,9 +984,11 @@ def _add_constraint_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampler_from_args(args) -> ChatSampler:
-    return ChatSampler.from_pretrained(args.model, args.tokenizer, max_new_tokens=args.max_new_tokens,
-                                       temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                                       seed=args.seed, progress=True)
+    from .generation import SamplingConfig
+
+    config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            prompt_batch_size=args.batch_size)
+    return ChatSampler.from_pretrained(args.model, args.tokenizer, config, seed=args.seed, progress=True)
 
 
 def write_run_json(out_dir: Path, stage: str, args, metrics: Mapping) -> None:
@@ -986,6 +999,7 @@ def write_run_json(out_dir: Path, stage: str, args, metrics: Mapping) -> None:
 def _cmd_make_data(args) -> int:
     config = GAttDataConfig(short_form_prob=args.short_form_prob, num_constraints=(args.min_constraints,
                             args.max_constraints), constraint_types=tuple(args.types) if args.types else None,
+                            instructions=tuple(args.instruction) if args.instruction else None,
                             placement=args.placement, max_turns=args.max_turns, max_length=args.max_length,
                             examples=args.examples, seed=args.seed)
     sets = load_constraint_sets(args.constraints, _value_files(args.values))
@@ -1091,6 +1105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="use only the first N dialogues")
     p.add_argument("--output-dir", required=True, help="where gatt.jsonl and run.json are written")
     p.add_argument("--types", nargs="*", default=None, help="constraint types to combine (default: all)")
+    p.add_argument("--instruction", action="append", default=None,
+                   help="a fixed instruction text to use instead of constraint combinations; repeatable (one is "
+                        "drawn per dialogue)")
     p.add_argument("--min-constraints", type=int, default=1, help="fewest constraint types per instruction")
     p.add_argument("--max-constraints", type=int, default=3, help="most constraint types per instruction")
     p.add_argument("--short-form-prob", type=float, default=0.5, help="probability of the short instruction form "

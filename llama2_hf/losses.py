@@ -50,8 +50,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     """Mean of `values` over positions where `mask` is 1 (all positions when `mask` is None); 0 for an empty mask."""
     if mask is None:
         return values.mean()
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    # `where`, not a product: a NaN or inf at a padded position (e.g. a fully masked attention row) must not leak in.
+    return torch.where(mask.bool(), values, 0.0).sum() / mask.sum().clamp(min=1).to(values.dtype)
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

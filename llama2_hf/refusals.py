@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_sets = {k: ps for k, (ps, _) in by_set.items()}
     else:
         from .gatt import ChatSampler
+        from .generation import SamplingConfig
 
         prompt_sets = {}
         for spec in args.prompts:
@@ -314,9 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                 else args.borderline)
         if not prompt_sets:
             parser.error("give --prompts FILE and/or --borderline")
-        sampler = ChatSampler.from_pretrained(args.model, args.tokenizer, max_new_tokens=args.max_new_tokens,
-                                              temperature=args.temperature, top_p=args.top_p,
-                                              batch_size=args.batch_size)
+        config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                prompt_batch_size=args.batch_size)
+        sampler = ChatSampler.from_pretrained(args.model, args.tokenizer, config)
         stats, answers = false_refusal_rates(sampler, prompt_sets, detector, system_prompt=args.system_prompt)
 
     print(format_refusal_table(stats))

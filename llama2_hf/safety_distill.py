@@ -39,6 +39,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -151,6 +152,7 @@ class DistillConfig:
     assume_adversarial: bool = False  # treat every row as adversarial (a red-team prompt file without tags)
     category_field: str = "risk_category"
     min_gain: float = 0.0  # keep when score_with - score_without > min_gain (paper: "better"; strict)
+    on_overlength: str = "error"  # a preprompted prompt that fills the model's context: "error" or "skip" (counted)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -158,6 +160,8 @@ class DistillConfig:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.unknown_category not in ("error", "generic"):
             raise ValueError(f"unknown_category must be 'error' or 'generic', got {self.unknown_category!r}")
+        if self.on_overlength not in ("error", "skip"):
+            raise ValueError(f"on_overlength must be 'error' or 'skip', got {self.on_overlength!r}")
 
 
 @dataclass
@@ -174,9 +178,11 @@ class DistillReport:
     mean_score_with: float = float("nan")
     kept_by_category: dict[str, list[int]] = field(default_factory=dict)  # category -> [kept, total]
     unknown_category_as_generic: int = 0
+    skipped_too_long: int = 0
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The fields, NaN (no pair to average) written as None so that the dict is valid JSON."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in self.__dict__.items()}
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -187,7 +193,7 @@ def _prompt_messages(row: Mapping, index: int) -> list[dict]:
     from .generation import as_messages
     from .tokenization_llama2 import validate_messages
 
-    value = row.get("prompt", row.get("messages"))
+    value = row.get("prompt") if row.get("prompt") is not None else row.get("messages")
     if value is None:
         raise ValueError(f"row {index}: expected a 'prompt' (text or messages) or 'messages' field, got keys "
                          f"{sorted(row)}")
@@ -236,6 +242,7 @@ def distill(rows: Iterable[Mapping], sampler: Sampler, safety_reward: Callable,
     preprompts = preprompts or SafetyPreprompts.load()
     rng = random.Random(config.seed)
     report = DistillReport()
+    max_length, counter = getattr(sampler, "max_length", None), getattr(sampler, "count_tokens", None)
     items = []
     for index, row in enumerate(rows):
         report.rows += 1
@@ -256,9 +263,19 @@ def distill(rows: Iterable[Mapping], sampler: Sampler, safety_reward: Callable,
                                      f"unknown_category='generic'")
                 report.unknown_category_as_generic += 1
         text = preprompts.for_category(key) if key else rng.choice(preprompts.generic)
-        items.append({"index": index, "id": row.get("id"), "messages": messages, "category": key,
-                      "label": label, "preprompt": text, "kind": "category" if key else "generic"})
-    report.adversarial = len(items)
+        preprompted = apply_preprompt(messages, text, config.placement, config.separator)
+        if max_length is not None and counter is not None and (n := counter(preprompted)) >= max_length:
+            if config.on_overlength == "error":
+                raise ValueError(f"row {index}: the prompt with its preprompt is {n} tokens, no room left in the "
+                                 f"model's context of {max_length} (set on_overlength='skip' to skip such rows)")
+            report.skipped_too_long += 1
+            continue
+        items.append({"index": index, "id": row.get("id"), "messages": messages, "preprompted": preprompted,
+                      "category": key, "preprompt": text, "kind": "category" if key else "generic"})
+    report.adversarial = len(items) + report.skipped_too_long
+    if report.skipped_too_long:
+        logger.warning("distill: skipped %d prompts too long for the context with their preprompt",
+                       report.skipped_too_long)
     if report.skipped_not_adversarial:
         logger.info("distill: %d rows not tagged adversarial were not distilled", report.skipped_not_adversarial)
     if report.unknown_category_as_generic:
@@ -268,9 +285,7 @@ def distill(rows: Iterable[Mapping], sampler: Sampler, safety_reward: Callable,
         return [], [], report
 
     plain = [it["messages"] for it in items]
-    preprompted = [apply_preprompt(it["messages"], it["preprompt"], config.placement, config.separator)
-                   for it in items]
-    answers = sampler(plain + preprompted)
+    answers = sampler(plain + [it["preprompted"] for it in items])
     if len(answers) != 2 * len(items):
         raise ValueError(f"the sampler returned {len(answers)} answers for {2 * len(items)} conversations")
     without, with_pre = answers[: len(items)], answers[len(items):]
@@ -327,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                                                           "'adversarial' or 'is_safety')")
     parser.add_argument("--all-adversarial", action="store_true", help="treat every prompt as adversarial")
     parser.add_argument("--min-gain", type=float, default=0.0, help="keep when the safety score gain exceeds this")
+    parser.add_argument("--on-overlength", choices=("error", "skip"), default="error",
+                        help="prompts that fill the model's context once preprompted: error, or skip (counted)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     add_sampling_arguments(parser, temperature=0.6)
     args = parser.parse_args(argv)
@@ -341,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = rows[: args.limit]
     config = DistillConfig(placement=args.placement, use_category_templates=not args.no_category_templates,
                            unknown_category=args.unknown_category, tag_field=args.tag_field,
-                           assume_adversarial=args.all_adversarial, min_gain=args.min_gain, seed=args.seed)
+                           assume_adversarial=args.all_adversarial, min_gain=args.min_gain,
+                           on_overlength=args.on_overlength, seed=args.seed)
     rm = RewardModelScorer(Llama2ForRewardModel.from_pretrained(args.safety_rm),
                            AutoTokenizer.from_pretrained(args.rm_tokenizer or args.safety_rm),
                            batch_size=args.rm_batch_size)
@@ -351,8 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(kept, out / "distilled.jsonl")
     write_jsonl(candidates, out / "candidates.jsonl")
     write_run_json(out, "distill", args, report.to_dict())
+    summary = report.to_dict()
     print(json.dumps({"kept": report.kept, "adversarial": report.adversarial,
-                      "mean_safety_gain_kept": report.mean_gain_kept, "mean_safety_gain_all": report.mean_gain_all}))
+                      "mean_safety_gain_kept": summary["mean_gain_kept"],
+                      "mean_safety_gain_all": summary["mean_gain_all"]}))
     return 0
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from llama2_hf.collators import (
+    ChunkSortedSampler,
     DataCollatorForAnswerOnlyLM,
     DataCollatorForPackedLM,
     DataCollatorForRatedPreference,
@@ -104,3 +105,18 @@ def test_packed_rows_do_not_attend_across_examples(tiny_tokenizer, tiny_model_fa
             alone = model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits[0]
             torch.testing.assert_close(packed[start: start + len(e["input_ids"])], alone, atol=1e-5, rtol=1e-5)
             start += len(e["input_ids"])
+
+
+def test_chunk_sorted_sampler():
+    lengths = [5, 1, 7, 3, 8, 2, 6, 4, 9, 10]
+    sampler = ChunkSortedSampler(lengths, chunk_size=4, seed=3)
+    order = list(sampler)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
+    assert sorted(order) == list(range(10)) and len(sampler) == 10
+    for start in (0, 4, 8):  # each optimizer step: the same random set as the permutation, longest first
+        chunk = order[start: start + 4]
+        assert set(chunk) == set(perm[start: start + 4])
+        assert [lengths[i] for i in chunk] == sorted((lengths[i] for i in chunk), reverse=True)
+    assert list(sampler) == order  # deterministic (all processes agree)
+    sampler.set_epoch(1)
+    assert list(sampler) != order

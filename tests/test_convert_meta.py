@@ -102,6 +102,9 @@ def test_tokenizer_and_generation_config_written(tmp_path, sp_model):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama2" and config["dtype"] == "float32"
     assert config["intermediate_size"] == 352 and config["rms_norm_eps"] == 1e-5
+    # the code the auto_map names travels with the weights (remote-code loading)
+    for module in {v if isinstance(v, str) else v[1] for v in config["auto_map"].values()}:
+        assert (out / (module.split(".")[0] + ".py")).is_file()
 
 
 def test_rope_layout_matters(tmp_path, sp_model):

@@ -42,15 +42,6 @@ from llama2_hf.gatt import (
 from llama2_hf.tokenization_llama2 import B_SYS, E_SYS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are slower with 2 threads on a loaded 2-core machine (thread contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Language identification
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,6 +225,36 @@ def test_prefixes_max_turns_context_stop_and_system_replacement():
     rows, stats = make_gatt_data([_dialogue(2)], RecordingSampler(), config=GAttDataConfig(max_length=0),
                                  token_counter=len)
     assert rows == [] and stats["skipped_too_long"] == 1
+
+
+def test_fixed_instructions_instead_of_constraints():
+    sampler = RecordingSampler()
+    config = GAttDataConfig(instructions=("Always talk like a pirate.",), short_form_prob=1.0)
+    rows, stats = make_gatt_data([_dialogue(2)], sampler, config=config)
+    assert stats["short_form"] == 0
+    row = rows[0]
+    validate_gatt_row(row, 0)
+    assert row["constraints"] == {} and row["instruction_form"] == "long"
+    assert row["messages"][0] == {"role": "system", "content": "Always talk like a pirate."}
+    assert sampler.calls[1][0][-1]["content"] == "Always talk like a pirate.\n\nquestion 1"
+
+
+def test_chat_sampler(tiny_tokenizer, tiny_model_factory):
+    from llama2_hf.gatt import ChatSampler
+    from llama2_hf.generation import SamplingConfig
+
+    model = tiny_model_factory()
+    sampler = ChatSampler(model, tiny_tokenizer, SamplingConfig(max_new_tokens=3, temperature=0.0))
+    conversations = [[{"role": "user", "content": "hello"}], [{"role": "system", "content": "be brief"},
+                                                               {"role": "user", "content": "what is the sun"}]]
+    answers = sampler(conversations)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert sampler(conversations) == answers  # greedy
+    assert sampler.count_tokens(conversations[0]) == len(tiny_tokenizer.encode("[INST] hello [/INST]"))
+    assert sampler.max_length == model.config.max_position_embeddings and sampler.max_new_tokens == 3
+    assert sampler([]) == []
+    with pytest.raises(ValueError, match="num_samples must be 1"):
+        ChatSampler(model, tiny_tokenizer, SamplingConfig(num_samples=2))
 
 
 def test_make_gatt_data_rejects_bad_rows():

@@ -23,6 +23,15 @@ from llama2_hf.rejection_sampling import (
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run faster on one thread, and much faster on a loaded shared machine (no OpenMP spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 class TargetTokenReward:
     """A learnable programmatic reward: the share of a response's tokens that belong to a fixed set of 64 of the 512
@@ -165,8 +174,8 @@ def test_pool_keeps_the_best_of_earlier_iterations(tmp_path, tok, tiny_model_fac
 
 
 def test_rejection_sampling_raises_the_mean_reward(tmp_path, tok, tiny_model_factory):
-    """Two iterations of best-of-8 + SFT on a tiny model raise the mean reward of fresh samples by >= 0.08 absolute
-    (from about 0.07: more than doubling it)."""
+    """Two iterations of best-of-16 + SFT on a tiny model raise the mean reward of fresh samples by >= 0.10 absolute
+    (from 0.07; about 0.28 is reached)."""
     from llama2_hf.trainers.sft import Llama2SFTConfig
 
     model = tiny_model_factory()
@@ -181,7 +190,7 @@ def test_rejection_sampling_raises_the_mean_reward(tmp_path, tok, tiny_model_fac
         return sum(reward(None, flat)) / len(flat)
 
     before = mean_reward()
-    rs = sampler(model, tok, reward, tmp_path, num_samples=8, max_new_tokens=8, prompt_batch_size=16)
+    rs = sampler(model, tok, reward, tmp_path, num_samples=16, max_new_tokens=8, prompt_batch_size=16)
     for iteration in (1, 2):
         sft = Llama2SFTConfig(output_dir=str(tmp_path / "sft"), use_cpu=True, bf16=False,
                               gradient_checkpointing=False, report_to=[], learning_rate=1e-2, num_train_epochs=4,
@@ -190,10 +199,10 @@ def test_rejection_sampling_raises_the_mean_reward(tmp_path, tok, tiny_model_fac
         summary = rs.run_iteration(prompts, iteration, sft_config=sft, progress=False)
         assert summary["mean_best_score"] > summary["mean_score"]
     after = mean_reward()
-    assert after >= before + 0.08, (before, after)
+    assert after >= before + 0.10, (before, after)
     assert (tmp_path / "figure7_iter2.png").read_bytes().startswith(PNG_MAGIC)
     report = json.loads((tmp_path / "report_iter2.json").read_text())
-    assert report["figure7"]["n"] == list(range(1, 9)) and report["prompts"] == 16
+    assert report["figure7"]["n"] == list(range(1, 17)) and report["prompts"] == 16
 
 
 def test_cli_with_two_reward_models_and_temperature_sweep(tmp_path, tok, tiny_model_factory):

@@ -10,6 +10,15 @@ from llama2_hf.losses import whiten
 from llama2_hf.rewards import RewardModelScorer, RunningMoments, SafetyGatedReward, score_with
 from llama2_hf.tokenization_llama2 import encode_dialog
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run faster on one thread, and much faster on a loaded shared machine (no OpenMP spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 class TableScorer:
     """A reward model stand-in: a fixed logit per response text; records which responses it scored."""
@@ -142,3 +151,24 @@ def test_gated_reward_with_two_reward_models(tiny_tokenizer, tiny_rm):
     r_h, r_s = helpful.raw_scores(prompts, responses), safety.raw_scores(prompts, responses)
     use_s = torch.tensor([False, True, False]) | (torch.sigmoid(r_s) < 0.15)
     torch.testing.assert_close(out.raw, torch.where(use_s, r_s, r_h))
+
+
+def test_grpo_trainer_accepts_the_gated_reward(tmp_path, tiny_tokenizer, tiny_model_factory, tiny_rm):
+    """One real GRPOTrainer step with SafetyGatedReward as its reward function (dataset column `is_safety`)."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    tiny_tokenizer.pad_token = tiny_tokenizer.unk_token
+    scorer = RewardModelScorer(tiny_rm, tiny_tokenizer)
+    reward = SafetyGatedReward(scorer, scorer)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"what is {i} plus 1"}], "is_safety": i % 2 == 0}
+                              for i in range(4)])
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
+                      max_steps=1, per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
+                      logging_steps=1, save_strategy="no", disable_tqdm=True)
+    trainer = GRPOTrainer(model=tiny_model_factory(), reward_funcs=reward, args=args, train_dataset=data,
+                          processing_class=tiny_tokenizer)
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert "rewards/safety_gated_reward/mean" in logs
+    assert logs["safety_gated_reward/used_safety"] >= 0.5  # the tagged half always uses the safety model

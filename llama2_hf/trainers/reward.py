@@ -24,7 +24,7 @@ import torch
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from trl import RewardConfig, RewardTrainer
 
-from ..collators import DataCollatorForRatedPreference
+from ..collators import ChunkSortedSampler, DataCollatorForRatedPreference
 from ..data import (
     ON_INVALID,
     ON_OVERLENGTH,
@@ -79,6 +79,9 @@ class Llama2RewardConfig(RewardConfig):
     safety_aux_loss_coef: float = field(default=0.0, metadata={
         "help": "Weight of the safety auxiliary loss on responses with a safety label (0: off). Its form is our "
                 "choice (paper §A.3.4 gives none): binary cross-entropy of sigmoid(reward) against 'safe'."})
+    sort_microbatches_by_length: bool = field(default=True, metadata={
+        "help": "Order the pairs of each optimizer step longest first, so micro-batches pad less (same random set "
+                "per step and the same loss: our choice, the paper does not discuss batching)."})
     unsafe_threshold: float = field(default=0.5, metadata={
         "help": "sigmoid(reward) below this flags a response unsafe, for the unsafe_recall metric (0.5: Tab 29)."})
     on_invalid: str = field(default="error", metadata={
@@ -176,7 +179,22 @@ class Llama2RewardTrainer(RewardTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "rating_id", "safety_bin"]
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "rating_id", "safety_bin", "length"]
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not self.args.sort_microbatches_by_length or "length" not in dataset.column_names:
+            return super()._get_train_sampler(train_dataset)
+        step = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return ChunkSortedSampler(dataset["length"], step, seed=seed)
+
+    def _get_eval_sampler(self, eval_dataset):
+        # Evaluation order does not change the metrics: longest first pads least (single process only).
+        if self.args.world_size > 1 or "length" not in eval_dataset.column_names:
+            return super()._get_eval_sampler(eval_dataset)
+        lengths = torch.as_tensor(eval_dataset["length"])
+        return torch.argsort(lengths, descending=True, stable=True).tolist()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's margin ranking loss (+ the optional safety auxiliary loss); keeps each pair's rewards and labels

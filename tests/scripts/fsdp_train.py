@@ -1,12 +1,14 @@
 """Sharded (FSDP2) training and generation of a tiny Llama2ForCausalLM on CPU, for tests/test_fsdp.py.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/scripts/fsdp_train.py --out result.json
+    # or, without a launcher or ports (what the test does): start one process per rank sharing a rendezvous file
+    python tests/scripts/fsdp_train.py --out result.json --rank R --world-size 2 --init-file /tmp/rdzv
 
 Each `Llama2DecoderLayer` and then the root model are wrapped with torch's `fully_shard` over gloo (accelerate's FSDP
 falls back to DDP on CPU, so this is how the sharded code paths are exercised without GPUs). The script trains a few
 AdamW steps (paper §2.2 optimizer settings, gradient clipping 1.0) on each rank's slice of a global batch, then gathers
-the full weights once, generates greedily with the KV cache, frees them again (the paper's fix for slow generation
-under FSDP, §3.2.3) and trains one more step. Rank 0 writes the global losses, gradient norms, generated tokens,
+the full weights once (`llama2_hf.generation.full_weights_for_generation`, the paper's fix for slow generation under
+FSDP, §3.2.3, as PPO uses it), generates greedily with the KV cache, frees them again and trains one more step. Rank 0 writes the global losses, gradient norms, generated tokens,
 shard sizes and the full final weights (safetensors) for the test to compare with an unsharded run of the same
 functions (`build_model`, `make_batches`, `make_optimizer`, `train_step`) in one process.
 """
@@ -15,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -25,12 +25,13 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from llama2_hf import Llama2Config, Llama2ForCausalLM
+from llama2_hf.generation import SamplingConfig, full_weights_for_generation, generate
 from llama2_hf.modeling_llama2 import Llama2DecoderLayer
 
 VOCAB, SEQ_LEN, GLOBAL_BATCH = 128, 16, 4
 STEPS_BEFORE_GENERATION, STEPS_AFTER_GENERATION = 3, 1
 MAX_GRAD_NORM = 1.0  # paper §2.2
-PROMPT = [[1, 5, 9, 17, 33]]
+PROMPTS = [[1, 5, 9, 17, 33], [1, 40, 41]]
 MAX_NEW_TOKENS = 8
 
 
@@ -41,15 +42,21 @@ def build_model(seed: int = 0) -> Llama2ForCausalLM:
 
 
 def make_batches(n_steps: int, seed: int = 1) -> list[torch.Tensor]:
-    """`n_steps` global batches of token ids, each (GLOBAL_BATCH, SEQ_LEN), with no padding so that every rank's
-    slice holds the same number of loss tokens (then the mean of per-rank mean losses is the global mean)."""
+    """`n_steps` global batches of token ids, each (GLOBAL_BATCH, SEQ_LEN): learnable rows (each token is the previous
+    plus a per-row stride, mod the vocabulary) with no padding, so every rank's slice holds the same number of loss
+    tokens and the mean of the per-rank mean losses is the global mean."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB, (GLOBAL_BATCH, SEQ_LEN), generator=g) for _ in range(n_steps)]
+    batches = []
+    for _ in range(n_steps):
+        start = torch.randint(3, VOCAB, (GLOBAL_BATCH, 1), generator=g)
+        stride = torch.randint(1, 4, (GLOBAL_BATCH, 1), generator=g)
+        batches.append(3 + (start + stride * torch.arange(SEQ_LEN)) % (VOCAB - 3))  # (B, T)
+    return batches
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     # AdamW beta2 0.95, eps 1e-5, weight decay 0.1: paper §2.2. A large LR makes 4 steps move the weights visibly.
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    return torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor) -> tuple[float,
@@ -78,37 +85,35 @@ def shard_model(model: Llama2ForCausalLM) -> Llama2ForCausalLM:
     return model
 
 
-@contextmanager
-def full_weights(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """All-gather every FSDP unit once and keep it gathered (no reshard after each forward) for generation; free the
-    gathered weights on exit. The root keeps its default (no reshard after forward); the layers reshard again."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
-        unit.unshard()
-    try:
-        yield model
-    finally:
-        for unit in units:
-            unit.reshard()
-            unit.set_reshard_after_forward(unit is not model, recurse=False)
-
-
-def greedy(model: torch.nn.Module) -> list[int]:
+def greedy(model: torch.nn.Module) -> dict[str, list]:
+    """Greedy continuations of PROMPTS with the KV cache, through transformers' `generate` and through the
+    pipeline's batched `llama2_hf.generation.generate` (what rejection sampling and PPO use; prompts of different
+    lengths, so it pads and masks)."""
     model.eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor(PROMPT), max_new_tokens=MAX_NEW_TOKENS, do_sample=False, use_cache=True,
-                             pad_token_id=0)
-    return out[0, len(PROMPT[0]):].tolist()
+        hf = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                            use_cache=True, pad_token_id=0)
+        ours = generate(model, PROMPTS, SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=0),
+                        eos_token_id=2, pad_token_id=0)
+    return {"transformers": hf[0, len(PROMPTS[0]):].tolist(), "llama2_hf": [r[0] for r in ours.response_ids]}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON results (rank 0); weights go to <out>.safetensors")
+    p.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK from torchrun)")
+    p.add_argument("--world-size", type=int, default=None, help="number of processes (with --rank)")
+    p.add_argument("--init-file", default=None, help="rendezvous file shared by the ranks (with --rank); it must "
+                   "not exist beforehand")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    timeout = timedelta(seconds=60)  # a rank that dies makes the others fail within a minute instead of hanging
+    if args.rank is None:
+        dist.init_process_group("gloo", timeout=timeout)  # env:// from torchrun
+    else:
+        store = dist.FileStore(args.init_file, args.world_size)
+        dist.init_process_group("gloo", store=store, rank=args.rank, world_size=args.world_size, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     if GLOBAL_BATCH % world:
         raise ValueError(f"GLOBAL_BATCH={GLOBAL_BATCH} must be divisible by the world size {world}")
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return loss.item() / world, norm
 
     history = [step(b) for b in batches[:STEPS_BEFORE_GENERATION]]
-    with full_weights(model):
+    with full_weights_for_generation(model):
         gathered_is_plain = not any(isinstance(p, DTensor) for p in model.parameters())
         generated = greedy(model)
     resharded = all(isinstance(p, DTensor) for p in model.parameters())

@@ -1,0 +1,128 @@
+"""Llama2SFTTrainer: paper defaults, answer-only loss, packed == padded, learning, policies, LoRA, the CLI."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+
+from llama2_hf.trainers.sft import Llama2SFTConfig, Llama2SFTTrainer, main
+
+CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no",
+           disable_tqdm=True)
+
+
+def config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), max_length=128, global_batch_size=None,
+                per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, seed=0, **CPU)
+    base.update(kw)
+    return Llama2SFTConfig(**base)
+
+
+def chats(n=12):
+    rows = []
+    for a in range(n):
+        turns = [{"role": "user", "content": f"What is {a} plus {a + 1}?"},
+                 {"role": "assistant", "content": f"{a} plus {a + 1} equals {2 * a + 1}." + " yes" * (a % 5)}]
+        if a % 3 == 0:
+            turns += [{"role": "user", "content": "thanks"}, {"role": "assistant", "content": "you are welcome"}]
+        rows.append({"messages": turns})
+    return Dataset.from_list(rows)
+
+
+def test_paper_defaults(tmp_path):
+    cfg = Llama2SFTConfig(output_dir=str(tmp_path), **CPU)
+    assert (cfg.learning_rate, cfg.lr_scheduler_type, cfg.weight_decay) == (2e-5, "cosine", 0.1)
+    assert (cfg.num_train_epochs, cfg.max_length, cfg.packing, cfg.train_on) == (2.0, 4096, True, "all")
+    # batch 64 rows = 8 per device x 8 accumulation steps on one process
+    assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.global_batch_size) == (8, 8, 64)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(global_batch_size=60), "not a multiple"),
+    (dict(global_batch_size=64, gradient_accumulation_steps=2), "contradicts global_batch_size"),
+    (dict(assistant_only_loss=True), "train_on"),
+    (dict(packing_strategy="bfd"), "packing_strategy must be one of"),
+    (dict(train_on="first"), "train_on must be"),
+])
+def test_config_errors(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        Llama2SFTConfig(output_dir=str(tmp_path), **{**CPU, **kw})
+
+
+def test_packed_and_padded_training_match(tmp_path, tiny_tokenizer, tiny_model_factory):
+    """One optimizer step on the same examples: same loss, same updated parameters, packed or padded."""
+    results = {}
+    for packing in (True, False):
+        model = tiny_model_factory(seed=1).train()
+        trainer = Llama2SFTTrainer(model, args=config(tmp_path, packing=packing, per_device_train_batch_size=16,
+                                                      max_steps=1),
+                                   train_dataset=chats(), processing_class=tiny_tokenizer)
+        n_rows = len(trainer.train_dataset)
+        trainer.train()
+        results[packing] = (trainer.state.log_history[0]["loss"], n_rows,
+                            {k: v.detach().clone() for k, v in model.named_parameters()})
+    (loss_packed, rows_packed, params_packed), (loss_padded, rows_padded, params_padded) = results[True], results[False]
+    assert rows_padded == 12 and rows_packed < rows_padded  # really packed
+    assert loss_packed == pytest.approx(loss_padded, rel=1e-5)
+    for name, value in params_packed.items():
+        torch.testing.assert_close(value, params_padded[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_training_lowers_loss_and_updates_every_parameter(tmp_path, tiny_tokenizer, tiny_model_factory):
+    model = tiny_model_factory(seed=2).train()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainer = Llama2SFTTrainer(model, args=config(tmp_path, max_steps=24, learning_rate=3e-3),
+                               train_dataset=chats(), processing_class=tiny_tokenizer)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:4]) / 4
+    unchanged = [k for k, v in model.named_parameters() if torch.equal(v, before[k])]
+    assert unchanged == []
+
+
+def test_train_on_last_and_bad_input_policies(tmp_path, tiny_tokenizer, tiny_model_factory):
+    bad = chats(4).to_list()
+    bad[2]["messages"] = bad[2]["messages"][:1]  # ends with the user: no answer
+    with pytest.raises(ValueError, match="row 2, field 'messages': must end with a 'assistant' message"):
+        Llama2SFTTrainer(tiny_model_factory(), args=config(tmp_path), train_dataset=Dataset.from_list(bad),
+                         processing_class=tiny_tokenizer)
+    trainer = Llama2SFTTrainer(tiny_model_factory(), args=config(tmp_path, packing=False, train_on="last",
+                                                                 on_invalid="drop"),
+                               train_dataset=Dataset.from_list(bad), processing_class=tiny_tokenizer)
+    report = trainer.data_reports["train"]
+    assert (report.total, report.kept, dict(report.dropped)) == (4, 3, {"bad_roles": 1})
+    labels = trainer.train_dataset[0]["labels"]  # row 0 has two turns: only the last answer is trained
+    trained = [t for t in labels if t != -100]
+    assert tiny_tokenizer.decode(trained[:-1]) == "you are welcome "
+
+
+def test_lora_trains_only_adapters(tmp_path, tiny_tokenizer, tiny_model_factory):
+    from peft import LoraConfig
+
+    model = tiny_model_factory(seed=3)
+    base = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainer = Llama2SFTTrainer(model, args=config(tmp_path, max_steps=2),
+                               peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                               train_dataset=chats(), processing_class=tiny_tokenizer)
+    trainer.train()
+    changed = {k for k, v in trainer.model.named_parameters() if v.requires_grad}
+    assert changed and all("lora_" in k for k in changed)
+    merged = trainer.model.merge_and_unload()
+    assert torch.equal(merged.model.embed_tokens.weight, base["model.embed_tokens.weight"])
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_cli(tmp_path, tiny_tokenizer, tiny_model_factory, capsys):
+    model_dir, data = tmp_path / "base", tmp_path / "sft.jsonl"
+    tiny_model_factory().save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    data.write_text("\n".join(json.dumps(r) for r in chats(6).to_list()))
+    out = tmp_path / "sft"
+    assert main(["--model", str(model_dir), "--train-file", str(data), "--eval-file", str(data), "--output-dir",
+                 str(out), "--max-length", "128", "--max-steps", "2", "--global-batch-size", "0",
+                 "--per-device-batch-size", "2", "--cpu"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--train-on" in capsys.readouterr().out
