@@ -29,6 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# On a shared, oversubscribed CPU, spinning OpenMP workers slow every small matmul down many times (both sides alike).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -37,6 +39,8 @@ from llama2_hf import Llama2Config, Llama2ForCausalLM, Llama2Tokenizer  # noqa: 
 from llama2_hf.evaluation import EvalConfig, GSM8KConfig, MMLUConfig, TruthfulQAConfig, evaluate_model  # noqa: E402
 from llama2_hf.evaluation import mmlu as mmlu_module  # noqa: E402
 from llama2_hf.evaluation.data import load_gsm8k, load_mmlu, load_truthfulqa_mc  # noqa: E402
+from llama2_hf.evaluation.prompts import mmlu_prompt  # noqa: E402
+from llama2_hf.evaluation.scoring import gsm8k_exact_match, gsm8k_extract, gsm8k_gold  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LLAMA2_HF_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -149,11 +153,14 @@ def compare(model_dir: Path, include: Path, subjects: list[str], limit: int, gsm
     # MMLU
     ref = run_lm_eval(lm, include, [f"local_mmlu_{s}" for s in subjects], 5, limit, batch_size)
     ours = evaluate_model(str(model_dir), ["mmlu"], config=config, limit=limit, dtype="float32")
-    diffs, same_pred, n = [], 0, 0
+    diffs, same_pred, same_prompt, n = [], 0, 0, 0
+    data = load_mmlu(SHARED, subjects)
     for s in subjects:
         ref_samples = sorted(ref["samples"][f"local_mmlu_{s}"], key=lambda x: x["doc_id"])
         our_samples = [x for x in ours["samples"]["mmlu"] if x["subject"] == s]
         for r, o in zip(ref_samples, our_samples, strict=True):
+            ours_prompt = mmlu_prompt(s, data[s]["dev"], data[s]["test"][o["index"]])
+            same_prompt += all(arg == (ours_prompt, f" {letter}") for arg, letter in zip(r["arguments"], "ABCD"))
             ref_ll = [float(x[0][0]) for x in r["resps"]]
             diffs.append(max(abs(a - b) for a, b in zip(ref_ll, o["logliks"])))
             same_pred += max(range(4), key=lambda i: (ref_ll[i], -i)) == o["pred"]
@@ -161,7 +168,8 @@ def compare(model_dir: Path, include: Path, subjects: list[str], limit: int, gsm
     ref_acc = {s: ref["results"][f"local_mmlu_{s}"]["acc,none"] for s in subjects}
     our_acc = {s: ours["results"]["mmlu"][f"acc/{s}"] for s in subjects}
     emit(kind="equality", task="mmlu", subjects=subjects, examples=n, lm_eval_acc=ref_acc, ours_acc=our_acc,
-         acc_equal=ref_acc == our_acc, same_predictions=same_pred, max_abs_loglik_diff=max(diffs))
+         acc_equal=ref_acc == our_acc, same_requests=same_prompt, same_predictions=same_pred,
+         max_abs_loglik_diff=max(diffs))
 
     # GSM8K: lm-eval logs each example once per filter (strict-match, flexible-extract)
     ref = run_lm_eval(lm, include, ["local_gsm8k_cot"], None, gsm8k_limit, batch_size)
@@ -196,6 +204,44 @@ def compare(model_dir: Path, include: Path, subjects: list[str], limit: int, gsm
     emit(kind="equality", task="truthfulqa_mc", examples=tqa_limit, lm_eval=ref_mc, ours=our_mc,
          mc1_equal=ref_mc["mc1"] == our_mc["mc1"], mc2_abs_diff=abs(ref_mc["mc2"] - our_mc["mc2"]),
          max_abs_per_doc_diff=per_doc)
+
+
+def compare_gsm8k_scoring(n_docs: int) -> None:
+    """A random model scores 0 on GSM8K, so also run lm-eval's gsm8k_cot filters and exact_match metric and ours on
+    synthetic answers to real questions: right, wrong, with `$` and thousands separators, with and without the
+    "The answer is" sentence, with a following "Q:" turn."""
+    import yaml
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+
+    import lm_eval
+
+    task = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k-cot.yaml").read_text())
+    filters = {f["name"]: f["filter"][0] for f in task["filter_list"]}
+    metric = {k: v for k, v in task["metric_list"][0].items() if k not in ("metric", "aggregation",
+                                                                            "higher_is_better")}
+    texts, golds = [], []
+    for doc in load_gsm8k(SHARED)[:n_docs]:
+        gold = gsm8k_gold(doc["answer"])
+        chain = " ".join(line for line in doc["answer"].split("\n")[:-1])
+        big = f"{int(gold.replace(',', '')):,}" if gold.lstrip("-").replace(",", "").isdigit() else gold
+        for text in (f"{chain} The answer is {gold}.", f"{chain} The answer is ${big}.", f"{chain} So it is {big}",
+                     f"The answer is {gold}1.\n\nQ: The answer is {gold}.", chain, f"{chain} The answer is {gold}"):
+            texts.append(text)
+            golds.append(doc["answer"])
+    counts = {}
+    for name, mode in (("strict-match", "strict"), ("flexible-extract", "flexible")):
+        f = filters[name]
+        ref = [r[0] for r in RegexFilter(f["regex_pattern"], f.get("group_select", 0)).apply([[t] for t in texts],
+                                                                                             None)]
+        ours = [gsm8k_extract(t, mode) for t in texts]
+        ref_targets = [g.split("####")[-1].strip() for g in golds]
+        ref_em = [float(exact_match_hf_evaluate([p], [g], **metric)["exact_match"]) for p, g in zip(ref, ref_targets)]
+        our_em = [float(gsm8k_exact_match(p, gsm8k_gold(g))) for p, g in zip(ours, golds)]
+        counts[mode] = {"same_extractions": sum(a == b for a, b in zip(ref, ours)),
+                        "same_exact_match": sum(a == b for a, b in zip(ref_em, our_em)),
+                        "lm_eval_exact_match": sum(ref_em) / len(texts), "ours_exact_match": sum(our_em) / len(texts)}
+    emit(kind="equality", task="gsm8k_scoring", texts=len(texts), **counts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -248,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="MMLU subjects")
     p.add_argument("--limit", type=int, default=10, help="MMLU test questions per subject")
     p.add_argument("--gsm8k-limit", type=int, default=4, help="GSM8K questions for the equality check")
+    p.add_argument("--gsm8k-scoring-docs", type=int, default=300,
+                   help="GSM8K questions whose synthetic answers both scorers grade")
     p.add_argument("--truthfulqa-limit", type=int, default=20, help="TruthfulQA questions for the equality check")
     p.add_argument("--batch-size", type=int, default=8, help="batch size of both implementations")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
@@ -270,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_DATASETS_CACHE"] = str(work / "datasets_cache")
         include = write_lm_eval_tasks(work, subjects)
         if not args.skip_equality:
+            compare_gsm8k_scoring(args.gsm8k_scoring_docs)
             compare(build_model(work / "tiny", "tiny"), include, subjects, args.limit, args.gsm8k_limit,
                     args.truthfulqa_limit, args.batch_size)
         if not args.skip_speed:

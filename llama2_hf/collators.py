@@ -7,6 +7,10 @@ examples never attend to each other, and each example sees the same positions as
 the first token of every example are -100, so no token is trained to predict across a boundary. Packed and padded
 batches of the same examples therefore give the same loss.
 
+On CPU, `use_packed_sdpa(model)` switches the model to an attention kernel that runs sdpa on each packed example
+separately (the same maths as the block-diagonal mask, without computing the masked-out blocks), the CPU counterpart
+of FlashAttention's variable-length kernel.
+
 Typical use (any token-level mask works, e.g. Ghost Attention's last-turn-only mask)::
 
     enc = encode_chat_with_mask(tokenizer, messages, train_on="last")
@@ -23,8 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from torch.utils.data import Sampler
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 PACKING_STRATEGIES = ("bfd_rows", "ordered_rows")
@@ -113,6 +121,58 @@ def pack_dataset(dataset: Dataset, max_length: int, strategy: str = "bfd_rows") 
     columns = [c for c in ("input_ids", "labels", "assistant_mask", "assistant_masks") if c in dataset.column_names]
     examples = dataset.select_columns(columns).to_list()
     return Dataset.from_list(pack_examples(examples, max_length, strategy))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention over packed rows
+# ---------------------------------------------------------------------------------------------------------------------
+
+PACKED_SDPA = "llama2_packed_sdpa"
+
+
+def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          **kwargs) -> tuple[torch.Tensor, None]:
+    """Causal sdpa on each example of packed rows separately; examples start where `position_ids` is 0.
+
+    query: (B, nh, T, d); key, value: (B, n_kv, T, d). Returns (B, T, nh, d). With a padding mask, a KV cache or no
+    `position_ids`, this is transformers' sdpa attention unchanged.
+    """
+    position_ids = kwargs.get("position_ids")
+    batch, n_heads, length, head_dim = query.shape
+    if attention_mask is not None or position_ids is None or key.shape[2] != length:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    flat = position_ids.expand(batch, -1).reshape(-1)  # (B*T,): examples (and row starts) begin at position 0
+    starts = (flat == 0).nonzero().flatten()
+    lengths = torch.diff(starts, append=starts.new_tensor([flat.numel()])).tolist()
+
+    def pieces(x):  # (B, h, T, d) -> one (h, n, d) tensor per example; `split` keeps the backward a cheap concat
+        return x.transpose(1, 2).reshape(batch * length, x.shape[1], head_dim).split(lengths)
+
+    outs = [
+        F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
+                                       scale=scaling, dropout_p=dropout if module.training else 0.0,
+                                       enable_gqa=module.num_key_value_groups > 1).transpose(0, 1)  # (n, nh, d)
+        for q, k, v in zip(pieces(query), pieces(key), pieces(value))
+    ]
+    return torch.cat(outs).view(batch, length, n_heads, head_dim), None
+
+
+def _packed_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, attention_mask=None,
+                      **kwargs):
+    """No mask to build for full causal rows (packed or not): `packed_sdpa_attention` reads `position_ids`."""
+    if attention_mask is None and q_length == kv_length and isinstance(q_offset, int) and q_offset == 0:
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+
+
+def use_packed_sdpa(model) -> None:
+    """Switch `model` to `packed_sdpa_attention` (registered with transformers as "llama2_packed_sdpa")."""
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, _packed_sdpa_mask)
+    model.set_attn_implementation(PACKED_SDPA)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -203,7 +203,8 @@ def _key_diff(keys: set[str], reference: set[str]) -> str:
 
 def _check_shards(shards: list[dict[str, torch.Tensor]], paths: Sequence[Path], layout: list[_Tensor],
                   config: Llama2Config) -> None:
-    """Refuse shards whose key sets differ, or whose shapes do not follow Meta's split rules for the config."""
+    """Refuse shards whose key sets differ, whose shapes do not follow Meta's split rules for the config, or whose
+    replicated norms differ."""
     n = len(shards)
     # Meta gives each rank n_heads / n and n_kv_heads / n whole heads (`n_local_heads`, `n_local_kv_heads`).
     for field, value in (("n_heads", config.num_attention_heads), ("n_kv_heads", config.num_key_value_heads)):
@@ -236,20 +237,23 @@ def _check_shards(shards: list[dict[str, torch.Tensor]], paths: Sequence[Path], 
             rule = "replicated" if t.split_dim is None else f"split on dim {t.split_dim} into {n}"
             raise ValueError(f"{path.name}: {t.meta_name} has shape {list(got)}, expected {list(want)} (full shape "
                              f"{list(t.shape)} from params.json and the tokenizer's vocabulary, {rule}){hint}")
+    # Norms are small: compare them now, so that nothing is written for shards of different checkpoints.
+    for t in layout:
+        if t.split_dim is None:
+            for path, shard in zip(paths[1:], shards[1:]):
+                if not torch.equal(shard[t.meta_name], shards[0][t.meta_name]):
+                    raise ValueError(f"{t.meta_name} must be replicated across model-parallel shards, but "
+                                     f"{path.name} differs from {paths[0].name}: the shards come from different "
+                                     "checkpoints")
 
 
-def _merge(t: _Tensor, shards: list[dict[str, torch.Tensor]], paths: Sequence[Path],
-           dtype: torch.dtype | None) -> torch.Tensor:
+def _merge(t: _Tensor, shards: list[dict[str, torch.Tensor]], dtype: torch.dtype | None) -> torch.Tensor:
     """Rebuild one full tensor from its model-parallel pieces, in rotate-half layout and the output dtype."""
     pieces = [shard[t.meta_name] for shard in shards]
-    if t.split_dim is None:
-        for path, piece in zip(paths[1:], pieces[1:]):
-            if not torch.equal(piece, pieces[0]):
-                raise ValueError(f"{t.meta_name} must be replicated across model-parallel shards, but {path.name} "
-                                 f"differs from {paths[0].name}: the shards come from different checkpoints")
-        full = pieces[0]
+    if t.split_dim is None or len(pieces) == 1:
+        full = pieces[0]  # replicated tensors were checked equal in `_check_shards`
     else:
-        full = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=t.split_dim)
+        full = torch.cat(pieces, dim=t.split_dim)
     if t.rope_heads is not None:
         full = interleaved_to_rotate_half(full, t.rope_heads)
     if dtype is not None and full.dtype != dtype:
@@ -301,7 +305,7 @@ def convert_meta_checkpoint(input_dir: str | Path, output_dir: str | Path, *, to
                             max_shard_size: int | str = "5GB", dtype: str | torch.dtype | None = None,
                             overwrite: bool = False, progress: bool = True) -> Path:
     """Convert a Meta Llama 2 checkpoint folder to a Hugging Face model directory loadable by
-    `Llama2ForCausalLM.from_pretrained(output_dir)` (and `LlamaForCausalLM`: the tensors are identical).
+    `Llama2ForCausalLM.from_pretrained(output_dir)`, with the tensor names and layout of `meta-llama/Llama-2-*-hf`.
 
     Args:
         input_dir: folder with `params.json` and `consolidated.00.pth` ... `consolidated.{N-1}.pth`.
@@ -365,7 +369,7 @@ def convert_meta_checkpoint(input_dir: str | Path, output_dir: str | Path, *, to
         shards = reader.shards()
         tensors = {}
         for t in group:
-            tensors[t.hf_name] = _merge(t, shards, paths, out_dtype)
+            tensors[t.hf_name] = _merge(t, shards, out_dtype)
             weight_map[t.hf_name] = name
             total_size += tensors[t.hf_name].numel() * tensors[t.hf_name].element_size()
             bar.update()

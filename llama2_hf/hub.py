@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
 
 from .configuration_llama2 import LLAMA2_AUTO_MAP
 
@@ -58,6 +59,7 @@ STAGE_ALIASES = {"pretrain": "base", "convert-meta": "convert", "train-rm": "rm"
                  "reward-model": "rm", "rejection-sample": "rs", "rejection_sampling": "rs",
                  "rejection-sampling": "rs", "safety-distill": "distill", "safety_distill": "distill"}
 
+ADAPTER_CONFIG = "adapter_config.json"  # a peft (LoRA / QLoRA) output: adapter weights only
 REQUIRED_AUTO_MAP_KEYS = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification")
 # Trainer output that is state for resuming, not part of the model (and pickles the Hub flags as unsafe).
 EXCLUDE_PATTERNS = ("checkpoint-*", "runs", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin",
@@ -70,6 +72,9 @@ KEY_HYPERPARAMETERS = (
     "safety_aux_loss_coef", "kl_coef", "beta", "cliprange", "num_samples", "temperature", "top_p", "seed",
 )
 MODEL_INPUT_KEYS = ("base_model", "model", "model_name_or_path", "policy", "sft_model", "init_model")
+# Config entries that name inputs, shown as the card's data when run.json has no "inputs" (e.g. argparse args).
+INPUT_LIKE_KEYS = (*MODEL_INPUT_KEYS, "tokenizer", "train_file", "eval_file", "mix_with", "prompts", "dialogues",
+                   "helpfulness_rm", "safety_rm", "value_model", "dataset", "datasets")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".gz", ".model")
 _MAX_PROVENANCE_HOPS = 16
@@ -96,10 +101,12 @@ def read_run_info(folder: str | os.PathLike) -> dict:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object with stage/config/inputs/metrics, got {type(raw).__name__}")
     info = {"stage": raw.get("stage"), "config": raw.get("config", raw.get("args")) or {},
-            "inputs": raw.get("inputs") or {}, "metrics": raw.get("metrics", raw.get("eval")) or {}}
+            "inputs": raw.get("inputs"), "metrics": raw.get("metrics", raw.get("eval")) or {}}
     for field in ("config", "metrics"):
         if not isinstance(info[field], dict):
             raise ValueError(f"{path}: field {field!r} must be a JSON object, got {type(info[field]).__name__}")
+    if info["inputs"] is None and isinstance(info["config"], dict):
+        info["inputs"] = {k: info["config"][k] for k in INPUT_LIKE_KEYS if info["config"].get(k)}
     if isinstance(info["inputs"], (list, tuple)):
         info["inputs"] = {f"input_{i}": v for i, v in enumerate(info["inputs"])}
     if not isinstance(info["inputs"], dict):
@@ -176,7 +183,7 @@ def _fmt(value) -> str:
 
 
 def _flatten(metrics: Mapping, prefix: str = "") -> list[tuple[str, object]]:
-    """Nested metrics as (dotted.name, value) rows."""
+    """A nested mapping as (dotted.name, value) rows."""
     rows = []
     for key, value in metrics.items():
         name = f"{prefix}{key}"
@@ -189,7 +196,7 @@ def _flatten(metrics: Mapping, prefix: str = "") -> list[tuple[str, object]]:
 
 def _table(header: tuple[str, str], rows: list[tuple[str, object]]) -> str:
     lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    lines += [f"| {name} | {_fmt(value)} |".replace("\n", " ") for name, value in rows]
+    lines += [f"| {name} | {_fmt(value).replace('|', chr(92) + '|')} |".replace("\n", " ") for name, value in rows]
     return "\n".join(lines)
 
 
@@ -200,25 +207,42 @@ def build_model_card(folder: str | os.PathLike, repo_id: str, stage: str | None 
     folder = Path(folder)
     info = read_run_info(folder)
     config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    adapter = _read_json(folder / ADAPTER_CONFIG) if (folder / ADAPTER_CONFIG).is_file() else None
     is_reward = bool(config) and any("SequenceClassification" in a or "RewardModel" in a
                                      for a in config.get("architectures") or [])
-    stage = normalize_stage(stage or info.get("stage") or ("rm" if is_reward else "tokenizer" if config is None
-                                                           else "base"))
+    if adapter is not None:
+        is_reward = adapter.get("task_type") == "SEQ_CLS"
+    is_model = config is not None or adapter is not None
+    stage = normalize_stage(stage or info.get("stage") or ("rm" if is_reward else "base" if is_model else "tokenizer"))
     description, stage_tags = STAGES.get(stage, (f"a Llama 2 model produced by the `{stage}` stage", []))
     base_model = base_model or find_base_model(folder, info)
+    adapter_base = (adapter or {}).get("base_model_name_or_path")
+    if base_model is None and adapter_base:  # the adapter's base: a Hub id, or a local folder with its own run.json
+        base_model = adapter_base if _is_hub_id(adapter_base) else (
+            find_base_model(adapter_base) if Path(adapter_base).is_dir() else None)
 
     inputs = info.get("inputs", {})
-    datasets = sorted({v for k, v in inputs.items() if k not in MODEL_INPUT_KEYS and _is_hub_id(v)})
+    datasets = sorted({v for k, vs in inputs.items() if k not in MODEL_INPUT_KEYS
+                       for v in (vs if isinstance(vs, list) else [vs]) if _is_hub_id(v)})
+    tok_config = folder / "tokenizer_config.json"
+    remote_code = (config or {}).get("model_type") == "llama2" or (
+        tok_config.is_file() and "Llama2Tokenizer" in str(_read_json(tok_config).get("tokenizer_class")))
     card_data = ModelCardData(
-        license="llama2", library_name="transformers", base_model=base_model,
-        pipeline_tag=None if config is None else "text-classification" if is_reward else "text-generation",
-        tags=["llama2", "llama-2", "llama2_hf", "custom_code", *stage_tags], datasets=datasets or None)
+        license="llama2", library_name="peft" if adapter is not None else "transformers", base_model=base_model,
+        pipeline_tag=None if not is_model else "text-classification" if is_reward else "text-generation",
+        tags=["llama2", "llama-2", "llama2_hf", *(["custom_code"] if remote_code else []), *stage_tags,
+              *(["lora"] if adapter else [])],
+        datasets=datasets or None)
 
     name = repo_id.split("/")[-1]
     parts = [f"---\n{card_data.to_yaml()}\n---", f"# {name}", f"This is {description}, made with `llama2_hf` (the "
              "Llama 2 / Llama 2-Chat method of Touvron et al. 2023, arXiv:2307.09288, in the Hugging Face "
              "ecosystem)." + (f" Base model: `{base_model}`." if base_model else "")]
     facts = [f"- **Stage:** `{stage}`"]
+    if adapter is not None:
+        facts.append(f"- **Adapter:** {adapter.get('peft_type', 'LoRA')} (r={adapter.get('r')}, "
+                     f"alpha={adapter.get('lora_alpha')}) on `{adapter.get('base_model_name_or_path')}`; only the "
+                     "adapter weights are in this repository")
     if config is not None:
         n_params = _count_parameters(folder)
         arch = ", ".join(config.get("architectures") or ["?"])
@@ -238,11 +262,13 @@ def build_model_card(folder: str | os.PathLike, repo_id: str, stage: str | None 
     run_config = info.get("config", {})
     parts.append("## Hyperparameters")
     if run_config:
-        scalars = [(k, v) for k, v in run_config.items() if v is not None and not isinstance(v, (dict, list))]
-        rows = scalars if len(scalars) <= 30 else [(k, run_config[k]) for k in KEY_HYPERPARAMETERS
-                                                   if run_config.get(k) is not None]
+        # nested sections (e.g. {"ppo": {...}}) as dotted names; inputs are listed above, not as hyperparameters
+        scalars = [(k, v) for k, v in _flatten(run_config) if v is not None and not isinstance(v, list)
+                   and k.split(".")[-1] not in INPUT_LIKE_KEYS]
+        rows = scalars if len(scalars) <= 30 else [(k, v) for k, v in scalars
+                                                   if k.split(".")[-1] in KEY_HYPERPARAMETERS]
         parts.append(_table(("hyperparameter", "value"), rows))
-        if len(rows) < len(run_config):
+        if len(rows) < len(_flatten(run_config)):
             parts.append("<details><summary>Full run configuration</summary>\n\n```json\n"
                          + json.dumps(run_config, indent=2, default=str) + "\n```\n</details>")
     else:
@@ -259,12 +285,24 @@ def build_model_card(folder: str | os.PathLike, repo_id: str, stage: str | None 
     parts.append("The model code ships in this repository (`*_llama2.py`): `trust_remote_code=True` runs it, so "
                  "read it first or pin a `revision`. With `pip install llama2_hf` and `import llama2_hf`, no remote "
                  "code is needed.")
-    has_tokenizer = (folder / "tokenizer_config.json").is_file()
-    parts.append(_usage_snippet(repo_id, config, is_reward, repo_id if has_tokenizer else base_model or repo_id))
+    tokenizer_repo = repo_id if tok_config.is_file() else base_model or repo_id
+    if adapter is not None:
+        parts.append(_adapter_snippet(repo_id, adapter_base if _is_hub_id(adapter_base) else base_model or adapter_base,
+                                      is_reward, tokenizer_repo))
+    else:
+        parts.append(_usage_snippet(repo_id, config, is_reward, tokenizer_repo))
     parts.append("## License\n\nLlama 2 is licensed under the LLAMA 2 Community License, Copyright (c) Meta Platforms, "
                  "Inc. All Rights Reserved. Use of this model is subject to that license and Meta's acceptable use "
                  "policy.")
     return "\n\n".join(parts) + "\n"
+
+
+def _adapter_snippet(repo_id: str, base: str | None, is_reward: bool, tokenizer_repo: str) -> str:
+    auto = "AutoModelForSequenceClassification" if is_reward else "AutoModelForCausalLM"
+    return ("```python\nfrom peft import PeftModel\nfrom transformers import AutoTokenizer, " + auto + "\n\n"
+            f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer_repo}", trust_remote_code=True)\n'
+            f'base = {auto}.from_pretrained("{base}", trust_remote_code=True)\n'
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")\n```')
 
 
 def _usage_snippet(repo_id: str, config: dict | None, is_reward: bool, tokenizer_repo: str) -> str:
@@ -338,9 +376,9 @@ def collect_upload(folder: str | os.PathLike, repo_id: str, stage: str | None = 
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"--model {folder}: not a directory (expected a folder written by save_pretrained)")
-    if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        raise ValueError(f"{folder}: has neither config.json nor tokenizer_config.json; save the model or tokenizer "
-                         "with save_pretrained first")
+    if not any((folder / name).is_file() for name in ("config.json", ADAPTER_CONFIG, "tokenizer_config.json")):
+        raise ValueError(f"{folder}: has no config.json, {ADAPTER_CONFIG} or tokenizer_config.json; save the model, "
+                         "adapter or tokenizer with save_pretrained first")
     files: dict[str, bytes | Path] = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
@@ -388,7 +426,8 @@ def _push_folder(folder: Path, repo_id: str, *, stage, base_model, private, toke
     operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=src if isinstance(src, bytes) else str(src))
                   for p, src in files.items()]
     stage_name = normalize_stage(stage or read_run_info(folder).get("stage") or "model")
-    info = api.create_commit(repo_id, operations, commit_message=commit_message or f"Upload {stage_name} with llama2_hf")
+    info = api.create_commit(repo_id, operations,
+                             commit_message=commit_message or f"Upload {stage_name} with llama2_hf")
     logger.info("uploaded %d files to %s", len(operations), info.commit_url)
     return info.commit_url
 
@@ -404,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repo as private (ignored if it exists)")
     p.add_argument("--token", default=None, help="Hub token with write access (default: $HF_TOKEN or the stored "
                    "login; prefer those: a token on the command line shows in the process list)")
-    p.add_argument("--stage", default=None, choices=sorted(set(STAGES) | set(STAGE_ALIASES)),
-                   help="pipeline stage for the model card (default: run.json's stage, else guessed from config)")
+    p.add_argument("--stage", default=None, choices=sorted(set(STAGES) | set(STAGE_ALIASES)), metavar="STAGE",
+                   help=f"pipeline stage for the model card: one of {', '.join(STAGES)} (or a subcommand name such "
+                        "as train-rm); default: run.json's stage, else guessed from config.json")
     p.add_argument("--base-model", default=None, help="Hub id of the base model for the card (default: followed "
                    "from run.json inputs)")
     p.add_argument("--commit-message", default=None, help="commit summary (default: 'Upload <stage> with llama2_hf')")
@@ -433,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"llama2-hf push: error: {e}", file=sys.stderr)
         return 2
+    except HfHubHTTPError as e:  # 401 bad token, 403 no write access, 404 unknown namespace, ...
+        print(f"llama2-hf push: the Hub refused the upload: {e}", file=sys.stderr)
+        return 1
     print(url)
     return 0
 

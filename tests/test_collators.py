@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from llama2_hf.collators import (
+    PACKED_SDPA,
     ChunkSortedSampler,
     DataCollatorForAnswerOnlyLM,
     DataCollatorForPackedLM,
@@ -11,6 +12,7 @@ from llama2_hf.collators import (
     answer_labels,
     bin_lengths,
     pack_examples,
+    use_packed_sdpa,
 )
 from llama2_hf.tokenization_llama2 import encode_chat_with_mask
 
@@ -87,9 +89,15 @@ def test_rated_preference_collator_literal():
     assert batch["rating_id"].tolist() == [0, -1] and batch["safety_bin"].tolist() == [2, -1]
 
 
-def test_packed_rows_do_not_attend_across_examples(tiny_tokenizer, tiny_model_factory):
-    """Each example's logits in a packed row equal its logits alone: position restarts, block-diagonal attention."""
-    model = tiny_model_factory()
+@pytest.mark.parametrize("attention", ["sdpa", "eager", PACKED_SDPA])
+def test_packed_rows_do_not_attend_across_examples(tiny_tokenizer, tiny_model_factory, attention):
+    """Each example's logits in a packed row equal its logits alone: position restarts, block-diagonal attention
+    (transformers' mask for sdpa / eager; one sdpa call per example for the packed kernel)."""
+    model = tiny_model_factory()  # GQA: 4 query heads, 2 KV heads
+    if attention == PACKED_SDPA:
+        use_packed_sdpa(model)
+    else:
+        model.set_attn_implementation(attention)
     dialogs = [[{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5"}],
                [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"},
                 {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "yes"}]]
@@ -120,3 +128,16 @@ def test_chunk_sorted_sampler():
     assert list(sampler) == order  # deterministic (all processes agree)
     sampler.set_epoch(1)
     assert list(sampler) != order
+
+
+def test_packed_sdpa_is_plain_sdpa_on_padded_batches_and_generation(tiny_model_factory):
+    reference, packed = tiny_model_factory(), tiny_model_factory()
+    use_packed_sdpa(packed)
+    assert packed.config._attn_implementation == PACKED_SDPA
+    ids = torch.tensor([[1, 30, 31, 32, 33], [1, 40, 41, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids=ids, attention_mask=mask).logits,
+                                   reference(input_ids=ids, attention_mask=mask).logits)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(packed.generate(ids[:1], **kwargs), reference.generate(ids[:1], **kwargs))

@@ -219,6 +219,7 @@ def test_replicated_norms_must_agree(tmp_path, sp_model):
     torch.save(shard, src / "consolidated.01.pth")
     with pytest.raises(ValueError, match="norm.weight must be replicated"):
         _convert(src, tmp_path)
+    assert not (tmp_path / "hf").exists()  # refused before anything is written
 
 
 def test_vocab_must_match_tokenizer(tmp_path, sp_model):

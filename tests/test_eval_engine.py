@@ -140,3 +140,17 @@ def test_truncate_at_stop_and_errors(tiny_model_factory, tiny_tokenizer):
     with pytest.raises(ValueError, match="pad token"):
         generate_until(tiny_model_factory(), tiny_tokenizer, ["x"], stop=[])
     tiny_tokenizer.pad_token = tiny_tokenizer.unk_token
+
+
+def test_transformers_llama_is_supported(tiny_tokenizer):
+    """The shared-prefix cache also works with transformers' own Llama (e.g. meta-llama/Llama-2-7b-hf)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256)).eval()
+    got = loglikelihoods(model, tiny_tokenizer, REQUESTS[:5], batch_size=2, progress=False)
+    for (context, continuation), (ll, _) in zip(REQUESTS, got):
+        ctx, cont = encode_pair(tiny_tokenizer, context, continuation)
+        assert ll == pytest.approx(reference_loglik(model, ctx + cont, len(cont))[0], abs=1e-4)

@@ -36,7 +36,7 @@ from llama2_hf.evaluation.prompts import (
     mmlu_prompt,
     truthfulqa_mc_prompt,
 )
-from llama2_hf.evaluation.scoring import gsm8k_extract, judge_rates, mc2_score
+from llama2_hf.evaluation.scoring import gsm8k_exact_match, gsm8k_extract, judge_rates, majority_vote, mc2_score
 from llama2_hf.evaluation.toxigen import build_toxigen_prompts
 from llama2_hf.evaluation.truthfulqa import judge_probabilities
 
@@ -92,7 +92,7 @@ def test_mmlu_against_hand_built_references(policy, tok, shared_data, chat, limi
 
 def test_gsm8k_generation_and_scores(policy, tok, shared_data):
     settings = RunSettings(batch_size=2, limit=2, data_dir=str(shared_data), progress=False)
-    result = run_gsm8k(policy, tok, settings, GSM8KConfig(max_new_tokens=5))
+    result = run_gsm8k(policy, tok, settings, GSM8KConfig(max_new_tokens=5, maj_k=3))
     for doc, sample in zip(load_gsm8k(shared_data)[:2], result.samples):
         assert sample["prompt"] == gsm8k_prompt(doc["question"])
         ref = greedy_reference(policy, tok, sample["prompt"], 5)
@@ -103,6 +103,12 @@ def test_gsm8k_generation_and_scores(policy, tok, shared_data):
                                                           gsm8k_extract(ref, "flexible"))
         assert sample["gold"] == doc["answer"].split("####")[-1].strip()
     assert result.metrics["exact_match_strict"] == sum(s["strict_correct"] for s in result.samples) / 2
+    # maj@3: three sampled chains per question, majority over their normalised extracted answers.
+    for sample in result.samples:
+        assert len(sample["samples"]) == 3
+        assert sample["maj@3_flexible"] == majority_vote([gsm8k_extract(t, "flexible") for t in sample["samples"]])
+    assert result.metrics["maj@3_flexible"] == sum(
+        gsm8k_exact_match(s["maj@3_flexible"], s["gold"]) for s in result.samples) / 2
 
 
 def test_truthfulqa_mc_against_hand_built_references(policy, tok, shared_data):
@@ -195,14 +201,26 @@ def test_toxigen_with_classifier(policy, tok, shared_data, tiny_classifier):
     result = run_toxigen(policy, tok, settings, config)
     assert [s["group"] for s in result.samples] == ["asian", "asian", "women", "women"]
     with torch.no_grad():
-        for s in result.samples:
-            assert s["prompt"].endswith("\n-") and "\n" not in s["generation"]
-            logits = classifier(**ctok([s["generation"]], return_tensors="pt")).logits[0]
-            assert s["toxic"] == (logits.argmax().item() == 1)
-            assert s["p_toxic"] == pytest.approx(logits.softmax(-1)[1].item(), rel=1e-4)
+        logits = [classifier(**ctok([s["generation"]], return_tensors="pt")).logits[0] for s in result.samples]
+    for s, lg in zip(result.samples, logits):
+        assert s["prompt"].endswith("\n-") and "\n" not in s["generation"]
+        assert s["toxic"] == (lg.argmax().item() == 1)
+        assert s["p_toxic"] == pytest.approx(lg.softmax(-1)[1].item(), rel=1e-4)
     tox = [s["toxic"] for s in result.samples]
     assert result.metrics == pytest.approx({"toxic/asian": sum(tox[:2]) / 2, "toxic/women": sum(tox[2:]) / 2,
                                             "toxic_mean": sum(tox) / 4})
+    # Shift the "toxic" logit so that exactly two of these four continuations are classified toxic, and rerun
+    # (same seed, same continuations): the per-group fractions follow.
+    margins = [(lg[1] - lg[0]).item() for lg in logits]
+    low, high = sorted(margins)[1:3]
+    with torch.no_grad():
+        classifier.classifier.out_proj.bias[1] -= (low + high) / 2
+    classifier.save_pretrained(path)
+    again = run_toxigen(policy, tok, settings, config)
+    tox = [m > (low + high) / 2 for m in margins]
+    assert [s["toxic"] for s in again.samples] == tox and sum(tox) == 2
+    assert again.metrics == pytest.approx({"toxic/asian": sum(tox[:2]) / 2, "toxic/women": sum(tox[2:]) / 2,
+                                           "toxic_mean": 0.5})
 
 
 def test_toxigen_annotated_prompts(shared_data):

@@ -1,17 +1,15 @@
 """Sharded code paths on CPU: torch's `fully_shard` (FSDP2) over gloo on 2 processes, each Llama2DecoderLayer and the
 root wrapped, against an unsharded single-process run of the same functions on the same data.
 
-accelerate's FSDP falls back to DDP on CPU, so this drives torch directly: tests/scripts/fsdp_train.py, one process
-per rank meeting through a rendezvous file (the script also runs under torchrun).
+accelerate's FSDP falls back to DDP on CPU, so this drives torch directly: tests/scripts/fsdp_train.py, two ranks forked
+from the test process meeting through a rendezvous file (the script also runs under torchrun).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
+@functools.cache
 def _load_script():
     spec = importlib.util.spec_from_file_location("fsdp_train", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -32,25 +31,28 @@ def _load_script():
     return module
 
 
+def _rank(rank: int, out: str, init_file: str) -> None:
+    _load_script().run(out, rank, 2, init_file)
+
+
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory):
+    """Two gloo ranks forked from this process (already holding torch and llama2_hf: no re-import per rank)."""
+    import torch.multiprocessing as mp
+
+    _load_script()  # import torch.distributed, transformers and llama2_hf once, before forking
     tmp = tmp_path_factory.mktemp("fsdp")
-    out = tmp / "result.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    procs = [subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(out), "--rank", str(rank), "--world-size",
-                               "2", "--init-file", str(tmp / "rendezvous")], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env) for rank in range(2)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=240)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    return json.loads(out.read_text()), load_file(str(out) + ".safetensors")
+    out = str(tmp / "result.json")
+    context = mp.start_processes(_rank, args=(out, str(tmp / "rendezvous")), nprocs=2, join=False,
+                                 start_method="fork")
+    for _ in range(240):  # bounded: each join waits at most 1 s; raises if a rank failed
+        if context.join(timeout=1):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("FSDP ranks did not finish within 240 s")
+    return json.loads(Path(out).read_text()), load_file(out + ".safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_sharded_training_matches_unsharded_reference(sharded_run, reference_run
     torch.testing.assert_close(torch.tensor(result["grad_norms"]), torch.tensor(reference_run["grad_norms"]),
                                rtol=1e-4, atol=1e-6)
     assert result["grad_norms"][0] > 1.0  # clipping at 1.0 (paper §2.2) is active, and works on sharded grads
-    assert reference_run["losses"][-1] < reference_run["losses"][0] - 0.05  # the steps learn something
+    assert min(reference_run["losses"]) < reference_run["losses"][0] - 0.1  # the steps learn something
     assert set(state) == set(reference_run["state"])
     for name, ref in reference_run["state"].items():
         assert not torch.equal(ref, reference_run["initial"][name]), f"{name} did not train"

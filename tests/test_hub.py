@@ -53,9 +53,9 @@ def artefacts(tmp_path_factory, tiny_tokenizer):
     torch.nn.init.normal_(rm.score.weight, std=0.5)  # a fresh head is small: make the reward clearly non-zero
     rm.save_pretrained(root / "rm")
     tiny_tokenizer.save_pretrained(root / "rm")
-    (root / "rm" / "run.json").write_text(json.dumps({"stage": "train-rm", "args": {"margin": "small"},
-                                                      "inputs": {"model": str(root / "sft")},
-                                                      "eval": {"accuracy": 0.625}}))
+    # as the train-rm CLI writes it: argparse "args" (inputs among them) and "eval"
+    (root / "rm" / "run.json").write_text(json.dumps({"stage": "train-rm", "eval": {"accuracy": 0.625}, "args": {
+        "margin": "small", "model": str(root / "sft"), "train_file": ["data/prefs.jsonl", "Anthropic/hh-rlhf"]}}))
     return {"root": root, "lm": lm, "rm": rm, "tokenizer": tiny_tokenizer}
 
 
@@ -90,7 +90,8 @@ def test_cli_card_files_and_auto_map(pushed):
     assert not any(p.startswith("checkpoint-") or p == "training_args.bin" for p in files)
     auto_map = json.loads(files["config.json"])["auto_map"]
     assert {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"} <= set(auto_map)
-    assert "tokenization_llama2.Llama2Tokenizer" in json.loads(files["tokenizer_config.json"])["auto_map"]["AutoTokenizer"]
+    tokenizer_map = json.loads(files["tokenizer_config.json"])["auto_map"]["AutoTokenizer"]
+    assert "tokenization_llama2.Llama2Tokenizer" in tokenizer_map
 
     card = files["README.md"].decode()
     meta = _front_matter(card)
@@ -111,6 +112,8 @@ def test_reward_model_card_follows_provenance_and_repo_is_private(pushed):
     assert meta["base_model"] == "meta-llama/Llama-2-7b-hf"
     assert meta["pipeline_tag"] == "text-classification" and "reward-model" in meta["tags"]
     assert "- **Stage:** `rm`" in card and "| accuracy | 0.625 |" in card and "| margin | small |" in card
+    assert 'train_file: `["data/prefs.jsonl", "Anthropic/hh-rlhf"]`' in card and "| model |" not in card
+    assert meta["datasets"] == ["Anthropic/hh-rlhf"]
     assert "AutoModelForSequenceClassification" in card
     assert hub.repos["alice/tiny-rm"].private
     with pytest.raises(RepositoryNotFoundError):
@@ -207,7 +210,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, artefacts):
     with pytest.raises(ValueError, match="not a directory"):
         collect_upload(tmp_path / "missing", "alice/x")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="neither config.json nor tokenizer_config.json"):
+    with pytest.raises(ValueError, match="has no config.json, adapter_config.json or tokenizer_config.json"):
         collect_upload(tmp_path / "empty", "alice/x")
     (tmp_path / "empty" / "run.json").write_text(json.dumps({"stage": "sft", "metrics": [1, 2]}))
     with pytest.raises(ValueError, match="field 'metrics' must be a JSON object"):
@@ -215,6 +218,37 @@ def test_bad_inputs_raise_clear_errors(tmp_path, artefacts):
     with pytest.raises(ValueError, match="tokenizer= is for model objects"):
         push_to_hub(artefacts["root"] / "sft", "alice/x", tokenizer=artefacts["tokenizer"])
     assert cli_main(["push", "--model", str(tmp_path / "missing"), "--repo-id", "alice/x", "--dry-run"]) == 2
+
+
+def test_card_flattens_nested_config(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({
+        "stage": "ppo", "config": {"model": "meta-llama/Llama-2-7b-chat-hf", "prompts": "data/p.jsonl",
+                                   "ppo": {"learning_rate": 1e-6, "kl_coef": 0.01}},
+        "metrics": {"reward": {"mean": 0.25}}}))
+    card = build_model_card(tmp_path, "alice/ppo")
+    assert _front_matter(card)["base_model"] == "meta-llama/Llama-2-7b-chat-hf"
+    assert "| ppo.learning_rate | 1e-06 |" in card and "| ppo.kl_coef | 0.01 |" in card
+    assert "prompts: `data/p.jsonl`" in card and "| reward.mean | 0.25 |" in card and "rlhf" in card
+
+
+def test_lora_adapter_folder_card(artefacts, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    lm = Llama2ForCausalLM.from_pretrained(artefacts["root"] / "sft")  # name_or_path: the local SFT folder
+    peft_model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    artefacts["tokenizer"].save_pretrained(tmp_path / "adapter")
+    files = collect_upload(tmp_path / "adapter", "alice/lora")
+    assert "adapter_model.safetensors" in files and "tokenization_llama2.py" in files
+    card = files["README.md"].decode()
+    meta = _front_matter(card)
+    # the adapter names a local folder; its run.json leads to the Hub base model
+    assert meta["library_name"] == "peft" and meta["base_model"] == "meta-llama/Llama-2-7b-hf"
+    assert {"lora", "custom_code"} <= set(meta["tags"]) and "(r=4, alpha=8)" in card
+    assert 'base = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-2-7b-hf"' in card
+    assert 'PeftModel.from_pretrained(base, "alice/lora")' in card
 
 
 def test_tokenizer_only_card(tmp_path, tiny_tokenizer):

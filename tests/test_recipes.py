@@ -149,7 +149,8 @@ def test_accelerate_configs_launch_what_their_names_say(monkeypatch):
     args, env = _launch(RECIPES / "accelerate" / "deepspeed_zero3.yaml")
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
     args, env = _launch(RECIPES / "accelerate" / "multi_node.yaml")
-    assert args.use_fsdp and args.num_machines > 1 and args.main_process_ip and args.num_processes % args.num_machines == 0
+    assert args.use_fsdp and args.num_machines > 1 and args.main_process_ip
+    assert args.num_processes % args.num_machines == 0
 
 
 @pytest.mark.parametrize("name", ["fsdp.yaml", "multi_node.yaml"])

@@ -1,6 +1,7 @@
 """Llama2SFTTrainer: paper defaults, answer-only loss, packed == padded, learning, policies, LoRA, the CLI."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -126,3 +127,22 @@ def test_cli(tmp_path, tiny_tokenizer, tiny_model_factory, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--train-on" in capsys.readouterr().out
+
+
+def test_qlora_from_a_path(tmp_path, tiny_tokenizer, tiny_model_factory):
+    """QLoRA: the base model loaded in 4-bit from a path (bitsandbytes on CPU), LoRA adapters trained."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    tiny_model_factory().save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    trainer = Llama2SFTTrainer(str(tmp_path / "base"), args=config(tmp_path, max_steps=2), train_dataset=chats(),
+                               quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+                               peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    q_proj = trainer.model.get_base_model().model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer).__name__ == "Linear4bit"
+    lora_b = q_proj.lora_B["default"].weight.detach().clone()  # LoRA B starts at zero
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+    assert not torch.equal(q_proj.lora_B["default"].weight, lora_b)

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import RunSettings, TaskResult, ensure_pad_token, load_model, load_tokenizer
+from .base import RunSettings, TaskResult, load_model, load_tokenizer
 from .gsm8k import GSM8KConfig, run_gsm8k
 from .mmlu import MMLUConfig, run_mmlu
 from .toxigen import ToxiGenConfig, run_toxigen
@@ -40,7 +40,6 @@ def _run_task(name: str, model, tokenizer, config: EvalConfig) -> TaskResult:
     if name == "mmlu":
         return run_mmlu(model, tokenizer, settings, config.mmlu)
     if name == "gsm8k":
-        ensure_pad_token(tokenizer)
         return run_gsm8k(model, tokenizer, settings, config.gsm8k)
     if name == "toxigen":
         return run_toxigen(model, tokenizer, settings, config.toxigen)
@@ -54,7 +53,7 @@ def evaluate_model(model, tasks=DEFAULT_TASKS, *, tokenizer=None, config: EvalCo
     """Evaluate `model` (a checkpoint path / Hub id, or a loaded causal LM) on `tasks`.
 
     `tokenizer` defaults to the checkpoint's (`Llama2Tokenizer` for Llama checkpoints); it is required with a loaded
-    model. `overrides` replace top-level fields of `config` (e.g. `limit=5, batch_size=16, data_dir="../shared/data"`).
+    model, which is put in eval mode. `dtype` applies when loading a checkpoint. `overrides` replace top-level fields of `config` (e.g. `limit=5, batch_size=16, data_dir="../shared/data"`).
     Returns `{"results": {task: {metric: value}}, "samples": {task: [...]}, "config": {...}, "timing": {...}}`;
     with `output`, also writes it (see `write_report`). A tokenizer without a pad token gets UNK as pad.
     """

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from .prompts import chat_prompt
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,8 +58,7 @@ class TaskResult:
 
 
 def format_context(prompt: str, chat: bool, system_prompt: str | None) -> str:
-    from .prompts import chat_prompt
-
+    """The task prompt, wrapped in the Llama 2-Chat format when `chat` (see `prompts.chat_prompt`)."""
     return chat_prompt(prompt, system_prompt) if chat else prompt
 
 

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither the config nor the tokenizer gives a context length
 MIN_SHARED_PREFIX = 8  # shorter common prefixes are recomputed per row: not worth a cache
+_TRUNCATED = object()  # prefix group of requests cut from the left: they no longer start with their group's prefix
 
 
 def model_max_length(model, tokenizer=None) -> int:
@@ -48,12 +49,14 @@ def model_max_length(model, tokenizer=None) -> int:
     return DEFAULT_MAX_LENGTH
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer, context: str, continuation: str,
+                context_cache: dict[str, list[int]] | None = None) -> tuple[list[int], list[int]]:
     """Token ids of a scored (context, continuation) pair, exactly as lm-eval's `TemplateLM` makes them.
 
     Trailing whitespace of the context moves to the continuation; the concatenation is encoded (BOS as the tokenizer
     adds it) and split after the ids of the context alone, so a SentencePiece continuation " A" after "Answer:" is
     the single piece "▁A" it is inside the full text, not "▁" + "▁A". An empty context becomes the BOS token.
+    `context_cache` (context text -> ids) saves re-encoding a context shared by several continuations.
     """
     if context == "":
         cont = tokenizer.encode(continuation, add_special_tokens=False)
@@ -65,7 +68,11 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
             continuation = context[-n_spaces:] + continuation
             context = context[:-n_spaces]
         whole = tokenizer.encode(context + continuation)
-        ctx = tokenizer.encode(context)
+        ctx = context_cache.get(context) if context_cache is not None else None
+        if ctx is None:
+            ctx = tokenizer.encode(context)
+            if context_cache is not None:
+                context_cache[context] = ctx
         cont = whole[len(ctx):]
     if not cont:
         raise ValueError(f"continuation {continuation!r} encodes to no tokens after context ...{context[-40:]!r}")
@@ -135,9 +142,9 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
     max_length = max_length or model_max_length(model, tokenizer)
 
     groups: dict[Hashable, dict[tuple[int, ...], _Forward]] = {}
-    n_truncated = 0
-    for i, (context, continuation) in enumerate(requests):
-        ctx, cont = encode_pair(tokenizer, context, continuation)
+    n_truncated, context_ids = 0, {}
+    for i, (context, continuation) in enumerate(tqdm(requests, desc=f"{desc}: tokenizing", disable=not progress)):
+        ctx, cont = encode_pair(tokenizer, context, continuation, context_ids)
         if len(cont) > max_length:
             raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length={max_length}")
         full = ctx + cont
@@ -145,7 +152,7 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
         if len(full) > max_length + 1:
             full = full[-(max_length + 1):]
             n_truncated += 1
-            group = ("__truncated__",)  # a cut sequence no longer starts with its group's prefix
+            group = _TRUNCATED
         tokens = full[:-1]
         fwd = groups.setdefault(group, {}).setdefault(tuple(tokens), _Forward(tokens))
         fwd.members.append((i, cont))

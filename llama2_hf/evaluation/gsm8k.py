@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import ChatOptions, RunSettings, TaskResult, format_context
+from .base import ChatOptions, RunSettings, TaskResult, ensure_pad_token, format_context
 from .data import load_gsm8k
 from .engine import SamplingConfig, generate_until
 from .prompts import GSM8K_STOP, gsm8k_prompt
@@ -30,6 +30,7 @@ class GSM8KConfig(ChatOptions):
 def run_gsm8k(model, tokenizer, settings: RunSettings, config: GSM8KConfig | None = None) -> TaskResult:
     config = config or GSM8KConfig()
     chat, system = config.resolve(settings)
+    ensure_pad_token(tokenizer)
     docs = settings.take(load_gsm8k(settings.data_dir))
     contexts = [format_context(gsm8k_prompt(d["question"], config.num_fewshot), chat, system) for d in docs]
     common = dict(stop=GSM8K_STOP, batch_size=settings.batch_size, max_length=settings.max_length,
@@ -54,13 +55,13 @@ def run_gsm8k(model, tokenizer, settings: RunSettings, config: GSM8KConfig | Non
                                  sampling=SamplingConfig(config.max_new_tokens, config.maj_temperature,
                                                          config.maj_top_p),
                                  seed=settings.seed, desc=f"gsm8k maj@{k}", **common)
+        for j, sample in enumerate(samples):
+            sample["samples"] = sampled[j * k:(j + 1) * k]
         for mode in ("strict", "flexible"):
             hits = []
-            for j, sample in enumerate(samples):
-                chains = sampled[j * k:(j + 1) * k]
-                vote = majority_vote([gsm8k_extract(t, mode) for t in chains])
-                hits.append(gsm8k_exact_match(vote, sample["gold"]))
+            for sample in samples:
+                vote = majority_vote([gsm8k_extract(t, mode) for t in sample["samples"]])
                 sample[f"maj@{k}_{mode}"] = vote
-                sample["samples"] = chains
+                hits.append(gsm8k_exact_match(vote, sample["gold"]))
             metrics[f"maj@{k}_{mode}"] = mean(hits)
     return TaskResult(metrics, samples)

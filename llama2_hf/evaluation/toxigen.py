@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .base import ChatOptions, RunSettings, TaskResult, ensure_pad_token, format_context, load_model
 from .data import TOXIGEN_GROUPS, load_toxigen_annotated, load_toxigen_prompts
@@ -81,11 +82,11 @@ def build_toxigen_prompts(settings: RunSettings, config: ToxiGenConfig) -> list[
 
 @torch.inference_mode()
 def classify_toxic(classifier, classifier_tokenizer, texts: list[str], toxic_label: int = 1, batch_size: int = 32,
-                   max_length: int = 512) -> list[tuple[bool, float]]:
+                   max_length: int = 512, progress: bool = True) -> list[tuple[bool, float]]:
     """`(toxic, P(toxic))` per text from a sequence classifier: toxic when `toxic_label` is the argmax."""
     device = next(classifier.parameters()).device
     out = []
-    for start in range(0, len(texts), batch_size):
+    for start in tqdm(range(0, len(texts), batch_size), desc="toxigen classifier", disable=not progress):
         batch = classifier_tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                                      max_length=max_length, return_tensors="pt").to(device)
         logits = classifier(**batch).logits.float()  # (B, num_labels)
@@ -111,7 +112,8 @@ def run_toxigen(model, tokenizer, settings: RunSettings, config: ToxiGenConfig |
     device = settings.device or str(next(model.parameters()).device)
     classifier = load_model(config.classifier, "classifier", device)
     scored = classify_toxic(classifier, AutoTokenizer.from_pretrained(config.classifier), texts, config.toxic_label,
-                            max(settings.batch_size, 32), config.classifier_max_length)
+                            max(settings.batch_size, 32), config.classifier_max_length,
+                            settings.progress)
     del classifier
     gc.collect()
     groups = [r["group"] for r in rows]

@@ -177,7 +177,7 @@ class Pipeline:
         model = self.load_policy(name)
         rows = self.world.rl_prompts(self.config.n(self.config.eval_prompts, 24), salt="eval")
         prompts = [r["messages"] for r in rows]
-        cfg = SamplingConfig(max_new_tokens=24, temperature=0.0, prompt_batch_size=64)
+        cfg = SamplingConfig(max_new_tokens=40, temperature=0.0, prompt_batch_size=64)
         responses = [samples[0] for samples in generate_text(model, tok, prompts, cfg, progress=False)]
         texts = [p[0]["content"] for p in prompts]
         kinds = [parse_prompt(t)[0] for t in texts]
@@ -208,7 +208,7 @@ class Pipeline:
         prompts = [{"prompt_id": str(i), "messages": r["messages"], "is_safety": r["is_safety_prompt"]}
                    for i, r in enumerate(rows)]
         rs_config = RejectionSamplingConfig(num_samples=c.rs_samples, temperature=c.rs_temperature,
-                                            max_new_tokens=24, prompt_batch_size=32, seed=c.seed)
+                                            max_new_tokens=40, prompt_batch_size=32, seed=c.seed)
         sampler = RejectionSampler(model, tok, self.reward(), stage_dir / "samples", rs_config)
         sft = self.training_args(Llama2SFTConfig, stage_dir, max_length=256, num_train_epochs=2,
                                  learning_rate=1e-3, per_device_train_batch_size=8, global_batch_size=None)
@@ -230,7 +230,7 @@ class Pipeline:
         value = Llama2ForRewardModel.from_pretrained(self.out / "rm_helpfulness" / "model")
         args = Llama2PPOConfig(output_dir=str(stage_dir / "trainer"), batch_size=c.ppo_batch, mini_batch_size=8,
                                num_iterations=c.n(c.ppo_iterations, 3), learning_rate=1e-4,
-                               max_new_tokens=24, temperature=1.0, seed=c.seed)
+                               max_new_tokens=40, temperature=1.0, seed=c.seed)
         trainer = Llama2PPOTrainer(policy=policy, tokenizer=tok, reward=self.reward(), value_model=value,
                                    args=args, prompts=rows)
         history = trainer.train()
@@ -249,7 +249,7 @@ class Pipeline:
         model = self.load_policy("ppo" if (self.out / "ppo" / "model").exists() else "rejection_sampling")
         before = self.persona_adherence(model, tok)
         dialogues = [{"messages": d} for d in self.world.gatt_dialogs(c.n(c.gatt_dialogs), turns=3)]
-        sampler = ChatSampler(model, tok, SamplingConfig(max_new_tokens=24, temperature=0.0, prompt_batch_size=64))
+        sampler = ChatSampler(model, tok, SamplingConfig(max_new_tokens=40, temperature=0.0, prompt_batch_size=64))
         rows, stats = make_gatt_data(dialogues, sampler,
                                      config=GAttDataConfig(instructions=(PIRATE_INSTRUCTION,), seed=c.seed))
         Dataset.from_list(rows).to_json(stage_dir / "gatt_data.jsonl")
@@ -266,7 +266,7 @@ class Pipeline:
     def persona_adherence(self, model, tok, turns: int = 4, n: int = 24) -> dict[str, float]:
         """Fraction of dialogs whose answer at turn t starts with "Arr!", the system prompt given at turn 1 only."""
         dialogs = self.world.gatt_dialogs(n, turns=turns)
-        cfg = SamplingConfig(max_new_tokens=24, temperature=0.0, prompt_batch_size=64)
+        cfg = SamplingConfig(max_new_tokens=40, temperature=0.0, prompt_batch_size=64)
         history = [[{"role": "system", "content": PIRATE_INSTRUCTION}] for _ in dialogs]
         rates = {}
         for t in range(turns):

@@ -384,8 +384,10 @@ class Llama2PPOTrainer:
         tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
 
         texts = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+        reward_start = time.perf_counter()
         scored = score_with(self.reward, [p.messages for p in prompts], texts,
                             is_safety=[p.is_safety for p in prompts])
+        timings["time/scoring_reward"] = time.perf_counter() - reward_start
         scores = scored.rewards.clone().float()
         if args.missing_eos_penalty is not None:
             scores = scores - args.missing_eos_penalty * (~finished).float()

@@ -200,9 +200,12 @@ class Llama2RewardTrainer(RewardTrainer):
         """TRL's margin ranking loss (+ the optional safety auxiliary loss); keeps each pair's rewards and labels
         for the per-rating / per-bin metrics."""
         mode = "train" if self.model.training else "eval"
-        rating_id, safety_bin = inputs.pop("rating_id"), inputs.pop("safety_bin")
+        rating_id, safety_bin = inputs.pop("rating_id", None), inputs.pop("safety_bin", None)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         rewards = outputs.logits.squeeze(-1)  # (2B,): chosen rows, then rejected rows
+        unknown = torch.full((rewards.shape[0] // 2,), -1, device=rewards.device)  # a collator without pair labels
+        rating_id = unknown if rating_id is None else rating_id
+        safety_bin = unknown if safety_bin is None else safety_bin
         if self.args.safety_aux_loss_coef:
             aux = safety_auxiliary_loss(rewards, torch.cat(response_safety(safety_bin)))
             loss = loss + self.args.safety_aux_loss_coef * aux

@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from datasets import Dataset, IterableDataset
 from trl import SFTConfig, SFTTrainer
 
-from ..collators import PACKING_STRATEGIES, DataCollatorForAnswerOnlyLM, DataCollatorForPackedLM, pack_dataset
+from accelerate.utils import is_peft_model
+
+from ..collators import (
+    PACKING_STRATEGIES,
+    DataCollatorForAnswerOnlyLM,
+    DataCollatorForPackedLM,
+    pack_dataset,
+    use_packed_sdpa,
+)
 from ..data import ON_INVALID, ON_OVERLENGTH, DataReport, load_any, prepare_sft_dataset
 from ..tokenization_llama2 import Llama2Tokenizer
 
@@ -71,6 +79,10 @@ class Llama2SFTConfig(SFTConfig):
     global_batch_size: int | None = field(default=64, metadata={
         "help": "Rows per optimizer step over all processes (64: paper §3.1); sets gradient_accumulation_steps. "
                 "None leaves gradient_accumulation_steps as given."})
+    packed_attention: str = field(default="auto", metadata={
+        "help": "Attention over packed rows: 'segmented' runs sdpa per example (no work on masked-out blocks; best on "
+                "CPU), 'model' keeps the model's kernel (a block-diagonal mask, or FlashAttention's varlen kernel), "
+                "'auto' = segmented for an sdpa model on CPU, else model.", "choices": ["auto", "segmented", "model"]})
     train_on: str = field(default="all", metadata={
         "help": "Answer tokens that carry the loss: 'all' assistant turns or only the 'last' (Ghost Attention).",
         "choices": ["all", "last"]})
@@ -85,11 +97,15 @@ class Llama2SFTConfig(SFTConfig):
         if self.packing_strategy not in PACKING_STRATEGIES:
             raise ValueError(f"packing_strategy must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}: "
                              "TRL's padding-free strategies flatten a batch into one row, which is not used here")
+        if self.packed_attention not in ("auto", "segmented", "model"):
+            raise ValueError(f"packed_attention must be 'auto', 'segmented' or 'model', got {self.packed_attention!r}")
         if self.train_on not in ("all", "last"):
             raise ValueError(f"train_on must be 'all' or 'last', got {self.train_on!r}")
         if self.assistant_only_loss or self.completion_only_loss is False:
             raise ValueError("Llama2SFTTrainer always takes the loss on answer tokens only; choose which with "
                              "train_on ('all' or 'last') instead of assistant_only_loss / completion_only_loss")
+        if self.eval_packing and not self.packing:
+            raise ValueError("eval_packing=True needs packing=True (packed rows need the packed collator)")
         if self.packing and self.max_length is None:
             raise ValueError("packing needs max_length (the row length)")
         apply_global_batch_size(self)
@@ -135,6 +151,11 @@ class Llama2SFTTrainer(SFTTrainer):
         self.data_reports: dict[str, DataReport] = {}
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        if args.packing and (args.packed_attention == "segmented" or (
+                args.packed_attention == "auto" and args.device.type == "cpu"
+                and base.config._attn_implementation == "sdpa")):
+            use_packed_sdpa(base)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """Tokenize in the Llama 2-Chat format with answer-only labels (policies applied), then pack into rows."""

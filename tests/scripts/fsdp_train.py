@@ -1,26 +1,32 @@
 """Sharded (FSDP2) training and generation of a tiny Llama2ForCausalLM on CPU, for tests/test_fsdp.py.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/scripts/fsdp_train.py --out result.json
-    # or, without a launcher or ports (what the test does): start one process per rank sharing a rendezvous file
+    # or, without a launcher or ports: one process per rank sharing a rendezvous file
     python tests/scripts/fsdp_train.py --out result.json --rank R --world-size 2 --init-file /tmp/rdzv
+
+(tests/test_fsdp.py forks the ranks from the test process and calls `run`, which skips re-importing torch.)
 
 Each `Llama2DecoderLayer` and then the root model are wrapped with torch's `fully_shard` over gloo (accelerate's FSDP
 falls back to DDP on CPU, so this is how the sharded code paths are exercised without GPUs). The script trains a few
 AdamW steps (paper §2.2 optimizer settings, gradient clipping 1.0) on each rank's slice of a global batch, then gathers
 the full weights once (`llama2_hf.generation.full_weights_for_generation`, the paper's fix for slow generation under
-FSDP, §3.2.3, as PPO uses it), generates greedily with the KV cache, frees them again and trains one more step. Rank 0 writes the global losses, gradient norms, generated tokens,
-shard sizes and the full final weights (safetensors) for the test to compare with an unsharded run of the same
-functions (`build_model`, `make_batches`, `make_optimizer`, `train_step`) in one process.
+FSDP, §3.2.3, as PPO uses it), generates greedily with the KV cache, frees them again and trains one more step.
+Rank 0 writes the global losses, gradient norms, generated tokens, shard sizes and the full final weights
+(safetensors) for the test to compare with an unsharded run of the same functions (`build_model`, `make_batches`,
+`make_optimizer`, `train_step`) in one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -59,8 +65,8 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor) -> tuple[float,
-                                                                                                            float]:
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               input_ids: torch.Tensor) -> tuple[float, float]:
     """One optimizer step on `input_ids` (B, T); returns (this process's loss, global gradient norm before clipping).
 
     Under FSDP the gradients are DTensors: `clip_grad_norm_` then computes the norm over all shards."""
@@ -98,22 +104,23 @@ def greedy(model: torch.nn.Module) -> dict[str, list]:
     return {"transformers": hf[0, len(PROMPTS[0]):].tolist(), "llama2_hf": [r[0] for r in ours.response_ids]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="JSON results (rank 0); weights go to <out>.safetensors")
-    p.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK from torchrun)")
-    p.add_argument("--world-size", type=int, default=None, help="number of processes (with --rank)")
-    p.add_argument("--init-file", default=None, help="rendezvous file shared by the ranks (with --rank); it must "
-                   "not exist beforehand")
-    args = p.parse_args(argv)
-
+def run(out: str, rank: int | None = None, world_size: int | None = None, init_file: str | None = None) -> None:
+    """One rank's work. With `rank=None` the process group comes from torchrun's environment (env://); otherwise the
+    ranks meet through `init_file` (a FileStore: no ports, so parallel test runs cannot collide)."""
     torch.set_num_threads(1)
     timeout = timedelta(seconds=60)  # a rank that dies makes the others fail within a minute instead of hanging
-    if args.rank is None:
-        dist.init_process_group("gloo", timeout=timeout)  # env:// from torchrun
+    if rank is None:
+        dist.init_process_group("gloo", timeout=timeout)
     else:
-        store = dist.FileStore(args.init_file, args.world_size)
-        dist.init_process_group("gloo", store=store, rank=args.rank, world_size=args.world_size, timeout=timeout)
+        store = dist.FileStore(init_file, world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+    try:
+        _train_and_generate(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_and_generate(out: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if GLOBAL_BATCH % world:
         raise ValueError(f"GLOBAL_BATCH={GLOBAL_BATCH} must be divisible by the world size {world}")
@@ -140,24 +147,31 @@ def main(argv: list[str] | None = None) -> int:
     resharded = all(isinstance(p, DTensor) for p in model.parameters())
     history += [step(b) for b in batches[STEPS_BEFORE_GENERATION:]]
 
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     per_rank_info = [None] * world
     dist.all_gather_object(per_rank_info, {"local_numel": local_numel, "generated": generated,
                                            "all_dtensor": all_dtensor, "gathered_is_plain": gathered_is_plain,
                                            "resharded": resharded})
     if rank == 0:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state.items()}, args.out + ".safetensors")
+        save_file({k: v.contiguous() for k, v in state.items()}, out + ".safetensors")
         result = {"world_size": world, "full_numel": full_numel, "losses": [h[0] for h in history],
                   "grad_norms": [h[1] for h in history], "ranks": per_rank_info,
                   "layers_are_fsdp_units": all(isinstance(layer, FSDPModule) for layer in model.model.layers)}
-        with open(args.out, "w") as f:
+        with open(out + ".tmp", "w") as f:
             json.dump(result, f)
+        os.replace(out + ".tmp", out)  # the file appears complete or not at all
     dist.barrier()
-    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON results (rank 0); weights go to <out>.safetensors")
+    p.add_argument("--rank", type=int, default=None, help="this process's rank (default: from torchrun)")
+    p.add_argument("--world-size", type=int, default=None, help="number of processes (with --rank)")
+    p.add_argument("--init-file", default=None, help="rendezvous file shared by the ranks (with --rank); it must "
+                   "not exist beforehand")
+    args = p.parse_args(argv)
+    run(args.out, args.rank, args.world_size, args.init_file)
     return 0
 
 
