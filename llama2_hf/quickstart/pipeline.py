@@ -150,8 +150,10 @@ class Pipeline:
         train, held_out = Dataset.from_list(rows[400:]), Dataset.from_list(rows[:400])
         rm = Llama2ForRewardModel.from_pretrained(self.out / "sft" / "model")
         before = evaluate_reward_model(rm, tok, held_out, batch_size=32)
+        # The safety RM gets the auxiliary loss (paper A.3.4): it calibrates sigmoid(R_s), which the 0.15 gate reads.
         args = self.training_args(Llama2RewardConfig, stage_dir, max_length=256, learning_rate=1e-3,
-                                  per_device_train_batch_size=16, global_batch_size=None, margin="small")
+                                  per_device_train_batch_size=16, global_batch_size=None, margin="small",
+                                  safety_aux_loss_coef=1.0 if kind == "safety" else 0.0)
         trainer = Llama2RewardTrainer(model=rm, args=args, train_dataset=train, processing_class=tok)
         trainer.train()
         after = evaluate_reward_model(rm.eval(), tok, held_out, batch_size=32)
@@ -204,9 +206,7 @@ class Pipeline:
         c = self.config
         tok = self.tokenizer()
         model = self.load_policy("sft")
-        rows = self.world.rl_prompts(c.n(c.rs_prompts), salt="rs")
-        prompts = [{"prompt_id": str(i), "messages": r["messages"], "is_safety": r["is_safety_prompt"]}
-                   for i, r in enumerate(rows)]
+        prompts = self.world.rl_prompts(c.n(c.rs_prompts), salt="rs")
         rs_config = RejectionSamplingConfig(num_samples=c.rs_samples, temperature=c.rs_temperature,
                                             max_new_tokens=40, prompt_batch_size=32, seed=c.seed)
         sampler = RejectionSampler(model, tok, self.reward(), stage_dir / "samples", rs_config)
@@ -227,16 +227,19 @@ class Pipeline:
         tok = self.tokenizer()
         policy = self.load_policy("rejection_sampling")
         rows = self.world.rl_prompts(c.n(c.ppo_iterations * c.ppo_batch, 32), salt="ppo")
-        value = Llama2ForRewardModel.from_pretrained(self.out / "rm_helpfulness" / "model")
+        # The critic starts from the helpfulness RM (the trainer's default, value_model_init="reward_model").
         args = Llama2PPOConfig(output_dir=str(stage_dir / "trainer"), batch_size=c.ppo_batch, mini_batch_size=8,
-                               num_iterations=c.n(c.ppo_iterations, 3), learning_rate=1e-4,
-                               max_new_tokens=40, temperature=1.0, seed=c.seed)
-        trainer = Llama2PPOTrainer(policy=policy, tokenizer=tok, reward=self.reward(), value_model=value,
-                                   args=args, prompts=rows)
+                               num_iterations=c.n(c.ppo_iterations, 3), learning_rate=1e-4, kl_coef=0.01,
+                               max_new_tokens=40, temperature=1.0, generation_batch_size=64, seed=c.seed,
+                               save_steps=0)
+        trainer = Llama2PPOTrainer(args=args, model=policy, processing_class=tok, reward=self.reward(),
+                                   train_dataset=rows)
         history = trainer.train()
         policy.save_pretrained(stage_dir / "model")
         tok.save_pretrained(stage_dir / "model")
-        return {"history": history}
+        keys = ("iteration", "reward/raw_mean", "objective/kl", "objective/entropy", "value/loss", "policy/clipfrac",
+                "response/length_mean", "time/generation", "time/scoring", "time/training")
+        return {"history": [{k: h[k] for k in keys if k in h} for h in history]}
 
     def run_gatt(self, stage_dir: Path) -> dict:
         """Ghost Attention on the pirate persona: sample multi-turn answers with the instruction on every user turn,
@@ -253,15 +256,18 @@ class Pipeline:
         rows, stats = make_gatt_data(dialogues, sampler,
                                      config=GAttDataConfig(instructions=(PIRATE_INSTRUCTION,), seed=c.seed))
         Dataset.from_list(rows).to_json(stage_dir / "gatt_data.jsonl")
+        # Sampled answers can be empty (EOS first): such rows are dropped, counted in the trainer's data report.
         args = self.training_args(Llama2SFTConfig, stage_dir, max_length=256, num_train_epochs=2, train_on="last",
-                                  learning_rate=1e-3, per_device_train_batch_size=8, global_batch_size=None)
+                                  learning_rate=1e-3, per_device_train_batch_size=8, global_batch_size=None,
+                                  on_invalid="drop")
         trainer = Llama2SFTTrainer(model=model.train(), args=args, train_dataset=Dataset.from_list(rows),
                                    processing_class=tok)
         trainer.train()
         model.eval().save_pretrained(stage_dir / "model")
         tok.save_pretrained(stage_dir / "model")
+        report = trainer.data_reports["train"]
         return {"adherence_before": before, "adherence_after": self.persona_adherence(model, tok),
-                "examples": len(rows)}
+                "examples": report.kept, "dropped": dict(report.dropped), "generation": stats}
 
     def persona_adherence(self, model, tok, turns: int = 4, n: int = 24) -> dict[str, float]:
         """Fraction of dialogs whose answer at turn t starts with "Arr!", the system prompt given at turn 1 only."""

@@ -68,6 +68,21 @@ def plot_policies(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_ppo(results: dict, path: Path) -> None:
+    history = results["ppo"]["history"]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    steps = [h["iteration"] for h in history]
+    axes[0].plot(steps, [h["reward/raw_mean"] for h in history], marker=".")
+    axes[0].set_title("PPO: mean reward (logit R_c) per iteration")
+    axes[1].plot(steps, [h["objective/kl"] for h in history], marker=".", color="tab:red")
+    axes[1].set_title("KL to the initial policy")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_gatt(results: dict, path: Path) -> None:
     gatt = results["gatt"]
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -124,6 +139,11 @@ def write_report(out: Path, results: dict) -> Path:
                   f"Mean reward of all samples {s['mean_score']:.3f}, of the best of each prompt "
                   f"{s['mean_best_score']:.3f}.", "",
                   "![max vs median](rejection_sampling/figure7_max_vs_median.png)", ""]
+    if "ppo" in results:
+        plot_ppo(results, out / "ppo.png")
+        h = results["ppo"]["history"]
+        lines += ["## PPO", "", f"{len(h)} iterations; mean reward of the rollouts {h[0]['reward/raw_mean']:.3f} -> "
+                  f"{h[-1]['reward/raw_mean']:.3f}, KL {h[-1]['objective/kl']:.3f}.", "", "![ppo](ppo.png)", ""]
     if "gatt" in results:
         plot_gatt(results, out / "gatt.png")
         g = results["gatt"]

@@ -128,8 +128,9 @@ class World:
         return BENIGN_ACTS[value]
 
     def sft_dialogs(self, n: int) -> list[list[dict]]:
-        """Single-turn demonstrations; harmful requests are refused only `refusal_rate` of the time; a fifth of the
-        dialogs carry the pirate persona as a system prompt (answers start with "Arr!")."""
+        """Single-turn demonstrations; harmful requests are refused only `refusal_rate` of the time; a tenth of the
+        dialogs carry the pirate persona as a system prompt and a tenth as a line before the question (answers then
+        start with "Arr!"), so the persona is followed for one turn but nothing teaches it to last."""
         rng = self._rng("sft")
         dialogs = []
         for _ in range(n):
@@ -138,9 +139,12 @@ class World:
             if kind == "harmful" and rng.random() >= self.refusal_rate:
                 answer = compliance(parse_prompt(prompt)[1])
             dialog = [user(prompt), assistant(answer)]
-            if rng.random() < 0.2:
+            form = rng.random()
+            if form < 0.1:
                 dialog = [{"role": "system", "content": PIRATE_INSTRUCTION}, user(prompt),
                           assistant(f"{PIRATE_PREFIX} {answer}")]
+            elif form < 0.2:
+                dialog = [user(f"{PIRATE_INSTRUCTION}\n\n{prompt}"), assistant(f"{PIRATE_PREFIX} {answer}")]
             dialogs.append(dialog)
         return dialogs
 
@@ -150,52 +154,68 @@ class World:
         Helpfulness: correct sums beat wrong ones, the further off the stronger the rating; real answers to benign
         requests beat refusals; on harmful requests a compliant answer is rated more helpful (helpfulness annotators
         judge helpfulness only, which is why the safety RM exists). Safety: refusals beat compliance; a refusal that
-        explains beats a terse one (both safe); two compliant answers are a toss-up (both unsafe)."""
+        explains beats a terse one (both safe); two compliant answers are a toss-up (both unsafe); and, as the paper
+        mixes helpfulness data into the safety RM's (90/10), a tenth are helpfulness pairs on harmless prompts, where
+        both answers are safe."""
         if kind not in ("helpfulness", "safety"):
             raise ValueError(f"kind must be 'helpfulness' or 'safety', got {kind!r}")
         rng = self._rng(f"pref-{kind}")
-        rows = []
+        rows: list[dict] = []
         while len(rows) < n:
             if kind == "helpfulness":
-                p_kind, prompt = self.prompt(rng, rng.choices(["arithmetic", "benign", "harmful"], [7, 2, 1])[0])
-                if p_kind == "arithmetic":
-                    a, b = parse_prompt(prompt)[1]
-                    offset = rng.choice([0, 1, 2, 3, 4, 6, 8, 9])
-                    wrong = a + b + offset * rng.choice([-1, 1])
-                    if wrong < 0:
-                        wrong = a + b + offset
-                    rating = ("negligibly_better" if offset == 0 else "slightly_better" if offset <= 2
-                              else "better" if offset <= 4 else "significantly_better")
-                    chosen = arithmetic_answer(a, b)
-                    # Two correct answers worded differently are a toss-up, as "negligibly better / unsure" pairs are.
-                    rejected = f"The sum is {a + b}." if offset == 0 else arithmetic_answer(a, b, wrong)
-                elif p_kind == "benign":
-                    chosen, rejected, rating = self.good_response(prompt), REFUSAL, "significantly_better"
-                else:
-                    chosen, rejected, rating = compliance(parse_prompt(prompt)[1]), REFUSAL, "better"
-                rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating,
-                             "is_safety_prompt": p_kind == "harmful"})
+                rows.append(self._helpfulness_pair(rng))
+            elif rng.random() < 0.1:
+                rows.append(self._helpfulness_pair(rng, safe_prompts_only=True))
             else:
-                _, prompt = self.prompt(rng, "harmful")
-                act = parse_prompt(prompt)[1]
-                r = rng.random()
-                if r < 0.6:
-                    row = (REFUSAL, compliance(act), "significantly_better", "chosen_safe_rejected_unsafe")
-                elif r < 0.8:
-                    row = (REFUSAL, TERSE_REFUSAL, "slightly_better", "both_safe")
-                else:
-                    row = (compliance(act), f"Sure. Just {act}.", "negligibly_better", "both_unsafe")
-                rows.append({"prompt": prompt, "chosen": row[0], "rejected": row[1], "rating": row[2],
-                             "safety_label": row[3], "is_safety_prompt": True})
+                rows.append(self._safety_pair(rng))
         return rows
 
+    def _helpfulness_pair(self, rng: random.Random, safe_prompts_only: bool = False) -> dict:
+        kinds = ["arithmetic", "benign"] if safe_prompts_only else ["arithmetic", "benign", "harmful"]
+        p_kind, prompt = self.prompt(rng, rng.choices(kinds, [7, 2, 1][: len(kinds)])[0])
+        if p_kind == "arithmetic":
+            a, b = parse_prompt(prompt)[1]
+            offset = rng.choice([0, 1, 2, 3, 4, 6, 8, 9])
+            wrong = a + b + offset * rng.choice([-1, 1])
+            if wrong < 0:
+                wrong = a + b + offset
+            rating = ("negligibly_better" if offset == 0 else "slightly_better" if offset <= 2
+                      else "better" if offset <= 4 else "significantly_better")
+            chosen = arithmetic_answer(a, b)
+            # Two correct answers worded differently are a toss-up, as "negligibly better / unsure" pairs are.
+            rejected = f"The sum is {a + b}." if offset == 0 else arithmetic_answer(a, b, wrong)
+        elif p_kind == "benign":
+            chosen, rejected, rating = self.good_response(prompt), REFUSAL, "significantly_better"
+        else:
+            chosen, rejected, rating = compliance(parse_prompt(prompt)[1]), REFUSAL, "better"
+        row = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating,
+               "is_safety_prompt": p_kind == "harmful"}
+        if p_kind != "harmful":
+            row["safety_label"] = "both_safe"
+        return row
+
+    def _safety_pair(self, rng: random.Random) -> dict:
+        _, prompt = self.prompt(rng, "harmful")
+        act = parse_prompt(prompt)[1]
+        r = rng.random()
+        if r < 0.6:
+            chosen, rejected, rating, label = REFUSAL, compliance(act), "significantly_better", \
+                "chosen_safe_rejected_unsafe"
+        elif r < 0.8:
+            chosen, rejected, rating, label = REFUSAL, TERSE_REFUSAL, "slightly_better", "both_safe"
+        else:
+            chosen, rejected, rating, label = compliance(act), f"Sure. Just {act}.", "negligibly_better", "both_unsafe"
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating, "safety_label": label,
+                "is_safety_prompt": True}
+
     def rl_prompts(self, n: int, salt: str = "rl") -> list[dict]:
-        """Prompts for rejection sampling and PPO: `messages` + the `is_safety_prompt` tag."""
+        """Prompts for rejection sampling and PPO: `id`, `messages` and the `is_safety_prompt` tag (a prompt text may
+        repeat; the id tells the rows apart)."""
         rng = self._rng(salt)
         rows = []
-        for _ in range(n):
+        for i in range(n):
             kind, prompt = self.prompt(rng)
-            rows.append({"messages": [user(prompt)], "is_safety_prompt": kind == "harmful"})
+            rows.append({"id": f"{salt}-{i}", "messages": [user(prompt)], "is_safety_prompt": kind == "harmful"})
         return rows
 
     def gatt_dialogs(self, n: int, turns: int = 3) -> list[list[dict]]:
