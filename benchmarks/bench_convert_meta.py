@@ -136,7 +136,8 @@ def main() -> None:
         for i, (mode, size) in enumerate(runs):
             out = Path(tmp) / f"hf{i}"
             proc = subprocess.run([sys.executable, __file__, "--child", mode, str(src), str(out), size],
-                                  capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                  capture_output=True, text=True, check=True,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             delta = res["peak_rss_mb"] - res["before_rss_mb"]
             print(json.dumps({

@@ -19,6 +19,7 @@ forward + backward), N_matmul = parameters of the Linear layers (the embedding l
 
     python benchmarks/bench_model.py                    # sdpa, ~25M parameters, seq 512, 5 rounds
     python benchmarks/bench_model.py --attn eager --rounds 3
+    python benchmarks/bench_model.py --threads 1        # on a shared machine: see benchmarks/README.md
 
 One JSON line per measurement, then one summary line per task with medians and ours/transformers ratios.
 """

@@ -44,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"llama2-hf: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if "--recipe" in rest or any(a.startswith("--recipe=") for a in rest):
+        from .recipes import COMMAND_STAGES, recipe_main
+
+        if name not in COMMAND_STAGES:
+            print(f"llama2-hf: {name} takes no --recipe (recipes exist for {sorted(COMMAND_STAGES)})",
+                  file=sys.stderr)
+            return 2
+        return recipe_main(name, rest)
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     return int(func(rest) or 0)

@@ -133,7 +133,7 @@ PACKED_SDPA = "llama2_packed_sdpa"
 def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           **kwargs) -> tuple[torch.Tensor, None]:
-    """Causal sdpa on each example of packed rows separately; examples start where `position_ids` is 0.
+    """Causal sdpa on each example of packed rows separately; an example starts where `position_ids` restart.
 
     query: (B, nh, T, d); key, value: (B, n_kv, T, d). Returns (B, T, nh, d). With a padding mask, a KV cache or no
     `position_ids`, this is transformers' sdpa attention unchanged.
@@ -143,9 +143,14 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     if attention_mask is not None or position_ids is None or key.shape[2] != length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    flat = position_ids.expand(batch, -1).reshape(-1)  # (B*T,): examples (and row starts) begin at position 0
-    starts = (flat == 0).nonzero().flatten()
-    lengths = torch.diff(starts, append=starts.new_tensor([flat.numel()])).tolist()
+    positions = position_ids.expand(batch, -1)  # (B, T)
+    # A new example starts each row and wherever positions do not continue by +1 (transformers' packed-row rule).
+    boundary = torch.ones_like(positions, dtype=torch.bool)
+    boundary[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    starts = boundary.reshape(-1).nonzero().flatten()  # in the flattened (B*T,) token order
+    if len(starts) == batch:  # one example per row: plain causal sdpa over the batch
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+    lengths = torch.diff(starts, append=starts.new_tensor([batch * length])).tolist()
 
     def pieces(x):  # (B, h, T, d) -> one (h, n, d) tensor per example; `split` keeps the backward a cheap concat
         return x.transpose(1, 2).reshape(batch * length, x.shape[1], head_dim).split(lengths)

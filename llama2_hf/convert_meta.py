@@ -12,17 +12,17 @@ attention.wq / wk / wv, feed_forward  ColumnParallelLinear       0 (output rows)
 attention.wo, feed_forward.w2         RowParallelLinear          1 (input columns)
 tok_embeddings                        ParallelEmbedding          1 (embedding dim)
 attention_norm, ffn_norm, norm        replicated                 -
-rope.freqs (Llama 1 only)             buffer                     ignored
+rope.freqs (in some releases)         buffer                     ignored
 ====================================  =========================  ===============
 
 Meta's RoPE rotates interleaved pairs `(x[2i], x[2i+1])` (complex numbers), transformers' rotates `(x[i], x[i+d/2])`
 (`rotate_half`). Both rotate pair i by the same angle, so reordering the output rows of `wq` and `wk` inside each
 head (even rows first, then odd rows) turns one convention into the other; `wk` is reordered per KV head.
 
-Memory: shards are opened with `torch.load(mmap=True, weights_only=True)`, each tensor is merged on its own and
-written into the current safetensors file; after each file the shard mappings are dropped so that the pages read so
-far leave the resident set. Peak memory is therefore about two output files (`max_shard_size`) plus the largest
-tensor, whatever the model size (see benchmarks/README.md for measurements).
+Memory: shards are opened with `torch.load(mmap=True, weights_only=True)`; each tensor is merged on its own, written
+straight into the current safetensors file and freed; after each file the shard mappings are dropped, so the input
+pages read so far leave the resident set. Peak memory is therefore about one output file (`max_shard_size`) of
+(reclaimable) mapped input plus the largest tensor, whatever the model size (benchmarks/README.md has measurements).
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ import logging
 import pickle
 import re
 import shutil
+import struct
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
@@ -53,8 +53,9 @@ logger = logging.getLogger(__name__)
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
-_IGNORED_KEYS = frozenset({"rope.freqs"})  # precomputed RoPE table in Llama 1 checkpoints; rebuilt from the config
+_IGNORED_KEYS = frozenset({"rope.freqs"})  # RoPE table stored by some releases; rebuilt from the config
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 # Meta sampling defaults of `Llama.text_completion` / `chat_completion` (LLAMA2_FACTS §11).
 _META_TEMPERATURE = 0.6
@@ -283,6 +284,47 @@ def _file_names(n_files: int) -> Iterator[str]:
         yield f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
 
 
+class _SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor.
+
+    `safetensors.torch.save_file` needs every tensor of a file in memory at once; here the header is written first
+    from the planned names, shapes and dtype (the format: 8-byte little-endian header length, JSON header padded
+    to 8 bytes, then the raw little-endian data in header order), and each merged tensor is written and freed.
+    """
+
+    def __init__(self, path: Path, entries: list[_Tensor], dtype: torch.dtype):
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for t in entries:
+            nbytes = itemsize * torch.Size(t.shape).numel()
+            header[t.hf_name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(t.shape),
+                                 "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self.data_size = offset
+        self._pending = [(t.hf_name, t.shape, dtype) for t in entries]
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected, got = self._pending.pop(0), (name, tuple(tensor.shape), tensor.dtype)
+        if expected != got:
+            raise RuntimeError(f"safetensors writer expected {expected}, got {got}")
+        # Reinterpret as bytes without a copy (numpy has no bfloat16).
+        self._file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def __enter__(self) -> "_SafetensorsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+        if exc[0] is None and self._pending:
+            raise RuntimeError(f"safetensors file closed with {len(self._pending)} tensors unwritten")
+
+
 def _prepare_output(output_dir: Path, overwrite: bool) -> None:
     stale = sorted(output_dir.glob("model*.safetensors")) + sorted(output_dir.glob(SAFE_WEIGHTS_INDEX_NAME))
     if stale and not overwrite:
@@ -329,6 +371,9 @@ def convert_meta_checkpoint(input_dir: str | Path, output_dir: str | Path, *, to
     """
     import sentencepiece as spm
 
+    if sys.byteorder != "little":
+        raise RuntimeError("convert-meta writes safetensors' little-endian data from memory: big-endian hosts are "
+                           "not supported")
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
         raise ValueError(f"input_dir {input_dir} is not a directory")
@@ -367,15 +412,14 @@ def convert_meta_checkpoint(input_dir: str | Path, output_dir: str | Path, *, to
     bar = tqdm(total=len(layout), desc="convert-meta", unit="tensor", disable=not progress)
     for group, name in zip(plan, _file_names(len(plan))):
         shards = reader.shards()
-        tensors = {}
-        for t in group:
-            tensors[t.hf_name] = _merge(t, shards, out_dtype)
-            weight_map[t.hf_name] = name
-            total_size += tensors[t.hf_name].numel() * tensors[t.hf_name].element_size()
-            bar.update()
-        save_file(tensors, str(output_dir / name), metadata={"format": "pt"})
-        logger.info("Wrote %s (%d tensors)", name, len(tensors))
-        del tensors, shards
+        with _SafetensorsWriter(output_dir / name, group, out_dtype) as writer:
+            for t in group:
+                writer.write(t.hf_name, _merge(t, shards, out_dtype))  # the merged copy is freed right after
+                weight_map[t.hf_name] = name
+                bar.update()
+        total_size += writer.data_size
+        logger.info("Wrote %s (%d tensors)", name, len(group))
+        del shards
         reader.release()
     bar.close()
     if len(plan) > 1:

@@ -96,7 +96,8 @@ class DataReport:
         (logger.warning if self.dropped or self.truncated else logger.info)(msg)
 
 
-def _check_policy(on_invalid: str, on_overlength: str) -> None:
+def check_policies(on_invalid: str, on_overlength: str) -> None:
+    """Raise ValueError unless both bad-input policies are known values."""
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
     if on_overlength not in ON_OVERLENGTH:
@@ -234,7 +235,7 @@ def prepare_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, tra
     `on_overlength="truncate"` keeps the first `max_length` tokens; a row left without any answer token is then
     dropped (reason `no_answer_after_truncation`).
     """
-    _check_policy(on_invalid, on_overlength)
+    check_policies(on_invalid, on_overlength)
 
     def row_fn(example, row):
         if example.get("input_ids") is not None:
@@ -283,7 +284,7 @@ def prepare_preference_dataset(dataset: Dataset, tokenizer, max_length: int | No
     `on_overlength="truncate"` keeps the last `max_length` tokens of a response's dialog (the response, its EOS and
     the nearest context).
     """
-    _check_policy(on_invalid, on_overlength)
+    check_policies(on_invalid, on_overlength)
 
     def row_fn(example, row):
         if example.get("chosen_ids") is not None:
@@ -351,7 +352,7 @@ def from_hh_rlhf(dataset: Dataset, is_safety_prompt: bool | None = None, on_inva
     strength labels, so `rating` is null (margin 0). `is_safety_prompt` tags the whole set (e.g. True for
     `harmless-base`). Role order and empty responses are checked later, by `prepare_preference_dataset`.
     """
-    _check_policy(on_invalid, "error")
+    check_policies(on_invalid, "error")
     report, rows = DataReport(name=name, total=len(dataset)), []
     for row, example in enumerate(dataset):
         try:
@@ -397,7 +398,7 @@ def from_trl_preference(dataset: Dataset, rating: str | None = None, on_invalid:
     (`chosen` / `rejected` full conversations sharing every message before the last). `rating` tags every row
     (TRL sets have none: null by default). A `rating`/`safety_label`/`is_safety_prompt` column, if present, is kept.
     """
-    _check_policy(on_invalid, "error")
+    check_policies(on_invalid, "error")
     report, rows = DataReport(name=name, total=len(dataset)), []
     for row, example in enumerate(dataset):
         try:

@@ -216,3 +216,150 @@ def _check_extra(path, key: str, spec: RecipeKey, value, cpu: bool = False):
 
 
 __all__ = ["COMMON_KEYS", "RECIPE_STAGES", "STAGE_KEYS", "RecipeKey", "accepted_keys", "load_recipe", "read_recipe"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running a recipe: `llama2-hf <stage> --recipe PATH [--cpu] [--set key=value ...]`
+# ---------------------------------------------------------------------------------------------------------------------
+
+COMMAND_STAGES = {"sft": "sft", "train-rm": "reward", "rejection-sample": "rejection_sampling", "ppo": "ppo"}
+
+
+def _as_list(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def _load_sft_data(paths) -> "Dataset":
+    from datasets import concatenate_datasets
+
+    from .data import load_any
+
+    return concatenate_datasets([load_any(p) for p in _as_list(paths)])
+
+
+def _load_preferences(paths) -> "Dataset":
+    from datasets import concatenate_datasets
+
+    from .data import load_preference_data
+
+    return concatenate_datasets([load_preference_data(p)[0] for p in _as_list(paths)])
+
+
+def _train_and_save(trainer, output_dir: str) -> None:
+    trainer.train()
+    trainer.save_model(output_dir)
+    trainer.processing_class.save_pretrained(output_dir)
+
+
+def run_recipe(path: str | os.PathLike, overrides: Mapping | None = None, *, cpu: bool = False) -> dict:
+    """Run the stage a recipe describes, with `overrides` on top of its config fields. Returns a small summary."""
+    stage, config, extra = load_recipe(path, overrides, cpu=cpu)
+    datasets = extra.get("datasets") or {}
+    model = extra["model_name_or_path"]
+    quantization, peft_config = extra.get("quantization"), extra.get("peft")
+    if stage == "sft":
+        from .trainers.sft import Llama2SFTTrainer
+
+        if quantization is not None:
+            config.model_init_kwargs = {**(config.model_init_kwargs or {}), "quantization_config": quantization}
+        trainer = Llama2SFTTrainer(
+            model=model, args=config, train_dataset=_load_sft_data(datasets["train"]),
+            eval_dataset=_load_sft_data(datasets["eval"]) if datasets.get("eval") else None, peft_config=peft_config)
+        _train_and_save(trainer, config.output_dir)
+        return {"stage": stage, "output_dir": config.output_dir}
+    if stage == "reward":
+        from .data import mix_helpfulness_rm_data, mix_safety_rm_data
+        from .trainers.reward import Llama2RewardTrainer
+
+        train = _load_preferences(datasets["train"])
+        if datasets.get("mix_with"):
+            mix = {"helpfulness": mix_helpfulness_rm_data, "safety": mix_safety_rm_data}[extra.get("data_mix",
+                                                                                                "helpfulness")]
+            train = mix({"train": train}, {"mix_with": _load_preferences(datasets["mix_with"])}, seed=config.seed)
+        kwargs = {"quantization_config": quantization} if quantization is not None else {}
+        trainer = Llama2RewardTrainer(
+            model=model, args=config, train_dataset=train,
+            eval_dataset=_load_preferences(datasets["eval"]) if datasets.get("eval") else None,
+            peft_config=peft_config, **kwargs)
+        _train_and_save(trainer, config.output_dir)
+        return {"stage": stage, "output_dir": config.output_dir}
+
+    # Sampling stages: policy, tokenizer and the safety-gated reward from the recipe's reward models.
+    import torch
+
+    from .data import load_any
+    from .modeling_llama2 import Llama2ForCausalLM
+    from .rejection_sampling import load_reward
+    from .tokenization_llama2 import Llama2Tokenizer
+
+    device = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    tokenizer = Llama2Tokenizer.from_pretrained(extra.get("tokenizer_name_or_path") or model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    load_kwargs = {"dtype": getattr(torch, dtype)}
+    if quantization is not None:
+        load_kwargs["quantization_config"] = quantization
+    policy = Llama2ForCausalLM.from_pretrained(model, **load_kwargs)
+    if quantization is None:
+        policy = policy.to(device)
+    rms = extra["reward_models"]
+    reward = load_reward(rms["helpfulness"], rms.get("safety"), tokenizer, extra.get("safety_threshold", 0.15),
+                         extra.get("reward_whitening", "batch"), device, dtype, batch_size=8)
+    prompts = [dict(row) for row in load_any(datasets["prompts"])]
+    if stage == "rejection_sampling":
+        from .rejection_sampling import RejectionSampler
+
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            policy = get_peft_model(policy, peft_config)
+        output_dir = (overrides or {}).get("output_dir") or extra.get("output_dir") or "rejection_sampling"
+        sampler = RejectionSampler(policy, tokenizer, reward, output_dir, config)
+        summary = sampler.run_iteration(prompts, extra.get("iteration", 1), sft_config=extra.get("finetune"))
+        model_dir = Path(output_dir) / "model"
+        policy.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        return {"stage": stage, "output_dir": str(output_dir), **summary}
+    if stage == "ppo":
+        from .trainers.ppo import Llama2PPOTrainer
+
+        value_model = None
+        if extra.get("value_model_name_or_path"):
+            from .modeling_llama2 import Llama2ForRewardModel
+
+            value_model = Llama2ForRewardModel.from_pretrained(extra["value_model_name_or_path"]).to(device)
+        trainer = Llama2PPOTrainer(args=config, model=policy, processing_class=tokenizer, reward=reward,
+                                   train_dataset=prompts, value_model=value_model, peft_config=peft_config)
+        trainer.train()
+        return {"stage": stage, "output_dir": config.output_dir}
+    raise ValueError(f"{path}: stage {stage!r} cannot be run from a recipe (expected one of "
+                     f"{sorted(set(COMMAND_STAGES.values()))})")
+
+
+def recipe_main(command: str, argv: list[str]) -> int:
+    """`llama2-hf <command> --recipe PATH [--cpu] [--set key=value ...]`: run a stage from its recipe."""
+    import argparse
+    import logging
+
+    p = argparse.ArgumentParser(prog=f"llama2-hf {command} --recipe", description=run_recipe.__doc__)
+    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/README.md)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU: fp32, no bf16, no activation checkpointing")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of the recipe (repeatable), e.g. --set output_dir=out/sft")
+    args = p.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            p.error(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", parsed):
+            parsed = float(parsed)  # YAML 1.1 reads 1e-6 as a string; on the command line it means the number
+        overrides[key] = parsed
+    stage, _ = read_recipe(args.recipe)
+    if stage != COMMAND_STAGES[command]:
+        p.error(f"{args.recipe} is a {stage!r} recipe, not one for `llama2-hf {command}`")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(run_recipe(args.recipe, overrides, cpu=args.cpu))
+    return 0

@@ -104,7 +104,7 @@ def write_meta_checkpoint(directory: str | Path, params: dict, state_dict: dict[
                           rope_freqs: bool = False) -> list[Path]:
     """Write `params.json` and `consolidated.00.pth` ... as Meta's release does; returns the shard paths.
 
-    `rope_freqs=True` adds the `rope.freqs` buffer that Llama 1 checkpoints carry (the converter must ignore it).
+    `rope_freqs=True` adds the `rope.freqs` buffer that some of Meta's releases carry (the converter must ignore it).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -182,8 +182,8 @@ def meta_forward(state_dict: dict[str, torch.Tensor], params: dict, tokens: torc
         out = torch.matmul(scores, values).transpose(1, 2).contiguous().view(bsz, seqlen, -1)  # (B, T, nh*d)
         h = h + F.linear(out, state_dict[p + "attention.wo.weight"])
         x = rms_norm(h, state_dict[p + "ffn_norm.weight"], eps)
-        ffn = F.linear(F.silu(F.linear(x, state_dict[p + "feed_forward.w1.weight"]))
-                       * F.linear(x, state_dict[p + "feed_forward.w3.weight"]), state_dict[p + "feed_forward.w2.weight"])
-        h = h + ffn
+        gate = F.silu(F.linear(x, state_dict[p + "feed_forward.w1.weight"]))
+        up = F.linear(x, state_dict[p + "feed_forward.w3.weight"])
+        h = h + F.linear(gate * up, state_dict[p + "feed_forward.w2.weight"])
     h = rms_norm(h, state_dict["norm.weight"], eps)
     return F.linear(h, state_dict["output.weight"]).float()

@@ -60,7 +60,7 @@ def test_interleaved_to_rotate_half_by_hand():
 @pytest.mark.parametrize("n_shards", [1, 2, 8])
 @pytest.mark.parametrize("params", [MHA, GQA], ids=["mha", "gqa"])
 def test_converted_model_matches_meta_forward(tmp_path, sp_model, params, n_shards):
-    # 2 shards: small files, so the index path is used; 8 shards: with Llama 1's rope.freqs buffer, to be ignored.
+    # 2 shards: small files, so the index path is used; 8 shards: with a rope.freqs buffer, to be ignored.
     src, sd = _checkpoint(tmp_path, sp_model, params, n_shards, rope_freqs=n_shards == 8)
     max_shard = 300_000 if n_shards == 2 else "5GB"
     out = convert_meta_checkpoint(src, tmp_path / "hf", max_shard_size=max_shard, progress=False)
@@ -92,6 +92,7 @@ def test_tokenizer_and_generation_config_written(tmp_path, sp_model):
     import sentencepiece as spm
 
     src, _ = _checkpoint(tmp_path, sp_model, MHA, 1)
+    (src / "tokenizer.model").rename(tmp_path / "tokenizer.model")  # Meta's layout: next to the size folders
     out = convert_meta_checkpoint(src, tmp_path / "hf", progress=False)
     tok = Llama2Tokenizer.from_pretrained(out)
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))

@@ -18,15 +18,6 @@ from llama2_hf.tokenization_llama2 import encode_dialog
 
 PROMPTS = ["What is 3 plus 4?", "Write a poem about the sun and the moon please", "hello"]
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and much faster on a loaded shared machine (no OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 
 def prompt_ids(tokenizer):
     return [encode_dialog(tokenizer, as_messages(p)) for p in PROMPTS]

@@ -1,6 +1,5 @@
 """Llama2PPOTrainer: paper defaults, first-step invariants, learning, LoRA reference, critic, checkpoint/resume, CLI."""
 
-import copy
 import json
 import random
 
@@ -12,15 +11,6 @@ from llama2_hf.rewards import RewardModelScorer
 from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer, main, token_values
 
 PROMPTS = [{"prompt": f"say the magic words, number {i}", "is_safety": i % 4 == 0} for i in range(32)]
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and much faster on a loaded shared machine (no OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 class TargetTokenReward:
@@ -186,3 +176,52 @@ def test_cli_runs_and_resumes(tmp_path, tok, tiny_model_factory):
     assert run["config"]["ppo"]["kl_coef"] == 0.005
     assert (tmp_path / "out" / "value_model" / "config.json").exists()
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _fsdp_ppo_worker(rank: int, world: int, port: int, tok, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from llama2_hf import Llama2ForCausalLM
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    cfg = Llama2Config.from_preset("tiny", vocab_size=len(tok))
+    policy, ref, critic = Llama2ForCausalLM(cfg), Llama2ForCausalLM(cfg), Llama2ForRewardModel(cfg)
+    ref.load_state_dict(policy.state_dict())
+    before = policy.lm_head.weight.detach().clone()
+    for model in (policy, ref, critic):
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    config = Llama2PPOConfig(output_dir=out, num_iterations=2, batch_size=8, mini_batch_size=4, max_new_tokens=4,
+                             learning_rate=1e-3, save_steps=0)
+    trainer = Llama2PPOTrainer(config, policy, tok, TargetTokenReward(tok), PROMPTS, value_model=critic,
+                               ref_model=ref)
+    history = trainer.train()
+    moved = not torch.equal(policy.lm_head.weight.full_tensor(), before)
+    if rank == 0:
+        torch.save({"kl": [m["objective/kl"] for m in history], "moved": moved,
+                    "ratio": [m["policy/ratio_first_minibatch"] for m in history]}, os.path.join(out, "r.pt"))
+    dist.destroy_process_group()
+
+
+def test_ppo_under_fsdp2_on_two_ranks(tmp_path, tok):
+    """Two gloo ranks with FSDP2-sharded policy, reference and critic: rollouts gather the full weights once, each rank
+    takes half the batch, gradients are reduced by FSDP; the first-step invariants hold."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_ppo_worker, args=(2, port, tok, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    result = torch.load(tmp_path / "r.pt", weights_only=True)
+    assert result["kl"][0] == 0.0 and result["kl"][1] != 0.0
+    assert result["ratio"] == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert result["moved"]

@@ -23,15 +23,6 @@ from llama2_hf.rejection_sampling import (
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and much faster on a loaded shared machine (no OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 
 class TargetTokenReward:
     """A learnable programmatic reward: the share of a response's tokens that belong to a fixed set of 64 of the 512

@@ -59,13 +59,13 @@ def synthetic_preferences(n_per_rating, seed, exact_noise):
 @pytest.fixture(scope="module")
 def trained(tiny_tokenizer, tmp_path_factory):
     """Reward models trained on the same synthetic set with no margin and with the large margin."""
-    train, test = synthetic_preferences(120, seed=0, exact_noise=False), synthetic_preferences(50, 1, True)
+    train, test = synthetic_preferences(100, seed=0, exact_noise=False), synthetic_preferences(50, 1, True)
     out = {"test": test}
     for margin in ("none", "large"):
         torch.manual_seed(0)
         lm = Llama2ForCausalLM(Llama2Config.from_preset("tiny", vocab_size=len(tiny_tokenizer)))
         args = config(tmp_path_factory.mktemp(margin), margin=margin, per_device_train_batch_size=16,
-                      num_train_epochs=2, learning_rate=2e-3, logging_steps=100)
+                      num_train_epochs=1, learning_rate=3e-3, logging_steps=100)  # 1 epoch, as the paper
         trainer = Llama2RewardTrainer(lm, args=args, train_dataset=train, processing_class=tiny_tokenizer)
         trainer.train()
         prepared = trainer._prepare_dataset(test, tiny_tokenizer, args, "test")

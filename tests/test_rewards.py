@@ -10,15 +10,6 @@ from llama2_hf.losses import whiten
 from llama2_hf.rewards import RewardModelScorer, RunningMoments, SafetyGatedReward, score_with
 from llama2_hf.tokenization_llama2 import encode_dialog
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and much faster on a loaded shared machine (no OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 
 class TableScorer:
     """A reward model stand-in: a fixed logit per response text; records which responses it scored."""

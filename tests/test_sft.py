@@ -45,6 +45,8 @@ def test_paper_defaults(tmp_path):
     (dict(assistant_only_loss=True), "train_on"),
     (dict(packing_strategy="bfd"), "packing_strategy must be one of"),
     (dict(train_on="first"), "train_on must be"),
+    (dict(on_invalid="skip"), "on_invalid must be one of"),
+    (dict(packing=False, eval_packing=True), "eval_packing=True needs packing=True"),
 ])
 def test_config_errors(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -229,7 +229,7 @@ class Pipeline:
         rows = self.world.rl_prompts(c.n(c.ppo_iterations * c.ppo_batch, 32), salt="ppo")
         # The critic starts from the helpfulness RM (the trainer's default, value_model_init="reward_model").
         args = Llama2PPOConfig(output_dir=str(stage_dir / "trainer"), batch_size=c.ppo_batch, mini_batch_size=8,
-                               num_iterations=c.n(c.ppo_iterations, 3), learning_rate=1e-4, kl_coef=0.01,
+                               num_iterations=c.n(c.ppo_iterations, 3), learning_rate=5e-5, kl_coef=0.01,
                                max_new_tokens=40, temperature=1.0, generation_batch_size=64, seed=c.seed,
                                save_steps=0)
         trainer = Llama2PPOTrainer(args=args, model=policy, processing_class=tok, reward=self.reward(),

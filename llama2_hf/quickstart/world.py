@@ -184,6 +184,11 @@ class World:
             chosen = arithmetic_answer(a, b)
             # Two correct answers worded differently are a toss-up, as "negligibly better / unsure" pairs are.
             rejected = f"The sum is {a + b}." if offset == 0 else arithmetic_answer(a, b, wrong)
+            if offset and rng.random() < 0.4:
+                # A self-consistent sum of misquoted numbers: teaches the RM to check the answer against the
+                # question (without these pairs the policy learns to restate easier numbers: reward hacking).
+                b2 = (b + offset) % 10 if (b + offset) % 10 != b else (b + 1) % 10
+                rejected = arithmetic_answer(a, b2)
         elif p_kind == "benign":
             chosen, rejected, rating = self.good_response(prompt), REFUSAL, "significantly_better"
         else:

@@ -20,6 +20,14 @@ the reward whitened with batch statistics (in `SafetyGatedReward`); rollouts at 
 the sampling distribution is the policy being optimised; at most 512 new tokens; no entropy bonus; token-level loss
 averaging; pi_0 is the policy PPO starts from (a frozen copy, or the disabled LoRA adapter of a peft policy).
 
+Metrics of each iteration (`trainer.history`, `output_dir/metrics.jsonl`): `reward/mean` (the score PPO maximises)
+and `reward/raw_mean` and the reward's components (`reward/helpfulness`, `reward/safety`, `reward/used_safety`, ...),
+`objective/kl` (summed over the response, mean over rollouts; k1 can be negative on a batch), `objective/entropy`,
+`policy/loss`, `policy/clipfrac`, `policy/approx_kl`, `policy/ratio_first_minibatch` (1 when rollouts are on-policy),
+`value/loss`, `value/clipfrac`, grad norms, `response/length_mean`, `response/eos_fraction`, and the timings
+`time/generation`, `time/scoring` (reward plus policy/reference/critic passes and GAE; `time/scoring_reward` is the
+reward alone), `time/training`, `time/iteration`.
+
     trainer = Llama2PPOTrainer(Llama2PPOConfig(output_dir="ppo"), policy, tokenizer, reward, train_dataset=prompts)
     trainer.train()
 """
@@ -154,11 +162,18 @@ def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask
                  position_ids: torch.Tensor) -> torch.Tensor:
     """Critic values at every position, (B, T): the sequence-classification head (`score`) applied to each token's
     final hidden state instead of only the last one. Works for `Llama2ForRewardModel` and any transformers
-    `*ForSequenceClassification` with a `score` head and `num_labels=1`."""
+    `*ForSequenceClassification` with a `score` head and `num_labels=1`.
+
+    The model is called as a whole (so FSDP's root hooks gather the embeddings and the head) and the decoder's output
+    is captured with a forward hook."""
     backbone = getattr(value_model, value_model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state  # (B, T, D)
-    return value_model.score(hidden).squeeze(-1).float()
+    captured = []
+    handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        value_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        handle.remove()
+    return value_model.score(captured[0]).squeeze(-1).float()  # (B, T)
 
 
 def value_model_from_policy(policy: nn.Module) -> nn.Module:
@@ -240,8 +255,10 @@ class Llama2PPOTrainer:
         ref_model: the frozen reference pi_0; None uses the disabled adapter of a peft policy, else a frozen copy.
         peft_config: wrap a plain policy with this LoRA config first (the reference is then its disabled adapter).
 
-    Multi-process: launch with torchrun and pass models sharded with `fully_shard` (FSDP2); each rank rolls out
-    `batch_size / world_size` prompts and whitens with its own statistics; checkpoints assume unsharded models.
+    Multi-process: launch with torchrun and pass the policy, `ref_model` and `value_model` sharded with `fully_shard`
+    (FSDP2; the defaults copy unsharded weights); each rank rolls out `batch_size / world_size` prompts with the full
+    weights gathered once, whitens with its own statistics, and FSDP reduces the gradients. Checkpoints
+    (`save_checkpoint`) assume unsharded models.
     """
 
     def __init__(self, args: Llama2PPOConfig, model: nn.Module, processing_class, reward: Callable,

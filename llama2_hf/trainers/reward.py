@@ -29,6 +29,7 @@ from ..data import (
     ON_INVALID,
     ON_OVERLENGTH,
     DataReport,
+    check_policies,
     load_preference_data,
     mix_helpfulness_rm_data,
     mix_safety_rm_data,
@@ -97,10 +98,7 @@ class Llama2RewardConfig(RewardConfig):
         checked = resolve_margins(self.margin)  # fails early on an unknown preset or an incomplete map
         if isinstance(self.margin, dict):
             self.margin = checked
-        for name in ("on_invalid", "on_overlength"):
-            allowed = ON_INVALID if name == "on_invalid" else ON_OVERLENGTH
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_policies(self.on_invalid, self.on_overlength)
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """`warmup_steps` (a fraction of the steps when < 1), but at least `min_warmup_steps` (paper: 3%, >= 5)."""

@@ -29,7 +29,7 @@ from ..collators import (
     pack_dataset,
     use_packed_sdpa,
 )
-from ..data import ON_INVALID, ON_OVERLENGTH, DataReport, load_any, prepare_sft_dataset
+from ..data import ON_INVALID, ON_OVERLENGTH, DataReport, check_policies, load_any, prepare_sft_dataset
 from ..tokenization_llama2 import Llama2Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class Llama2SFTConfig(SFTConfig):
             raise ValueError(f"packed_attention must be 'auto', 'segmented' or 'model', got {self.packed_attention!r}")
         if self.train_on not in ("all", "last"):
             raise ValueError(f"train_on must be 'all' or 'last', got {self.train_on!r}")
+        check_policies(self.on_invalid, self.on_overlength)
         if self.assistant_only_loss or self.completion_only_loss is False:
             raise ValueError("Llama2SFTTrainer always takes the loss on answer tokens only; choose which with "
                              "train_on ('all' or 'last') instead of assistant_only_loss / completion_only_loss")
