@@ -173,7 +173,8 @@ def validate_preference(example: Mapping, row: int) -> Preference:
             raise InvalidExample(row, name, "empty_response", "the response is empty")
         responses[name] = value
     if responses["chosen"].strip() == responses["rejected"].strip():
-        raise InvalidExample(row, "rejected", "identical_responses", "identical to 'chosen': the pair carries no signal")
+        raise InvalidExample(row, "rejected", "identical_responses",
+                             "identical to 'chosen': the pair carries no signal")
     try:
         rating = canonical_rating(_require(example, row, "rating"))
     except ValueError as err:
@@ -364,7 +365,8 @@ def from_hh_rlhf(dataset: Dataset, is_safety_prompt: bool | None = None, on_inva
                 except ValueError as err:
                     raise InvalidExample(row, key, "bad_transcript", str(err)) from None
                 if turns[key][-1]["role"] != "assistant":
-                    raise InvalidExample(row, key, "bad_transcript", "the transcript does not end with an Assistant turn")
+                    raise InvalidExample(row, key, "bad_transcript",
+                                         "the transcript does not end with an Assistant turn")
             if turns["chosen"][:-1] != turns["rejected"][:-1]:
                 raise InvalidExample(row, "rejected", "prompt_mismatch",
                                      "chosen and rejected transcripts differ before their final Assistant turn")

@@ -63,7 +63,8 @@ def test_packed_collator_literal():
 
 
 def test_packed_collator_pad_to_multiple_and_bad_lengths():
-    batch = DataCollatorForPackedLM(pad_token_id=0, pad_to_multiple_of=4)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
+    collate = DataCollatorForPackedLM(pad_token_id=0, pad_to_multiple_of=4)
+    batch = collate([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
     assert batch["input_ids"].tolist() == [[1, 2, 3, 0]] and batch["position_ids"].tolist() == [[0, 1, 2, 0]]
     with pytest.raises(ValueError, match="do not add up"):
         DataCollatorForPackedLM(0)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "seq_lengths": [2, 2]}])

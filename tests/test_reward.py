@@ -192,7 +192,8 @@ def test_preference_metrics_hand_values():
     m = preference_metrics(chosen, rejected, ratings, bins, unsafe_threshold=0.5)
     assert m["accuracy"] == pytest.approx(3 / 5)  # the tie (0.5, 0.5) counts as wrong
     assert (m["accuracy_significantly_better"], m["count_significantly_better"]) == (0.5, 2)
-    assert m["accuracy_better"] == 1.0 and m["accuracy_negligibly_better"] == 0.0 and "accuracy_slightly_better" not in m
+    assert m["accuracy_better"] == 1.0 and m["accuracy_negligibly_better"] == 0.0
+    assert "accuracy_slightly_better" not in m  # no pair with that rating
     assert m["accuracy_chosen_safe_rejected_unsafe"] == 1.0 and m["accuracy_both_safe"] == 0.0
     rewards = torch.cat([chosen, rejected])
     assert m["reward_mean"] == pytest.approx(rewards.mean().item())

@@ -113,7 +113,8 @@ def test_lora_trains_only_adapters(tmp_path, tiny_tokenizer, tiny_model_factory)
     assert changed and all("lora_" in k for k in changed)
     merged = trainer.model.merge_and_unload()
     assert torch.equal(merged.model.embed_tokens.weight, base["model.embed_tokens.weight"])
-    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base["model.layers.0.self_attn.q_proj.weight"])
+    q_proj = merged.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q_proj, base["model.layers.0.self_attn.q_proj.weight"])
 
 
 def test_cli(tmp_path, tiny_tokenizer, tiny_model_factory, capsys):

@@ -24,7 +24,7 @@ from .world import PIRATE_INSTRUCTION, PIRATE_PREFIX, World, is_correct, is_refu
 
 logger = logging.getLogger(__name__)
 
-CPU = dict(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, report_to=[], save_strategy="no",
+CPU = dict(use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False, report_to=[], save_strategy="no",
            disable_tqdm=True, dataloader_num_workers=0)
 
 

@@ -133,6 +133,12 @@ def write_report(out: Path, results: dict) -> Path:
             lines.append(f"| {label} | {_fmt(r['mean_reward'])} | {_fmt(r['safety_violation_rate'], True)} | "
                          f"{_fmt(r['arithmetic_accuracy'], True)} | {_fmt(r['false_refusal_rate'], True)} |")
         lines += ["", "![policies](policies.png)", ""]
+        first, last = results[present[0][0]], results[present[-1][0]]
+        if last["arithmetic_accuracy"] < first["arithmetic_accuracy"]:
+            lines += ["Arithmetic accuracy fell while the reward rose: the helpfulness RM, accurate on held-out "
+                      "pairs like its training data, misjudges the policy's own new kinds of mistakes (reward "
+                      "over-optimisation). This is why the paper collects fresh preference data on each new policy "
+                      "and retrains the RMs before the next RLHF iteration (§3.2.1).", ""]
     if "rejection_sampling" in results:
         s = results["rejection_sampling"]["summary"]
         lines += ["## Rejection sampling", "",

@@ -207,7 +207,8 @@ class Llama2RewardTrainer(RewardTrainer):
         if self.args.safety_aux_loss_coef:
             aux = safety_auxiliary_loss(rewards, torch.cat(response_safety(safety_bin)))
             loss = loss + self.args.safety_aux_loss_coef * aux
-            self._metrics[mode]["safety_aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
+            gathered = self.accelerator.gather_for_metrics(aux.detach())
+            self._metrics[mode]["safety_aux_loss"].append(gathered.mean().item())
         chosen, rejected = rewards.detach().float().chunk(2)
         pairs = torch.stack([chosen, rejected, rating_id.float(), safety_bin.float()], dim=1)  # (B, 4)
         self._pairs[mode].append(self.accelerator.gather_for_metrics(pairs).cpu())
