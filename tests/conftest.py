@@ -82,3 +82,28 @@ def tiny_model_factory(tiny_tokenizer):
         return Llama2ForCausalLM(cfg).eval()
 
     return make
+
+
+class TargetTokenReward:
+    """A learnable programmatic reward of the pipeline's contract: the share of a response's tokens that belong to a
+    fixed set of 64 token ids (about 7% of the tokens of a random tiny model's answers)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.target = set(random.Random(0).sample(range(3, len(tokenizer)), 64))
+        self.calls = 0
+
+    def __call__(self, prompts, responses, **columns):
+        self.calls += 1
+        out = []
+        for r in responses:
+            ids = self.tokenizer.encode(r, add_special_tokens=False)
+            out.append(sum(i in self.target for i in ids) / max(1, len(ids)))
+        return out
+
+
+@pytest.fixture
+def tok(tiny_tokenizer):
+    """The tiny tokenizer with a pad token (unk), as batching stages need."""
+    tiny_tokenizer.pad_token = tiny_tokenizer.unk_token
+    return tiny_tokenizer

@@ -1,7 +1,6 @@
 """Llama2PPOTrainer: paper defaults, first-step invariants, learning, LoRA reference, critic, checkpoint/resume, CLI."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -9,29 +8,9 @@ import torch
 from llama2_hf import Llama2Config, Llama2ForRewardModel
 from llama2_hf.rewards import RewardModelScorer
 from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer, main, token_values
+from tests.conftest import TargetTokenReward
 
 PROMPTS = [{"prompt": f"say the magic words, number {i}", "is_safety": i % 4 == 0} for i in range(32)]
-
-
-class TargetTokenReward:
-    """Share of a response's tokens in a fixed set of 64 of the 512 ids (a learnable programmatic reward)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.target = set(random.Random(0).sample(range(3, len(tokenizer)), 64))
-
-    def __call__(self, prompts, responses, **columns):
-        out = []
-        for r in responses:
-            ids = self.tokenizer.encode(r, add_special_tokens=False)
-            out.append(sum(i in self.target for i in ids) / max(1, len(ids)))
-        return out
-
-
-@pytest.fixture
-def tok(tiny_tokenizer):
-    tiny_tokenizer.pad_token = tiny_tokenizer.unk_token
-    return tiny_tokenizer
 
 
 def small_config(tmp_path, **overrides):

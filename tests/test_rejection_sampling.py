@@ -2,7 +2,6 @@
 
 import itertools
 import json
-import random
 import statistics
 
 import pytest
@@ -20,32 +19,9 @@ from llama2_hf.rejection_sampling import (
     max_median_curves,
     read_prompts,
 )
+from tests.conftest import TargetTokenReward
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class TargetTokenReward:
-    """A learnable programmatic reward: the share of a response's tokens that belong to a fixed set of 64 of the 512
-    token ids (about 7% of the tokens of a random tiny model's answers)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.target = set(random.Random(0).sample(range(3, len(tokenizer)), 64))
-        self.calls = 0
-
-    def __call__(self, prompts, responses, **columns):
-        self.calls += 1
-        out = []
-        for r in responses:
-            ids = self.tokenizer.encode(r, add_special_tokens=False)
-            out.append(sum(i in self.target for i in ids) / max(1, len(ids)))
-        return out
-
-
-@pytest.fixture
-def tok(tiny_tokenizer):
-    tiny_tokenizer.pad_token = tiny_tokenizer.unk_token
-    return tiny_tokenizer
 
 
 PROMPTS = [{"prompt": f"say the magic words, number {i}", "is_safety": i % 3 == 0} for i in range(12)]
