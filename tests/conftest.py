@@ -104,6 +104,7 @@ class TargetTokenReward:
 
 @pytest.fixture
 def tok(tiny_tokenizer):
-    """The tiny tokenizer with a pad token (unk), as batching stages need."""
+    """The tiny tokenizer with a pad token (unk), as batching stages need; restored afterwards."""
     tiny_tokenizer.pad_token = tiny_tokenizer.unk_token
-    return tiny_tokenizer
+    yield tiny_tokenizer
+    tiny_tokenizer.pad_token = None

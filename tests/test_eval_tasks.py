@@ -50,8 +50,10 @@ def policy():
 
 @pytest.fixture
 def tok(llama2_tokenizer):
+    """Meta's tokenizer with a pad token, restored afterwards (the session fixture has none, as Meta's)."""
     llama2_tokenizer.pad_token = llama2_tokenizer.unk_token
-    return llama2_tokenizer
+    yield llama2_tokenizer
+    llama2_tokenizer.pad_token = None
 
 
 def scored(model, tokenizer, context, continuation):
