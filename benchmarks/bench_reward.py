@@ -7,7 +7,7 @@ and `--accumulation` micro-steps per optimizer step (the paper's 512-pair batche
 adds the margin, the per-rating metrics and orders the pairs of each optimizer step by length (same pairs per step, less
 padding); TRL's uses its defaults. Each round trains one epoch with each trainer from the same initial weights.
 
-    python benchmarks/bench_reward.py [--pairs 256 --batch-size 8 --accumulation 8 --rounds 2 --threads 1]
+    python benchmarks/bench_reward.py [--pairs 256 --batch-size 8 --accumulation 8 --rounds 3 --threads 1]
 
 One JSON line per measurement, then a summary line with the median pairs/s ratios (goal >= 1.0), per wall-clock
 second and per CPU second of this process (the stable figure on a shared machine).
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=1024, help="longest dialog; longer pairs are truncated")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-step")
     p.add_argument("--accumulation", type=int, default=8, help="micro-steps per optimizer step")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both trainers")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of both trainers")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time measures the work)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

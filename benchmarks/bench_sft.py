@@ -7,7 +7,7 @@ tokenizer trained on the same texts). Each round trains one epoch over the examp
 the same seed, and times `trainer.train()`. Measured: non-pad tokens per second (the same tokens for both) and the
 padding fraction of the batches (1 - non-pad tokens / tokens computed).
 
-    python benchmarks/bench_sft.py [--examples 256 --max-length 1024 --batch-size 8 --rounds 2 --threads 1]
+    python benchmarks/bench_sft.py [--examples 256 --max-length 1024 --batch-size 8 --rounds 3 --threads 1]
 
 One JSON line per measurement, then a summary line with the median ratios (goal >= 1.5), per wall-clock second and
 per CPU second of this process (the stable figure on a shared machine).
@@ -89,13 +89,13 @@ def emit(**fields) -> None:
 def compare(bench: str, build, impls: tuple[str, str], amount: int, unit: str, nonpad: int, rounds: int,
             goal: float) -> None:
     """Alternate `rounds` rounds of `build(impl).train()` (one epoch over `amount` units, `nonpad` real tokens) for
-    the two implementations; emit each run's throughput per wall-clock second and per CPU second of this process
+    the two implementations, alternating which goes first; emit each run's throughput per wall-clock second and per CPU second of this process
     and its padding fraction, then the median ratios impls[0] / impls[1]. On a shared machine the CPU-time ratio
     (with --threads 1) is the stable one: other processes' load changes wall time, not the work done."""
     speed = {clock: {impl: [] for impl in impls} for clock in ("wall", "cpu")}
     pad_frac = {}
     for r in range(rounds):
-        for impl in impls:
+        for impl in (impls if r % 2 == 0 else impls[::-1]):  # alternate who runs first (warm-up, drift)
             trainer = build(impl)
             pad_frac[impl] = padding_fraction(trainer, nonpad)
             cpu_start = time.process_time()
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", type=int, default=256, help="dialogs per epoch")
     p.add_argument("--max-length", type=int, default=1024, help="row length; longer dialogs are truncated")
     p.add_argument("--batch-size", type=int, default=8, help="rows (packed) / examples (padded) per step")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both trainers")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of both trainers")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time measures the work)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -45,11 +45,13 @@ class Llama2RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        shape = self.weight.shape
+        if hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused kernel (same maths in fp32), and fewer tensors kept for backward.
+            return F.rms_norm(hidden_states, shape, self.weight, self.variance_epsilon)
+        # Lower precision: normalise in fp32, round to the input dtype, then scale, as Meta's code rounds.
+        normed = F.rms_norm(hidden_states.float(), shape, eps=self.variance_epsilon)
+        return self.weight * normed.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -97,18 +99,26 @@ class Llama2RotaryEmbedding(nn.Module):
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def fold_rotation_sign(sin: torch.Tensor) -> torch.Tensor:
+    """(s1, s2) -> (-s1, s2), done once per forward.
+
+    The rotate-half term `cat(-x2, x1) * sin` equals `cat(x2, x1) * cat(-s1, s2)` bit for bit (negation is exact), so
+    each layer rotates with one `roll` instead of chunk + neg + cat.
+    """
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat((-s1, s2), dim=-1)
 
 
-def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
                          unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k (B, heads, T, d) by the angles of their positions; cos/sin are (B, T, d)."""
+    """Rotate q and k (B, heads, T, d) by the angles of their positions: `x * cos + cat(-x2, x1) * sin`.
+
+    cos/signed_sin are (B, T, d), the sine passed through `fold_rotation_sign`.
+    """
     cos = cos.unsqueeze(unsqueeze_dim)
-    sin = sin.unsqueeze(unsqueeze_dim)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    signed_sin = signed_sin.unsqueeze(unsqueeze_dim)
+    half = q.shape[-1] // 2
+    return q * cos + q.roll(half, dims=-1) * signed_sin, k * cos + k.roll(half, dims=-1) * signed_sin
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -268,7 +278,8 @@ class Llama2Model(Llama2PreTrainedModel):
             position_ids=position_ids,
         )
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        cos, sin = self.rotary_emb(hidden_states, position_ids=position_ids)
+        position_embeddings = (cos, fold_rotation_sign(sin))  # the form apply_rotary_pos_emb takes
         for layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = layer(hidden_states, attention_mask=causal_mask, position_embeddings=position_embeddings,
                                   position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
