@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -15,6 +16,8 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABL
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from llama2_hf import Llama2Config, Llama2ForRewardModel  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LLAMA2_HF_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -108,3 +111,20 @@ def tok(tiny_tokenizer):
     tiny_tokenizer.pad_token = tiny_tokenizer.unk_token
     yield tiny_tokenizer
     tiny_tokenizer.pad_token = None
+
+
+def write_rlhf_cli_inputs(folder: Path, tokenizer, policy, prompts: list[dict]) -> list[str]:
+    """Save what the RLHF commands read (policy + tokenizer, two random reward models, a prompts JSONL) under
+    `folder`; return the shared command-line arguments that point at them."""
+    policy.save_pretrained(folder / "policy")
+    tokenizer.save_pretrained(folder / "policy")
+    for seed, name in ((1, "helpful"), (2, "safety")):
+        torch.manual_seed(seed)
+        config = Llama2Config.from_preset("tiny", vocab_size=len(tokenizer))
+        Llama2ForRewardModel(config).save_pretrained(folder / name)
+    with open(folder / "prompts.jsonl", "w") as f:
+        for row in prompts:
+            f.write(json.dumps(row) + "\n")
+    return ["--model", str(folder / "policy"), "--prompts", str(folder / "prompts.jsonl"),
+            "--helpfulness-rm", str(folder / "helpful"), "--safety-rm", str(folder / "safety"),
+            "--output-dir", str(folder / "out")]

@@ -8,7 +8,7 @@ import torch
 from llama2_hf import Llama2Config, Llama2ForRewardModel
 from llama2_hf.rewards import RewardModelScorer
 from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer, main, token_values
-from tests.conftest import TargetTokenReward
+from tests.conftest import TargetTokenReward, write_rlhf_cli_inputs
 
 PROMPTS = [{"prompt": f"say the magic words, number {i}", "is_safety": i % 4 == 0} for i in range(32)]
 
@@ -133,19 +133,9 @@ def test_checkpoint_resume_reproduces_an_uninterrupted_run(tmp_path, tok, tiny_m
 
 
 def test_cli_runs_and_resumes(tmp_path, tok, tiny_model_factory):
-    model = tiny_model_factory()
-    model.save_pretrained(tmp_path / "policy")
-    tok.save_pretrained(tmp_path / "policy")
-    for seed, name in ((1, "helpful"), (2, "safety")):
-        torch.manual_seed(seed)
-        Llama2ForRewardModel(Llama2Config.from_preset("tiny", vocab_size=len(tok))).save_pretrained(tmp_path / name)
-    with open(tmp_path / "prompts.jsonl", "w") as f:
-        for row in PROMPTS[:8]:
-            f.write(json.dumps(row) + "\n")
-    argv = ["--model", str(tmp_path / "policy"), "--prompts", str(tmp_path / "prompts.jsonl"),
-            "--helpfulness-rm", str(tmp_path / "helpful"), "--safety-rm", str(tmp_path / "safety"),
-            "--output-dir", str(tmp_path / "out"), "--batch-size", "8", "--mini-batch-size", "4",
-            "--max-new-tokens", "4", "--save-steps", "1", "--model-size", "70b"]
+    argv = write_rlhf_cli_inputs(tmp_path, tok, tiny_model_factory(), PROMPTS[:8])
+    argv += ["--batch-size", "8", "--mini-batch-size", "4", "--max-new-tokens", "4", "--save-steps", "1",
+             "--model-size", "70b"]
     assert main(argv + ["--num-iterations", "1"]) == 0
     assert main(argv + ["--num-iterations", "2", "--resume", "latest"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

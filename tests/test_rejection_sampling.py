@@ -7,7 +7,6 @@ import statistics
 import pytest
 import torch
 
-from llama2_hf import Llama2Config, Llama2ForRewardModel
 from llama2_hf.generation import SamplingConfig, generate_text
 from llama2_hf.rejection_sampling import (
     CandidateLog,
@@ -19,7 +18,7 @@ from llama2_hf.rejection_sampling import (
     max_median_curves,
     read_prompts,
 )
-from tests.conftest import TargetTokenReward
+from tests.conftest import TargetTokenReward, write_rlhf_cli_inputs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -175,18 +174,8 @@ def test_rejection_sampling_raises_the_mean_reward(tmp_path, tok, tiny_model_fac
 def test_cli_with_two_reward_models_and_temperature_sweep(tmp_path, tok, tiny_model_factory):
     model = tiny_model_factory()
     model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(tmp_path / "policy")
-    tok.save_pretrained(tmp_path / "policy")
-    for seed, name in ((1, "helpful"), (2, "safety")):
-        torch.manual_seed(seed)
-        Llama2ForRewardModel(Llama2Config.from_preset("tiny", vocab_size=len(tok))).save_pretrained(tmp_path / name)
-    with open(tmp_path / "prompts.jsonl", "w") as f:
-        for row in PROMPTS[:4]:
-            f.write(json.dumps(row) + "\n")
-    common = ["--model", str(tmp_path / "policy"), "--prompts", str(tmp_path / "prompts.jsonl"),
-              "--helpfulness-rm", str(tmp_path / "helpful"), "--safety-rm", str(tmp_path / "safety"),
-              "--output-dir", str(tmp_path / "out"), "--num-samples", "3", "--max-new-tokens", "4",
-              "--select-unfinished"]
+    common = write_rlhf_cli_inputs(tmp_path, tok, model, PROMPTS[:4])
+    common += ["--num-samples", "3", "--max-new-tokens", "4", "--select-unfinished"]
     assert main(common + ["--iteration", "1"]) == 0
     records = [json.loads(x) for x in (tmp_path / "out" / "candidates.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(len(r["scores"]) == 3 for r in records)
