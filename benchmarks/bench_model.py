@@ -85,18 +85,32 @@ def matmul_peak_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> f
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def build_models(args, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Ours and transformers' Llama with the same config and the same weights (checked on one batch)."""
-    shape = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                 num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                 max_position_embeddings=4096, rms_norm_eps=1e-5,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                 # no BOS/EOS: greedy decoding of random weights must not stop early
-                 bos_token_id=None, eos_token_id=None, pad_token_id=None, attn_implementation=args.attn)
-    torch.manual_seed(0)
-    ours = Llama2ForCausalLM(Llama2Config(**shape)).to(device)
-    ref = LlamaForCausalLM(LlamaConfig(**shape)).to(device)
-    ref.load_state_dict(ours.state_dict(), strict=True)
+def model_shape(args) -> dict:
+    return dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                max_position_embeddings=4096, rms_norm_eps=1e-5,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                # no BOS/EOS: greedy decoding of random weights must not stop early
+                bos_token_id=None, eos_token_id=None, pad_token_id=None, attn_implementation=args.attn)
+
+
+def build_models(args, device: torch.device, weights: dict | None = None,
+                 ours_first: bool = True) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """Ours and transformers' Llama with the same config and the same weights (checked on one batch).
+
+    Which model is allocated first matters on CPU (the allocator's state decides where large tensors land, and a
+    few percent of matmul speed with it), so the rounds rebuild both, alternating `ours_first`."""
+    shape = model_shape(args)
+    if weights is None:
+        torch.manual_seed(0)
+        weights = Llama2ForCausalLM(Llama2Config(**shape)).state_dict()
+    builders = [("ours", lambda: Llama2ForCausalLM(Llama2Config(**shape))),
+                ("transformers", lambda: LlamaForCausalLM(LlamaConfig(**shape)))]
+    models = {}
+    for name, build in (builders if ours_first else builders[::-1]):
+        models[name] = build().to(device)
+        models[name].load_state_dict(weights, strict=True)
+    ours, ref = models["ours"], models["transformers"]
     for model in (ours, ref):
         assert model.config._attn_implementation == args.attn, model.config._attn_implementation
     ids = torch.randint(0, args.vocab, (2, 64), device=device)
@@ -104,7 +118,7 @@ def build_models(args, device: torch.device) -> tuple[torch.nn.Module, torch.nn.
         diff = (ours(ids).logits - ref(ids).logits).abs().max().item()
     if diff > 1e-4:
         raise RuntimeError(f"ours and transformers disagree on the logits: max |diff| = {diff}")
-    return ours, ref
+    return ours, ref, weights
 
 
 def train_step_seconds(model, batch: torch.Tensor, steps: int, device) -> tuple[float, float]:
@@ -157,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    ours, ref = build_models(args, device)
+    ours, ref, weights = build_models(args, device)
     impls = {"ours": ours, "transformers": ref}
     n_params = sum(p.numel() for p in ours.parameters())
     n_matmul = sum(m.weight.numel() for m in ours.modules() if isinstance(m, torch.nn.Linear))
@@ -211,6 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.rounds):
         peaks.append(matmul_peak_gflops(device))
         _emit(**common, task="matmul_fp32_2048", round=r, gflops=round(peaks[-1], 1))
+        if r:  # fresh models each round, allocated in alternating order (see build_models)
+            ours, ref, _ = build_models(args, device, weights, ours_first=r % 2 == 0)
+            impls = {"ours": ours, "transformers": ref}
+            for model in impls.values():
+                train_step_seconds(model, train_batch, 1, device)  # warm-up of the new allocation
         for task, b in tasks:
             order = list(impls) if (r + (b or 0)) % 2 == 0 else list(impls)[::-1]  # alternate who goes first
             for name in order:
