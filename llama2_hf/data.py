@@ -25,11 +25,16 @@ truncation is counted in the returned `DataReport` and logged; nothing is droppe
 
 from __future__ import annotations
 
+import difflib
+import gzip
+import json
 import logging
+import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,7 +79,7 @@ class InvalidExample(ValueError):
 
     def __init__(self, row: int, field_name: str, reason: str, detail: str):
         super().__init__(f"row {row}, field {field_name!r}: {detail}")
-        self.row, self.field, self.reason = row, field_name, reason
+        self.row, self.field, self.reason, self.detail = row, field_name, reason, detail
 
 
 @dataclass
@@ -469,6 +474,83 @@ def load_preference_data(path_or_name: str, split: str = "train", data_format: s
     if data_format == "trl":
         return from_trl_preference(dataset, on_invalid=on_invalid, name=path_or_name)
     raise ValueError(f"data_format must be 'auto', 'llama2', 'hh-rlhf' or 'trl', got {data_format!r}")
+
+
+def _local_rows(path: Path) -> list[dict]:
+    """Rows of a local data file; a line that is not a JSON object is an error naming the file and its line."""
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if name.endswith(".gz") else open
+        rows = []
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InvalidDataFile(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise InvalidDataFile(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+        return rows
+    if name.endswith((".json", ".json.gz")):
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise InvalidDataFile(f"{path}: not valid JSON ({e})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise InvalidDataFile(f"{path}: expected a JSON list of objects (or JSON lines)")
+        return data
+    return load_any(str(path)).to_list()
+
+
+class InvalidDataFile(ValueError):
+    """A data file that cannot be read as rows, or a row that breaks the schema: the message names the file, the
+    1-based line (row) and the field."""
+
+
+def load_data_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                    validate: Callable[[Mapping, int], Any] | None = None, on_invalid: str = "error",
+                    known_columns: Collection[str] | None = None) -> Dataset:
+    """The rows of one or more data files (JSON lines, JSON, Parquet, CSV; a name that is not on disk is loaded as
+    a Hub dataset), checked before any work starts.
+
+    `validate(row, index)` raises `InvalidExample` for a bad row: with `on_invalid="error"` that becomes an
+    `InvalidDataFile` naming the file, the 1-based line and the field (`on_invalid="drop"` leaves the row for the
+    preparation step to drop and count). `known_columns`: columns a file may have; any other is an error naming it
+    (a misspelt optional column would otherwise be ignored silently).
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise InvalidDataFile("no data file given")
+    rows: list[dict] = []
+    for path in paths:
+        local = Path(path)
+        if not local.exists() and (str(path).startswith((".", "/")) or local.suffix):
+            raise InvalidDataFile(f"{path}: no such file")
+        file_rows = _local_rows(local) if local.exists() else load_any(str(path)).to_list()
+        if not file_rows:
+            raise InvalidDataFile(f"{path}: no rows")
+        for n, row in enumerate(file_rows, 1):
+            if known_columns is not None:
+                unknown = sorted(set(row) - set(known_columns))
+                if unknown:
+                    close = {u: difflib.get_close_matches(u, list(known_columns), n=1) for u in unknown}
+                    hints = ", ".join(f"{u!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for u, c in close.items())
+                    raise InvalidDataFile(f"{path}, line {n}: unknown column(s) {hints}; expected columns "
+                                          f"{sorted(known_columns)}")
+            if validate is not None and on_invalid == "error":
+                try:
+                    validate(row, n)
+                except InvalidExample as err:
+                    raise InvalidDataFile(f"{path}, line {n}, field {err.field!r}: {err.detail}") from None
+        rows.extend(file_rows)
+    return Dataset.from_list(rows)
 
 
 def load_any(path_or_name: str, split: str = "train", data_dir: str | None = None) -> Dataset:

@@ -128,3 +128,62 @@ def write_rlhf_cli_inputs(folder: Path, tokenizer, policy, prompts: list[dict]) 
     return ["--model", str(folder / "policy"), "--prompts", str(folder / "prompts.jsonl"),
             "--helpfulness-rm", str(folder / "helpful"), "--safety-rm", str(folder / "safety"),
             "--output-dir", str(folder / "out")]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def sft_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                  {"role": "assistant", "content": f"{a} plus {b} equals {a + b}."}]})
+    return rows
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    ratings = ("significantly_better", "better", "slightly_better", "negligibly_better")
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"prompt": f"What is {a} plus {b}?", "chosen": f"{a} plus {b} equals {a + b}.",
+                     "rejected": f"{a} plus {b} equals {a + b + 1 + i % 3}.", "rating": ratings[i % 4],
+                     "safety_label": None, "is_safety_prompt": False})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def stage_inputs(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """Folders and files the stage runners read, built once: `policy` (tiny causal LM + tokenizer), `helpfulness_rm`
+    and `safety_rm` (tiny random reward models + tokenizer), `sft` / `prefs` / `prompts` JSONL files."""
+    from llama2_hf import Llama2ForCausalLM
+
+    root = tmp_path_factory.mktemp("stage_inputs")
+    tiny_tokenizer.pad_token = None
+    torch.manual_seed(0)
+    config = Llama2Config.from_preset("tiny", vocab_size=len(tiny_tokenizer))
+    Llama2ForCausalLM(config).save_pretrained(root / "policy")
+    tiny_tokenizer.save_pretrained(root / "policy")
+    for seed, name in ((1, "helpfulness_rm"), (2, "safety_rm")):
+        torch.manual_seed(seed)
+        Llama2ForRewardModel(config).save_pretrained(root / name)
+        tiny_tokenizer.save_pretrained(root / name)
+    prompts = [{"prompt": f"What is {i} plus {i + 1}?", "is_safety": i % 4 == 0} for i in range(8)]
+    return {"root": root, "policy": root / "policy", "helpfulness_rm": root / "helpfulness_rm",
+            "safety_rm": root / "safety_rm", "sft": write_jsonl(root / "sft.jsonl", sft_rows(24)),
+            "prefs": write_jsonl(root / "prefs.jsonl", preference_rows(24)),
+            "prompts": write_jsonl(root / "prompts.jsonl", prompts)}
+
+
+# Arguments that make a Trainer-based stage tiny and CPU-only (one place: the tests' own choice of sizes).
+TINY_TRAINING = {"use_cpu": True, "max_steps": 2, "per_device_train_batch_size": 4, "global_batch_size": None,
+                 "logging_steps": 1, "report_to": [], "save_strategy": "no", "max_length": 128,
+                 "disable_tqdm": True}

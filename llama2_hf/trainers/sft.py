@@ -12,7 +12,6 @@ paper's hyperparameters as defaults. LoRA / QLoRA go through TRL's `peft_config`
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from ..collators import (
     pack_dataset,
     use_packed_sdpa,
 )
-from ..data import ON_INVALID, ON_OVERLENGTH, DataReport, check_policies, load_any, prepare_sft_dataset
+from ..data import ON_INVALID, ON_OVERLENGTH, DataReport, check_policies, prepare_sft_dataset
 from ..tokenization_llama2 import Llama2Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -175,75 +174,3 @@ class Llama2SFTTrainer(SFTTrainer):
             logger.info("%s: packed %d examples into %d rows of <= %d tokens", dataset_name, n_examples,
                         len(dataset), args.max_length)
         return dataset
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# CLI: llama2-hf sft
-# ---------------------------------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama2-hf sft", description="Supervised fine-tuning with answer-only loss "
-                                "(Llama 2-Chat format, packed rows, paper §3.1 defaults).")
-    p.add_argument("--model", required=True, help="path or Hub id of a Llama 2 causal LM (with its tokenizer)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path if not saved with the model")
-    p.add_argument("--train-file", required=True,
-                   help="SFT data: .jsonl/.json/.parquet file or Hub dataset name; rows have 'messages' or "
-                        "'prompt' + 'answer'")
-    p.add_argument("--eval-file", default=None, help="held-out SFT data in the same schema")
-    p.add_argument("--output-dir", required=True, help="where checkpoints and the final model are written")
-    p.add_argument("--max-length", type=int, default=4096, help="row length in tokens (paper: 4096)")
-    p.add_argument("--train-on", choices=["all", "last"], default="all",
-                   help="answer turns that carry the loss: all, or only the last (Ghost Attention)")
-    p.add_argument("--no-packing", action="store_true", help="pad each example instead of packing rows")
-    p.add_argument("--packing-strategy", choices=PACKING_STRATEGIES, default="bfd_rows", help="how rows are filled")
-    p.add_argument("--learning-rate", type=float, default=2e-5, help="peak learning rate (paper: 2e-5)")
-    p.add_argument("--epochs", type=float, default=2.0, help="training epochs (paper: 2)")
-    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
-    p.add_argument("--global-batch-size", type=int, default=64, help="rows per optimizer step (paper: 64); 0 "
-                   "disables and uses --grad-accum")
-    p.add_argument("--per-device-batch-size", type=int, default=8, help="rows per device per micro-step")
-    p.add_argument("--grad-accum", type=int, default=1, help="accumulation steps when --global-batch-size is 0")
-    p.add_argument("--on-invalid", choices=ON_INVALID, default="error", help="invalid rows: error or drop")
-    p.add_argument("--on-overlength", choices=ON_OVERLENGTH, default="error",
-                   help="rows longer than --max-length: error, truncate or drop")
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
-    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha")
-    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: load the base model in 4-bit (bitsandbytes)")
-    p.add_argument("--cpu", action="store_true", help="train on CPU (fp32, no gradient checkpointing)")
-    p.add_argument("--logging-steps", type=int, default=10, help="steps between logs")
-    p.add_argument("--seed", type=int, default=42, help="random seed")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cpu = dict(use_cpu=True, bf16=False, gradient_checkpointing=False) if args.cpu else {}
-    config = Llama2SFTConfig(
-        output_dir=args.output_dir, max_length=args.max_length, train_on=args.train_on,
-        packing=not args.no_packing, packing_strategy=args.packing_strategy, learning_rate=args.learning_rate,
-        num_train_epochs=args.epochs, max_steps=args.max_steps, global_batch_size=args.global_batch_size or None,
-        per_device_train_batch_size=args.per_device_batch_size, gradient_accumulation_steps=args.grad_accum,
-        on_invalid=args.on_invalid, on_overlength=args.on_overlength, logging_steps=args.logging_steps,
-        seed=args.seed, report_to=[], eval_strategy="epoch" if args.eval_file else "no", **cpu)
-    peft_config = quantization_config = None
-    if args.lora_r:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, task_type="CAUSAL_LM",
-                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    if args.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        if not args.lora_r:
-            raise SystemExit("--load-in-4bit (QLoRA) needs --lora-r > 0")
-        quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    tokenizer = Llama2Tokenizer.from_pretrained(args.tokenizer or args.model)
-    trainer = Llama2SFTTrainer(
-        model=args.model, args=config, processing_class=tokenizer, train_dataset=load_any(args.train_file),
-        eval_dataset=load_any(args.eval_file) if args.eval_file else None, peft_config=peft_config,
-        quantization_config=quantization_config)
-    trainer.train()
-    trainer.save_model(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    return 0

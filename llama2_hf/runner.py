@@ -1,0 +1,548 @@
+"""The one wiring every stage shares: dataclass arguments, the run record, resume checks, rank-split outputs.
+
+A stage is a module of `llama2_hf.stages` that defines `STAGE = Stage(name, help, dataclass_types, main)`. `main`
+takes one instance of each dataclass (script arguments, the stage's config, and where it fits TRL's `ModelConfig`)
+and returns the stage's `RunRecord`. Three callers reach that one function:
+
+    llama2-hf sft --model_name_or_path out/pretrain --train_file data/sft.jsonl --output_dir out/sft
+    llama2-hf sft --config recipes/sft/llama2-7b.yaml --output_dir out/sft     # YAML keys = the same field names
+    run_stage("sft", model_name_or_path="out/pretrain", train_file="data/sft.jsonl", output_dir="out/sft")
+
+so every knob has one definition and one default (its dataclass field). Under `accelerate launch` the same command
+runs on every rank; `StageRun` makes rank 0 the only writer of the record, and `RankParts` gives each rank its own
+resumable output file, merged once by rank 0.
+
+The run record (`run.json`, written atomically and last) holds the stage, the resolved arguments, the inputs with
+content hashes, the outputs, the metrics and the library versions. A folder with a `run.json` is complete: rerunning
+the same arguments returns the record without work, other arguments are refused (nothing is silently mixed). While
+a stage runs, `run_args.json` records its arguments, so that a resume with different ones is refused too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RUN_RECORD = "run.json"
+RUN_ARGS = "run_args.json"
+
+# Fields that change how a run is observed or scheduled, never what it computes: a resume may change them.
+OBSERVATION_FIELDS = frozenset({
+    "logging_steps", "logging_first_step", "logging_strategy", "logging_dir", "report_to", "disable_tqdm",
+    "run_name", "save_steps", "save_strategy", "save_total_limit", "resume", "resume_from_checkpoint",
+    "dataloader_num_workers", "debug", "log_level", "log_level_replica", "push_to_hub", "hub_model_id",
+    "hub_token", "progress", "threads", "eval_steps", "eval_strategy", "per_device_eval_batch_size",
+})
+
+
+class UsageError(ValueError):
+    """A mistake in what the user gave (arguments, files, a resumed folder): printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage declaration and argument parsing
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: its command name, one-line help, the dataclasses of its arguments and its runner.
+
+    `main(*instances) -> RunRecord` receives one instance per entry of `dataclass_types`, in that order.
+    """
+
+    name: str
+    help: str
+    dataclass_types: tuple[type, ...]
+    main: Callable[..., RunRecord]
+
+
+def make_parser(stage: Stage):
+    """TRL's `TrlParser` over the stage's dataclasses: `--field value` flags (also `--field-name`) and
+    `--config recipe.yaml` whose keys are the same field names."""
+    from trl import TrlParser
+
+    return TrlParser(stage.dataclass_types, prog=f"llama2-hf {stage.name}",
+                     description=f"{stage.help}. A bare --debug shows the traceback of an error.")
+
+
+def field_names(stage: Stage) -> list[str]:
+    return [f.name for cls in stage.dataclass_types for f in dataclasses.fields(cls) if f.init]
+
+
+def _check_recipe_keys(stage: Stage, path: str) -> dict:
+    """The recipe's mapping, after refusing keys that are not fields (with the closest field name)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"--config {path}: a recipe is a YAML mapping of field: value, got {type(raw).__name__}")
+    names = field_names(stage)
+    for key, value in raw.items():
+        if key == "env":
+            continue
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"--config {path}: {key!r} is not an argument of `llama2-hf {stage.name}`{hint}")
+        if isinstance(value, str) and _is_float_text(value):
+            raise UsageError(f"--config {path}: {key}: {value!r} is read by YAML as a string; write it with a dot "
+                             f"({value.replace('e', '.0e', 1) if '.' not in value else value})")
+    return raw
+
+
+def _is_float_text(text: str) -> bool:
+    import re
+
+    return re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", text) is not None
+
+
+def _pop_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """Remove a bare `--debug` (no value: TrainingArguments' own `--debug OPTIONS` is left alone)."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        if a == "--debug" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            del argv[i]
+            return argv, True
+    return argv, False
+
+
+def parse_args(stage: Stage, argv: Sequence[str]) -> tuple[tuple, bool]:
+    """(dataclass instances, debug) from a command line that may name a recipe with `--config`."""
+    argv, debug = _pop_debug(argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UsageError("--config needs a recipe path")
+        _check_recipe_keys(stage, argv[i + 1])
+    parser = make_parser(stage)
+    try:
+        instances = parser.parse_args_and_config(argv)
+    except (TypeError, ValueError) as e:  # a dataclass __post_init__ refusing a combination of values
+        raise UsageError(str(e)) from e
+    return tuple(instances), debug
+
+
+def build(stage: Stage, **values) -> tuple:
+    """The stage's dataclass instances from keyword values (what a recipe or a flag would set), for Python callers.
+    Unknown names are an error naming the closest field."""
+    names = field_names(stage)
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            raise UsageError(f"{key!r} is not an argument of stage {stage.name!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else ""))
+    instances = []
+    for cls in stage.dataclass_types:
+        own = {f.name for f in dataclasses.fields(cls) if f.init}
+        instances.append(cls(**{k: v for k, v in values.items() if k in own}))
+    return tuple(instances)
+
+
+def get_stage(name: str) -> Stage:
+    from .stages import load_stage
+
+    return load_stage(name)
+
+
+def run_stage(name: str, **values) -> RunRecord:
+    """Run stage `name` in this process with the given field values (the quickstart's and the tests' entry)."""
+    stage = get_stage(name)
+    return stage.main(*build(stage, **values))
+
+
+def cli_main(name: str, argv: Sequence[str]) -> int:
+    """`llama2-hf <name> ...`: parse, run, and turn user errors into one line on stderr and exit code 2."""
+    stage = get_stage(name)
+    debug = _pop_debug(argv)[1]
+    try:
+        instances, debug = parse_args(stage, argv)
+        _setup_logging()
+        stage.main(*instances)
+    except Exception as e:  # noqa: BLE001 - classified below; anything else is re-raised
+        message = user_error_message(e)
+        if message is None or debug:
+            raise
+        print(f"llama2-hf {name}: error: {message}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message of an error the user can fix (bad arguments, files, data), or None for a bug."""
+    from .data import InvalidDataFile, InvalidExample
+
+    if isinstance(error, (UsageError, InvalidDataFile, InvalidExample, FileNotFoundError, json.JSONDecodeError)):
+        return str(error)
+    try:
+        from datasets.exceptions import DatasetGenerationError
+    except ImportError:  # pragma: no cover
+        DatasetGenerationError = ()  # noqa: N806
+    if DatasetGenerationError and isinstance(error, DatasetGenerationError):
+        cause = error.__cause__ or error.__context__
+        return f"could not read the data file: {cause or error}"
+    return None
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("LLAMA2_HF_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run record
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _jsonable(value: Any) -> Any:
+    """A JSON-safe copy of an argument value (enums by value, paths and other objects as strings)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "value") and type(value).__module__ != "builtins" and isinstance(value.value, (str, int)):
+        return value.value  # Enum (IntervalStrategy, SchedulerType, ...)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def resolved_args(*instances) -> dict[str, Any]:
+    """Every init field of the argument dataclasses, flat (field names are unique across a stage's dataclasses)."""
+    out: dict[str, Any] = {}
+    for inst in instances:
+        if inst is None:
+            continue
+        for f in dataclasses.fields(inst):
+            if f.init and not f.name.startswith("_"):
+                out[f.name] = _jsonable(getattr(inst, f.name))
+    return out
+
+
+def _comparable(args: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if k not in OBSERVATION_FIELDS}
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_hash(path: str | os.PathLike) -> dict[str, Any]:
+    """`{"path", "sha256"}` of a file or folder (the folder hash covers relative names and contents of every file),
+    or `{"path", "hub": True}` for a name that is not on disk (a Hub id)."""
+    p = Path(path)
+    if p.is_file():
+        return {"path": str(path), "sha256": file_sha256(p)}
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            h.update(str(f.relative_to(p)).encode() + b"\0" + file_sha256(f).encode())
+        return {"path": str(path), "sha256": h.hexdigest()}
+    return {"path": str(path), "hub": True}
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("llama2_hf", "torch", "transformers", "trl", "accelerate", "peft", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class RunRecord:
+    """What a stage did: the same typed record for every stage, stored as `<output_dir>/run.json`."""
+
+    stage: str
+    args: dict[str, Any]
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    world_size: int = 1
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def write(self, output_dir: str | os.PathLike) -> Path:
+        return write_json_atomic(Path(output_dir) / RUN_RECORD, self.to_dict())
+
+    def output(self, name: str, output_dir: str | os.PathLike | None = None) -> Path:
+        """Absolute path of output `name` (outputs are stored relative to the stage's folder)."""
+        base = Path(output_dir if output_dir is not None else self.args.get("output_dir", "."))
+        return base / self.outputs[name]
+
+    @classmethod
+    def read(cls, output_dir: str | os.PathLike) -> RunRecord:
+        path = Path(output_dir) / RUN_RECORD
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}: not valid JSON ({e})") from None
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(raw, dict) or not {"stage", "args"} <= raw.keys():
+            raise UsageError(f"{path}: not a run record (expected the keys {sorted(names)})")
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    """Write JSON to a temporary file in the same folder, then rename it over `path` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def stage_output(path: str | os.PathLike, name: str) -> Path:
+    """Resolve an input that may be a previous stage's folder: a folder with a `run.json` whose outputs hold `name`
+    gives that output; anything else is returned as it is (a file, a plain folder, a Hub id)."""
+    p = Path(path)
+    if (p / RUN_RECORD).is_file():
+        record = RunRecord.read(p)
+        if name in record.outputs:
+            return p / record.outputs[name]
+        raise UsageError(f"{p}: the {record.stage!r} stage that wrote this folder has no {name!r} output "
+                         f"(it has {sorted(record.outputs)})")
+    return p
+
+
+def describe_mismatch(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> str:
+    a, b = _comparable(recorded), _comparable(given)
+    diffs = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(a.keys() | b.keys())
+             if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A stage's run: resume check, single writer, record written last
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+class StageRun:
+    """The bookkeeping of one stage in `output_dir`, on every rank of a launch.
+
+        run = StageRun("sft", output_dir, args)      # refuses a folder holding another configuration
+        if run.done:                                 # completed with the same arguments: nothing to do
+            return run.record
+        ... work; run.add_input("train", path); run.outputs["model"] = "."; run.metrics.update(...)
+        return run.finish()                          # rank 0 writes run.json atomically, last
+
+    `args` are the resolved arguments (`resolved_args(...)`); those outside `OBSERVATION_FIELDS` must equal the
+    recorded ones on a resume or a rerun, else a `UsageError` names the differences.
+    """
+
+    def __init__(self, stage: str, output_dir: str | os.PathLike, args: Mapping[str, Any]):
+        self.stage, self.dir, self.args = stage, Path(output_dir), dict(args)
+        self.inputs: dict[str, dict[str, Any]] = {}
+        self.outputs: dict[str, str] = {}
+        self.metrics: dict[str, Any] = {}
+        self.record: RunRecord | None = None
+        self.state = _state()
+        self._start = time.perf_counter()
+        self._check_folder()
+
+    @property
+    def done(self) -> bool:
+        return self.record is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    def _check_folder(self) -> None:
+        record_path, args_path = self.dir / RUN_RECORD, self.dir / RUN_ARGS
+        if record_path.is_file():
+            record = RunRecord.read(self.dir)
+            self._refuse_mismatch(record.stage, record.args, record_path)
+            logger.info("%s: %s is complete with these arguments; returning its record (use a new output_dir "
+                        "to run again)", self.stage, self.dir)
+            self.record = record
+            return
+        if args_path.is_file():
+            started = json.loads(args_path.read_text(encoding="utf-8"))
+            self._refuse_mismatch(started.get("stage"), started.get("args", {}), args_path)
+            logger.info("%s: resuming the run in %s", self.stage, self.dir)
+        self.state.wait_for_everyone()
+        if self.is_main:
+            write_json_atomic(args_path, {"stage": self.stage, "args": _jsonable(self.args)})
+        self.state.wait_for_everyone()
+
+    def _refuse_mismatch(self, stage: str | None, recorded: Mapping[str, Any], path: Path) -> None:
+        if stage != self.stage:
+            raise UsageError(f"{self.dir} holds a {stage!r} run, not {self.stage!r}: choose another output_dir")
+        given = _jsonable(self.args)
+        if _comparable(recorded) != _comparable(given):
+            raise UsageError(f"{self.dir} holds a {self.stage} run with other arguments ({path.name}): "
+                             f"{describe_mismatch(recorded, given)}. Resume with the same arguments, or choose "
+                             "another output_dir")
+
+    def add_input(self, name: str, path: str | os.PathLike | None) -> None:
+        if path is not None and self.is_main:
+            self.inputs[name] = content_hash(path)
+
+    def finish(self) -> RunRecord:
+        """Write the record (rank 0), after every rank is done; every rank returns it."""
+        self.state.wait_for_everyone()
+        self.record = RunRecord(
+            stage=self.stage, args=_jsonable(self.args), inputs=self.inputs, outputs=self.outputs,
+            metrics=_jsonable(self.metrics), versions=library_versions(), world_size=self.state.num_processes,
+            seconds=round(time.perf_counter() - self._start, 1))
+        if self.is_main:
+            self.record.write(self.dir)
+            (self.dir / RUN_ARGS).unlink(missing_ok=True)
+        self.state.wait_for_everyone()
+        return self.record
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs: folders swapped in whole, per-rank JSONL parts merged once
+# ---------------------------------------------------------------------------------------------------------------------
+
+@contextmanager
+def replacing_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Write a folder's new contents into a temporary sibling, then swap it in: a failure or a kill before the swap
+    leaves the old folder as it was (a kill during the two renames leaves it under `<name>.old`)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f"{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class RankParts:
+    """JSONL output split over the ranks of a launch: each rank appends finished rows to its own part file (so a
+    killed rank resumes from what it wrote), and rank 0 merges the parts into one file in the original row order.
+
+        parts = RankParts(output_dir / "parts", "samples")
+        mine = parts.my_share(rows)                 # [(index, row)] of this rank: contiguous, nothing shared
+        todo = [(i, r) for i, r in mine if i not in parts.done_indices()]
+        ... parts.append({"index": i, ...})         # one complete JSON line per finished row, flushed
+        merged = parts.merge(output_dir / "samples.jsonl", expected=len(rows))   # rank 0; checks the index set
+
+    A part file's lines carry an integer `index` (the row's position in the full input); a torn last line from a
+    kill is dropped and its row redone.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str):
+        self.state = _state()
+        self.folder, self.name = Path(folder), name
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / f"{name}.rank{self.state.process_index}-of-{self.state.num_processes}.jsonl"
+
+    def my_share(self, rows: Sequence[Any]) -> list[tuple[int, Any]]:
+        n, world, rank = len(rows), self.state.num_processes, self.state.process_index
+        start, stop = n * rank // world, n * (rank + 1) // world
+        return [(i, rows[i]) for i in range(start, stop)]
+
+    def read(self) -> list[dict]:
+        return list(_read_jsonl_lenient(self.path))
+
+    def done_indices(self) -> set[int]:
+        return {int(r["index"]) for r in self.read()}
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def merge(self, target: str | os.PathLike, expected: int | None = None) -> list[dict]:
+        """After every rank finished: rank 0 writes all parts' rows sorted by index to `target` (atomically); every
+        rank returns the merged rows. A duplicated or missing index is an error (nothing lost or repeated)."""
+        self.state.wait_for_everyone()
+        rows: dict[int, dict] = {}
+        pattern = f"{self.name}.rank*-of-{self.state.num_processes}.jsonl"
+        for part in sorted(self.folder.glob(pattern)):
+            for row in _read_jsonl_lenient(part):
+                i = int(row["index"])
+                if i in rows:
+                    raise RuntimeError(f"{part}: row index {i} was written by two ranks")
+                rows[i] = row
+        if expected is not None and sorted(rows) != list(range(expected)):
+            missing = sorted(set(range(expected)) - rows.keys())[:10]
+            raise RuntimeError(f"{self.folder}: merged {len(rows)} of {expected} rows; missing indices {missing}")
+        merged = [rows[i] for i in sorted(rows)]
+        if self.state.is_main_process:
+            target = Path(target)
+            tmp = target.with_name(f".{target.name}.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                for row in merged:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            os.replace(tmp, target)
+        self.state.wait_for_everyone()
+        return merged
+
+
+def _read_jsonl_lenient(path: Path) -> Iterator[dict]:
+    """Rows of a JSONL file this package appended to. An unterminated last line is a write cut by a kill: it is
+    skipped (its row is redone); any other broken line is an error naming the line."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    torn = lines.pop() if not text.endswith("\n") else None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                raise UsageError(f"{path}, line {n}: not valid JSON") from None
+    if torn:
+        logger.warning("%s: skipping an unterminated last line (a kill while writing it); its row is redone", path)
+
+
+__all__ = [
+    "OBSERVATION_FIELDS", "RankParts", "RunRecord", "Stage", "StageRun", "UsageError", "build", "cli_main",
+    "content_hash", "make_parser", "parse_args", "replacing_folder", "resolved_args", "run_stage", "stage_output",
+    "user_error_message", "write_json_atomic",
+]
