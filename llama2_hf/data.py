@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -152,6 +153,58 @@ def sft_messages(example: Mapping, row: int) -> list[dict]:
         raise InvalidExample(row, answer_field, "empty_response", f"must be non-empty text, got {answer!r}")
     prompt = _messages(_require(example, row, "prompt"), row, "prompt", last_role="user")
     return [*prompt, {"role": "assistant", "content": answer}]
+
+
+SAFETY_TAG = "is_safety_prompt"
+"""The one name of the safety tag of a prompt or a preference row (True: an adversarial / safety prompt, so the
+safety reward model decides the reward, paper §3.2.3)."""
+
+
+@dataclass
+class PromptRow:
+    """One validated prompt: `id` (the row's `id`, else a hash of the messages), the messages ending with a user
+    turn, the safety tag, and the row's other columns (kept for the stage's outputs)."""
+
+    id: str
+    messages: list[dict]
+    is_safety_prompt: bool
+    extra: dict = field(default_factory=dict)
+
+
+def prompt_row(example: Mapping, row: int) -> PromptRow:
+    """The one parser of prompt rows (rejection sampling, PPO, GAtt, distillation, refusals): `prompt` (text or
+    messages ending with a user turn) or `messages`, an optional bool `is_safety_prompt`, an optional `id`."""
+    for alias in ("is_safety", "is_adversarial", "safety"):
+        if alias in example:
+            raise InvalidExample(row, alias, "unknown_field", f"unknown column; the safety tag is {SAFETY_TAG!r}")
+    key = "prompt" if example.get("prompt") is not None else "messages"
+    messages = _messages(_require(example, row, key), row, key, last_role="user")
+    flag = example.get(SAFETY_TAG)
+    if flag is None:
+        flag = False
+    if not isinstance(flag, bool):
+        raise InvalidExample(row, SAFETY_TAG, "bad_type", f"expected true, false or null, got {flag!r}")
+    if example.get("id") is not None:
+        prompt_id = str(example["id"])
+    else:
+        prompt_id = hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+    extra = {k: v for k, v in example.items() if k not in (key, SAFETY_TAG, "id")}
+    return PromptRow(prompt_id, messages, flag, extra)
+
+
+def load_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[PromptRow]:
+    """Validated prompt rows of one or more files (errors name the file, line and field); duplicate ids (identical
+    prompts without an `id`) are an error naming both lines."""
+    dataset = load_data_files(paths, prompt_row)
+    rows, seen = [], {}
+    for n, example in enumerate(dataset.to_list(), 1):
+        p = prompt_row({k: v for k, v in example.items() if v is not None or k == SAFETY_TAG}, n)
+        if p.id in seen:
+            raise InvalidDataFile(f"prompt rows {seen[p.id]} and {n} have the same id {p.id!r} (identical prompts "
+                                  "without an 'id' field hash to the same id)")
+        seen[p.id] = n
+        rows.append(p)
+    return rows
 
 
 @dataclass

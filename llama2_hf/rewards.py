@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .data import SAFETY_TAG
 from .generation import Prompt, as_messages
 from .losses import logit, whiten
 
@@ -188,6 +189,11 @@ def _flags(values, n: int, name: str) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.bool)
 
 
+SAFETY_THRESHOLD = 0.15
+"""The safety gate on sigmoid(R_s) of the piecewise reward: 0.15, precision 0.89 / recall 0.55 on Meta Safety (paper
+§3.2.3). The one definition: `SafetyGatedReward` and the stages' `RewardArguments` read it."""
+
+
 class SafetyGatedReward:
     """The paper's reward (§3.2.3, Eq. 3-4): the safety RM gates the helpfulness RM, then LOGIT and WHITEN.
 
@@ -207,13 +213,13 @@ class SafetyGatedReward:
     Args:
         helpfulness, safety: scorers `(prompts, responses) -> sequence of logits` (a `RewardModelScorer` or any
             callable); they may sit on different devices or dtypes.
-        threshold: 0.15, precision 0.89 / recall 0.55 on Meta Safety (paper §3.2.3).
+        threshold: `SAFETY_THRESHOLD` (0.15, paper §3.2.3).
         whiten: "batch", "running" or "none".
         safety_column: the boolean column that tags safety prompts (absent means no prompt is tagged).
     """
 
-    def __init__(self, helpfulness: Callable, safety: Callable, threshold: float = 0.15, whiten: str = "batch",
-                 safety_column: str = "is_safety", rm_outputs: str = "logits"):
+    def __init__(self, helpfulness: Callable, safety: Callable, threshold: float = SAFETY_THRESHOLD,
+                 whiten: str = "batch", safety_column: str = SAFETY_TAG, rm_outputs: str = "logits"):
         if whiten not in WHITEN_MODES:
             raise ValueError(f"whiten must be one of {WHITEN_MODES}, got {whiten!r}")
         if rm_outputs not in ("logits", "probabilities"):

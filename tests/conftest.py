@@ -176,7 +176,7 @@ def stage_inputs(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
         torch.manual_seed(seed)
         Llama2ForRewardModel(config).save_pretrained(root / name)
         tiny_tokenizer.save_pretrained(root / name)
-    prompts = [{"prompt": f"What is {i} plus {i + 1}?", "is_safety": i % 4 == 0} for i in range(8)]
+    prompts = [{"prompt": f"What is {i} plus {i + 1}?", "is_safety_prompt": i % 4 == 0} for i in range(8)]
     return {"root": root, "policy": root / "policy", "helpfulness_rm": root / "helpfulness_rm",
             "safety_rm": root / "safety_rm", "sft": write_jsonl(root / "sft.jsonl", sft_rows(24)),
             "prefs": write_jsonl(root / "prefs.jsonl", preference_rows(24)),

@@ -10,9 +10,12 @@ loaded in bf16 to halve their memory.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from ..rewards import SAFETY_THRESHOLD, WHITEN_MODES
 from ..runner import UsageError
 from ..tokenization_llama2 import Llama2Tokenizer
 
@@ -59,8 +62,6 @@ def model_init_kwargs(model_args) -> dict:
 def load_model(cls, model_args, name_or_path=None, *, trainable: bool = True, **overrides):
     """`cls.from_pretrained(name_or_path or model_args.model_name_or_path, ...)` with a clear error for a missing
     folder (instead of the Hub's repo-id message)."""
-    from pathlib import Path
-
     source = str(name_or_path or model_args.model_name_or_path or "")
     if not source:
         raise UsageError("model_name_or_path is required")
@@ -79,3 +80,56 @@ def peft_config(model_args):
     from trl import get_peft_config
 
     return get_peft_config(model_args)
+
+
+@dataclass
+class RewardArguments:
+    """The reward of the sampling and RL stages: the helpfulness RM gated by the safety RM (paper §3.2.3, Eq. 3-4).
+    One definition for rejection sampling, PPO and safety context distillation."""
+
+    helpfulness_reward_model: str | None = field(default=None, metadata={
+        "help": "Helpfulness reward model: folder (a train-rm output) or Hub id (R_h, paper §3.2.2)."})
+    safety_reward_model: str | None = field(default=None, metadata={
+        "help": "Safety reward model: folder or Hub id (R_s). Without it the helpfulness RM alone is the reward."})
+    safety_threshold: float = field(default=SAFETY_THRESHOLD, metadata={
+        "help": "Safety gate on sigmoid(R_s): 0.15, precision 0.89 / recall 0.55 on Meta Safety (paper §3.2.3)."})
+    reward_whitening: str = field(default="batch", metadata={
+        "help": "Statistics of WHITEN(LOGIT(R_c)) (paper silent): batch, running or none. Monotone within a scored "
+                "batch, so it never changes a best-of-K choice.", "choices": list(WHITEN_MODES)})
+    reward_batch_size: int = field(default=8, metadata={"help": "Responses per reward-model forward pass."})
+    reward_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the frozen reward models (bfloat16 halves their memory).",
+        "choices": ["float32", "bfloat16", "float16"]})
+
+    def __post_init__(self):
+        if self.reward_whitening not in WHITEN_MODES:
+            raise ValueError(f"reward_whitening must be one of {WHITEN_MODES}, got {self.reward_whitening!r}")
+        if not 0 < self.safety_threshold < 1:
+            raise ValueError(f"safety_threshold is a probability in (0, 1), got {self.safety_threshold}")
+
+
+def load_reward(args: RewardArguments, tokenizer, device: str | torch.device = "cpu"):
+    """The reward callable of `args`: `SafetyGatedReward` over both RMs, or the helpfulness scorer alone. Each RM
+    folder may be a `train-rm` output (its `model` output is used)."""
+    from ..modeling_llama2 import Llama2ForRewardModel
+    from ..rewards import RewardModelScorer, SafetyGatedReward
+    from ..runner import stage_output
+
+    if not args.helpfulness_reward_model:
+        raise UsageError("helpfulness_reward_model is required (a train-rm output folder or a Hub id)")
+
+    def scorer(path: str) -> RewardModelScorer:
+        source = stage_output(path, "model")
+        if not Path(source).exists() and str(source).startswith((".", "/")):
+            raise UsageError(f"reward model {source}: no such folder")
+        try:
+            model = Llama2ForRewardModel.from_pretrained(str(source), dtype=getattr(torch, args.reward_dtype))
+        except OSError as e:
+            raise UsageError(f"cannot load a reward model from {source}: {e}") from None
+        return RewardModelScorer(model.to(device), tokenizer, batch_size=args.reward_batch_size)
+
+    helpful = scorer(args.helpfulness_reward_model)
+    if not args.safety_reward_model:
+        return helpful
+    return SafetyGatedReward(helpful, scorer(args.safety_reward_model), threshold=args.safety_threshold,
+                             whiten=args.reward_whitening)
