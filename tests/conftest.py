@@ -187,3 +187,36 @@ def stage_inputs(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
 TINY_TRAINING = {"use_cpu": True, "max_steps": 2, "per_device_train_batch_size": 4, "global_batch_size": None,
                  "logging_steps": 1, "report_to": [], "save_strategy": "no", "max_length": 128,
                  "disable_tqdm": True}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(args: list[str], num_processes: int = 2, config_file: str | Path | None = None,
+                      timeout: int = 600, env: dict | None = None):
+    """`accelerate launch` of `python -m llama2_hf.cli <args>` on CPU processes over gloo; returns the
+    CompletedProcess (stdout/stderr captured). ECOSYSTEM_NOTES: only `--multi_gpu` with ACCELERATE_USE_CPU starts
+    several CPU processes; `--cpu --num_processes 2` silently starts one. With `config_file`, its distributed type
+    (FSDP, DeepSpeed) is used and the process count is overridden."""
+    import shutil
+    import subprocess
+    import sys
+
+    accelerate = shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate CLI not installed")
+    full_env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                **(env or {})}
+    cmd = [accelerate, "launch"]
+    if config_file is not None:
+        cmd += ["--config_file", str(config_file)]
+    else:
+        cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(free_port()),
+            "-m", "llama2_hf.cli", *map(str, args)]
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
