@@ -66,3 +66,17 @@ def test_sft_everything_dropped_is_an_error(stage_inputs, tmp_path):
     with pytest.raises(UsageError, match="no SFT rows left"):
         run_stage("sft", model_name_or_path=str(stage_inputs["policy"]), train_file=[str(bad)],
                   output_dir=str(tmp_path / "o"), on_invalid="drop", **TINY_TRAINING)
+
+
+def test_sft_ddp_two_processes(stage_inputs, tmp_path):
+    from conftest import accelerate_launch
+
+    out = tmp_path / "ddp"
+    proc = accelerate_launch(["sft", "--model_name_or_path", stage_inputs["policy"], "--train_file",
+                              stage_inputs["sft"], "--output_dir", out, "--use_cpu", "true", "--max_steps", "2",
+                              "--per_device_train_batch_size", "2", "--global_batch_size", "8", "--max_length", "128",
+                              "--report_to", "none", "--save_strategy", "no"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    record = RunRecord.read(out)
+    assert record.world_size == 2 and record.args["gradient_accumulation_steps"] == 2  # 8 = 2 per device x 2 x 2
+    assert (out / "model.safetensors").is_file()
