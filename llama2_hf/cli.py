@@ -15,6 +15,8 @@ from .stages import STAGES
 # commands that are not pipeline stages: name -> ("module:function", help)
 OTHER_COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("llama2_hf.quickstart:main", "the whole Llama 2-Chat pipeline on a laptop-sized example"),
+    "annotate": ("llama2_hf.annotate:main", "a local web page to compare response pairs (paper §3.2.1); answers "
+                 "become preference rows"),
 }
 
 STAGE_HELP = {
