@@ -29,6 +29,7 @@ STAGE_HELP = {
     "ppo": "PPO against the safety-gated reward with a KL penalty",
     "gatt": "Ghost Attention training data (multi-turn sampling with the instruction on every turn)",
     "gatt-eval": "Ghost Attention adherence by turn (paper Table 30 / Figure 28)",
+    "gatt-lists": "constraint value lists (hobbies, public figures) written by a chat model, as the paper's",
     "distill": "targeted safety context distillation",
     "refusals": "false-refusal rates on helpfulness prompts and a borderline set",
     "eval": "MMLU, GSM8K, TruthfulQA and ToxiGen as the paper measures them",

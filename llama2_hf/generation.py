@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -64,6 +64,26 @@ class SamplingConfig:
         if self.num_samples < 1 or self.prompt_batch_size < 1:
             raise ValueError(f"num_samples and prompt_batch_size must be >= 1, got {self.num_samples} and "
                              f"{self.prompt_batch_size}")
+
+
+
+@dataclass
+class ChatSamplingArguments:
+    """Sampling settings of a stage that answers chat conversations once each (GAtt, distillation, refusals): the
+    command-line face of `SamplingConfig` with `num_samples=1`. Defaults: Meta's chat defaults."""
+
+    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens generated per answer (EOS included)."})
+    temperature: float = field(default=0.6, metadata={
+        "help": "Softmax temperature (0 = greedy). 0.6 / top-p 0.9: Meta's chat_completion defaults."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold (1.0 disables it)."})
+    prompt_batch_size: int = field(default=8, metadata={"help": "Conversations per generation forward pass."})
+
+    def __post_init__(self) -> None:
+        self.sampling_config()  # the same checks as SamplingConfig, at parse time
+
+    def sampling_config(self) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              num_samples=1, prompt_batch_size=self.prompt_batch_size)
 
 
 @dataclass
@@ -281,7 +301,109 @@ def full_weights_for_generation(model: torch.nn.Module) -> Iterator[torch.nn.Mod
                 group.post_forward_mesh_info = info
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Chat samplers: one answer per conversation, and turn-by-turn rollouts of many dialogues
+# ---------------------------------------------------------------------------------------------------------------------
+
+Sampler = Callable[[list[Messages]], list[str]]
+"""`sampler(conversations) -> one answer per conversation`; each conversation ends with a user message."""
+
+
+class ChatSampler:
+    """Answers a batch of chat conversations with a causal LM through the pipeline's `generation.generate_text`.
+
+    `config` is a `generation.SamplingConfig` with `num_samples=1` (default: Meta's chat defaults, temperature 0.6,
+    top-p 0.9; temperature 0 is greedy). Also counts prompt tokens (`count_tokens`) and knows the model's context
+    (`max_length`), so turn-by-turn rollouts can stop at the context length.
+    """
+
+    def __init__(self, model, tokenizer, config=None, seed: int | None = None, progress: bool = False):
+        self.config = config if config is not None else SamplingConfig()
+        if self.config.num_samples != 1:
+            raise ValueError(f"ChatSampler answers once per conversation: num_samples must be 1, got "
+                             f"{self.config.num_samples}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = getattr(model.config, "max_position_embeddings", None)
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator(device=_model_device(model)).manual_seed(seed)
+        self.progress = progress
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random stream at `seed`: a stage reseeds per chunk of work (seed + the chunk's first row), so
+        a resumed or rank-split run draws the same samples for the same rows."""
+        self.generator = torch.Generator(device=_model_device(self.model)).manual_seed(seed)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, tokenizer_dir: str | None = None, config=None,
+                        **kwargs) -> "ChatSampler":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
+        return cls(model, tokenizer, config, **kwargs)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.config.max_new_tokens
+
+    def count_tokens(self, messages: Messages) -> int:
+        from .tokenization_llama2 import encode_dialog
+
+        return len(encode_dialog(self.tokenizer, messages))
+
+    def __call__(self, conversations: list[Messages]) -> list[str]:
+        if not conversations:
+            return []
+        out = generate_text(self.model, self.tokenizer, conversations, self.config, generator=self.generator,
+                            progress=self.progress)
+        return [samples[0] for samples in out]
+
+
+def rollout(sampler: Sampler, num_turns: Sequence[int], build_messages: Callable[[int, int, list[str]], Messages],
+            max_length: int | None = None, token_counter: Callable[[Messages], int] | None = None,
+            reserve_tokens: int = 0, desc: str = "turns") -> list[list[str]]:
+    """Generate the assistant's answers of many dialogues turn by turn, batching all dialogues at each turn.
+
+    `build_messages(i, k, answers)` returns the conversation of dialogue i up to its user turn k (0-based), given its
+    answers to turns 0..k-1. Dialogue i runs for `num_turns[i]` turns, or stops early once the prompt plus
+    `reserve_tokens` exceeds `max_length` tokens (when `max_length` and `token_counter` are given). Returns each
+    dialogue's answers (possibly fewer than its turns).
+    """
+    answers: list[list[str]] = [[] for _ in num_turns]
+    stopped = [False] * len(num_turns)
+    for k in tqdm(range(max(num_turns, default=0)), desc=desc, disable=len(num_turns) < 2):
+        batch, conversations = [], []
+        for i, n in enumerate(num_turns):
+            if stopped[i] or k >= n:
+                continue
+            messages = build_messages(i, k, answers[i])
+            if max_length is not None and token_counter is not None and \
+                    token_counter(messages) + reserve_tokens > max_length:
+                stopped[i] = True
+                continue
+            batch.append(i)
+            conversations.append(messages)
+        if not batch:
+            break
+        responses = sampler(conversations)
+        if len(responses) != len(batch):
+            raise ValueError(f"the sampler returned {len(responses)} answers for {len(batch)} conversations")
+        for i, response in zip(batch, responses):
+            answers[i].append(response)
+    return answers
+
+
+def sampler_limits(sampler, max_length: int | None, token_counter):
+    """Context limit, token counter and reserved answer length, from the arguments or the sampler."""
+    max_length = max_length if max_length is not None else getattr(sampler, "max_length", None)
+    token_counter = token_counter or getattr(sampler, "count_tokens", None)
+    return max_length, token_counter, getattr(sampler, "max_new_tokens", 0)
+
+
 __all__ = [
     "SamplingConfig", "GenerationOutput", "as_messages", "sample_top_p", "sample_next_token", "generate",
-    "generate_text", "full_weights_for_generation",
+    "generate_text", "full_weights_for_generation", "ChatSamplingArguments", "ChatSampler", "Sampler", "rollout",
+    "sampler_limits",
 ]

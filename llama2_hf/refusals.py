@@ -14,18 +14,19 @@ Here:
   set (`resources/refusals/borderline_prompts.jsonl`: our own benign-but-alarming prompts, not the paper's set,
   which was never released).
 
-Command line: `python -m llama2_hf.refusals --model DIR --prompts helpful.jsonl --borderline` (see `main`).
+Command line: `llama2-hf refusals --model_name_or_path DIR --prompts_file helpful.jsonl` (`stages/refusals.py`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .data import PromptRow, load_prompts
+from .generation import Prompt, Sampler, as_messages
 
 logger = logging.getLogger(__name__)
 
@@ -200,48 +201,40 @@ def refusal_rate(prompts: Sequence[str], responses: Sequence[str],
     return RefusalStats(refusals=sum(flags), total=len(flags), flags=flags)
 
 
-def load_prompts(path: str | Path, prompt_field: str = "prompt") -> list[str]:
-    """Prompts from a JSONL file: field `prompt_field`, or the last user message of `messages`."""
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if isinstance(row.get(prompt_field), str):
-                prompts.append(row[prompt_field])
-            elif isinstance(row.get("messages"), list) and row["messages"] and \
-                    row["messages"][-1].get("role") == "user":
-                prompts.append(row["messages"][-1]["content"])
-            else:
-                raise ValueError(f"{path} row {i}: expected a string field {prompt_field!r} or 'messages' ending "
-                                 f"with a user turn; got keys {sorted(row)}")
-    return prompts
-
-
-def load_borderline_prompts(path: str | Path | None = None) -> list[str]:
-    """The shipped borderline set (benign prompts that look adversarial), or your own JSONL with a `prompt` field."""
+def load_borderline_prompts(path: str | Path | None = None) -> list[PromptRow]:
+    """The shipped borderline set (benign prompts that look adversarial), or your own prompt rows, parsed by the
+    pipeline's one prompt-row parser (`data.load_prompts`: errors name the file, line and field)."""
     return load_prompts(path or BORDERLINE_PROMPTS_FILE)
 
 
-def false_refusal_rates(sampler: Callable[[list[list[dict]]], list[str]], prompt_sets: dict[str, Sequence[str]],
+def false_refusal_rates(sampler: Sampler, prompt_sets: Mapping[str, Sequence[Prompt | PromptRow]],
                         detector: RefusalDetector | None = None,
                         system_prompt: str | None = None) -> tuple[dict[str, RefusalStats], dict[str, list[str]]]:
     """Generate a response to every prompt of every set and measure its refusal rate.
 
-    `sampler(conversations) -> responses` answers a batch of chat conversations (see `gatt.ChatSampler`);
-    `system_prompt` is added to every conversation when given (the paper's measurement used none by default).
-    Returns the stats and the responses, per set name.
+    Prompts are texts, message lists ending with a user turn, or `PromptRow`s. `sampler(conversations) ->
+    responses` answers a batch of chat conversations (see `generation.ChatSampler`); `system_prompt` is added to
+    every conversation when given (the paper's measurement used none by default). Returns the stats and the
+    responses, per set name.
     """
     stats, responses = {}, {}
     for name, prompts in prompt_sets.items():
-        conversations = [([{"role": "system", "content": system_prompt}] if system_prompt else [])
-                         + [{"role": "user", "content": p}] for p in prompts]
+        conversations = [with_system_prompt(p, system_prompt) for p in prompts]
         responses[name] = list(sampler(conversations))
-        stats[name] = refusal_rate(list(prompts), responses[name], detector)
+        stats[name] = refusal_rate([c[-1]["content"] for c in conversations], responses[name], detector)
         logger.info("false refusals on %s: %d / %d (%.2f%%)", name, stats[name].refusals, stats[name].total,
                     100 * stats[name].rate)
     return stats, responses
+
+
+def with_system_prompt(prompt: Prompt | PromptRow, system_prompt: str | None) -> list[dict]:
+    """The prompt's messages, with `system_prompt` as the system message when given (before an existing one)."""
+    messages = list(prompt.messages) if isinstance(prompt, PromptRow) else as_messages(prompt)
+    if not system_prompt:
+        return messages
+    if messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{system_prompt}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def format_refusal_table(stats: dict[str, RefusalStats]) -> str:
@@ -252,90 +245,8 @@ def format_refusal_table(stats: dict[str, RefusalStats]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="llama2-hf refusals",
-        description="False-refusal rates of a chat model on helpfulness prompts and on a borderline set.")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="chat model directory whose answers are generated and checked")
-    src.add_argument("--responses", help="JSONL of already generated answers with fields 'prompt', 'response' and "
-                                         "optionally 'set' (default set name: 'responses')")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
-    parser.add_argument("--prompts", action="append", default=[], metavar="[NAME=]FILE",
-                        help="helpfulness prompts JSONL ('prompt' or 'messages'); repeatable; NAME defaults to the "
-                             "file stem")
-    parser.add_argument("--borderline", nargs="?", const="default", default=None, metavar="FILE",
-                        help="also measure the borderline set: the shipped one, or FILE")
-    parser.add_argument("--system-prompt", default=None, help="system prompt added to every conversation")
-    parser.add_argument("--classifier", default=None,
-                        help="directory of a sequence-classification refusal classifier (default: patterns)")
-    parser.add_argument("--refusal-label", default="1", help="classifier label (index or name) meaning 'refusal'")
-    parser.add_argument("--threshold", type=float, default=0.5, help="classifier probability threshold")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
-    parser.add_argument("--batch-size", type=int, default=8, help="generation batch size")
-    parser.add_argument("--output", default=None, help="write stats and flagged answers to this JSON file")
-    args = parser.parse_args(argv)
-
-    detector: RefusalDetector = PatternRefusalDetector()
-    if args.classifier:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        label: int | str = int(args.refusal_label) if args.refusal_label.isdigit() else args.refusal_label
-        detector = ClassifierRefusalDetector(AutoModelForSequenceClassification.from_pretrained(args.classifier),
-                                             AutoTokenizer.from_pretrained(args.classifier), refusal_label=label,
-                                             threshold=args.threshold)
-
-    if args.responses:
-        by_set: dict[str, tuple[list[str], list[str]]] = {}
-        with open(args.responses, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
-                    raise ValueError(f"{args.responses} row {i}: expected string fields 'prompt' and 'response'")
-                ps, rs = by_set.setdefault(row.get("set", "responses"), ([], []))
-                ps.append(row["prompt"])
-                rs.append(row["response"])
-        stats = {k: refusal_rate(ps, rs, detector) for k, (ps, rs) in by_set.items()}
-        answers = {k: rs for k, (_, rs) in by_set.items()}
-        prompt_sets = {k: ps for k, (ps, _) in by_set.items()}
-    else:
-        from .gatt import ChatSampler
-        from .generation import SamplingConfig
-
-        prompt_sets = {}
-        for spec in args.prompts:
-            name, _, path = spec.rpartition("=")
-            prompt_sets[name or Path(path).stem] = load_prompts(path)
-        if args.borderline:
-            prompt_sets["borderline"] = load_borderline_prompts(None if args.borderline == "default"
-                                                                else args.borderline)
-        if not prompt_sets:
-            parser.error("give --prompts FILE and/or --borderline")
-        config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                prompt_batch_size=args.batch_size)
-        sampler = ChatSampler.from_pretrained(args.model, args.tokenizer, config)
-        stats, answers = false_refusal_rates(sampler, prompt_sets, detector, system_prompt=args.system_prompt)
-
-    print(format_refusal_table(stats))
-    if args.output:
-        report = {name: {**s.to_dict(),
-                         "refused": [{"prompt": p, "response": r}
-                                     for p, r, flag in zip(prompt_sets[name], answers[name], s.flags) if flag]}
-                  for name, s in stats.items()}
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    return 0
-
-
 __all__ = [
     "CAPABILITY_PATTERNS", "REFUSAL_PATTERNS", "BORDERLINE_PROMPTS_FILE", "ClassifierRefusalDetector",
     "PatternRefusalDetector", "RefusalDetector", "RefusalStats", "false_refusal_rates", "format_refusal_table",
-    "load_borderline_prompts", "load_prompts", "refusal_rate", "main",
+    "load_borderline_prompts", "refusal_rate", "with_system_prompt",
 ]
-
-if __name__ == "__main__":
-    raise SystemExit(main())

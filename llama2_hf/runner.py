@@ -349,9 +349,13 @@ def describe_mismatch(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> 
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _state():
+    """accelerate's process state. Without a GPU it must be asked for CPU processes explicitly: a bare
+    `PartialState()` under `accelerate launch --multi_gpu` on a CPU machine leaves every rank a single process."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return PartialState(cpu=use_cpu or not torch.cuda.is_available())
 
 
 class StageRun:

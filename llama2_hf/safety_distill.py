@@ -10,9 +10,9 @@ safety preprompt, then fine-tune on those answers *without* the preprompt. The p
 
 Preprompts are data (`resources/safety/preprompts.json`, extensible with your own JSON, see `SafetyPreprompts`).
 
-Input prompts (JSONL or a `datasets` dataset), one per row:
-    prompt | messages   the prompt: text, or messages ending with a user turn
-    adversarial | is_safety   bool tag; only tagged rows are distilled (others are counted as skipped)
+Input prompts (the pipeline's prompt rows, `data.prompt_row`), one per row:
+    prompt | messages  the prompt: text, or messages ending with a user turn
+    is_safety_prompt   bool tag; only tagged rows are distilled (others are counted as skipped)
     risk_category      optional: a category key or display name of the preprompt file (null: generic preprompt)
     id                 optional, carried over
 
@@ -22,7 +22,8 @@ Output SFT dataset (`distilled.jsonl`), one row per kept prompt:
     risk_category      the canonical category key, or null
     preprompt, preprompt_kind   the preprompt used ("generic" | "category") - not part of `messages`
     safety_score, safety_score_without_preprompt, safety_gain   the safety RM's raw scores and their difference
-`candidates.jsonl` holds every adversarial prompt with both answers and scores, kept or not.
+The `distill` stage also writes `candidates.jsonl`: one record per prompt row (`status` scored, not_adversarial or
+too_long), with both answers and scores, kept or not.
 
 Choices where the paper is silent (all options of `DistillConfig`):
 - the preprompt goes in the system message (`placement="system"`, appended before an existing system message);
@@ -30,12 +31,12 @@ Choices where the paper is silent (all options of `DistillConfig`):
 - both answers are sampled by the same model and settings; both are scored on the prompt *without* the preprompt
   (the context the distilled model will see);
 - "higher" is strict (`min_gain=0.0`): ties keep nothing;
-- a generic preprompt is drawn uniformly per prompt (seeded) from the quoted ones and the template expansions.
+- a generic preprompt is drawn uniformly per prompt from the quoted ones and the template expansions, seeded by
+  `seed` and the row's index (the same choice whatever the number of ranks).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -45,13 +46,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .gatt import Sampler, add_sampling_arguments, load_dialogues, sampler_from_args, write_jsonl, write_run_json
+from .data import SAFETY_TAG, InvalidExample, PromptRow, prompt_row
+from .generation import Sampler
 
 logger = logging.getLogger(__name__)
 
 PREPROMPTS_FILE = Path(__file__).resolve().parent / "resources" / "safety" / "preprompts.json"
 PLACEMENTS = ("system", "prefix")
-TAG_FIELDS = ("adversarial", "is_safety")
 
 
 @dataclass
@@ -142,18 +143,28 @@ def select_improved(scores_with: Sequence[float], scores_without: Sequence[float
 
 @dataclass
 class DistillConfig:
-    """Options of `distill` (see the module docstring for the choices)."""
+    """Options of the `distill` stage (the module docstring explains the choices where the paper is silent)."""
 
-    placement: str = "system"  # "system" or "prefix"
-    separator: str = "\n\n"
-    use_category_templates: bool = True  # answer templates per risk category (paper Fig. 16a); else generic only
-    unknown_category: str = "error"  # a risk_category not in the preprompt file: "error" or "generic"
-    tag_field: str | None = None  # None: the first of "adversarial", "is_safety" present in a row
-    assume_adversarial: bool = False  # treat every row as adversarial (a red-team prompt file without tags)
-    category_field: str = "risk_category"
-    min_gain: float = 0.0  # keep when score_with - score_without > min_gain (paper: "better"; strict)
-    on_overlength: str = "error"  # a preprompted prompt that fills the model's context: "error" or "skip" (counted)
-    seed: int = 0
+    preprompts_file: str | None = field(default=None, metadata={
+        "help": "JSON of extra or replacement preprompts, merged over the shipped resources/safety/preprompts.json."})
+    placement: str = field(default="system", metadata={
+        "help": "Preprompt as (or before) the system message, or as a prefix of the final user message.",
+        "choices": list(PLACEMENTS)})
+    separator: str = field(default="\n\n", metadata={"help": "Between the preprompt and the text it precedes."})
+    use_category_templates: bool = field(default=True, metadata={
+        "help": "Answer templates per risk category (paper Fig. 16a); false: generic preprompts only."})
+    unknown_category: str = field(default="error", metadata={
+        "help": "A risk_category not in the preprompt file: error, or use a generic preprompt (counted).",
+        "choices": ["error", "generic"]})
+    assume_adversarial: bool = field(default=False, metadata={
+        "help": f"Treat every row as adversarial (a red-team prompt file without the {SAFETY_TAG!r} tag)."})
+    category_field: str = field(default="risk_category", metadata={"help": "Column holding the risk category."})
+    min_gain: float = field(default=0.0, metadata={
+        "help": "Keep a pair when safety_score_with - safety_score_without > min_gain (paper: 'better'; strict)."})
+    on_overlength: str = field(default="error", metadata={
+        "help": "A preprompted prompt that fills the model's context: error, or skip (counted).",
+        "choices": ["error", "skip"]})
+    seed: int = field(default=0, metadata={"help": "Seed of the generic preprompt choice and of the sampling."})
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -189,103 +200,62 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _prompt_messages(row: Mapping, index: int) -> list[dict]:
-    from .generation import as_messages
-    from .tokenization_llama2 import validate_messages
-
-    value = row.get("prompt") if row.get("prompt") is not None else row.get("messages")
-    if value is None:
-        raise ValueError(f"row {index}: expected a 'prompt' (text or messages) or 'messages' field, got keys "
-                         f"{sorted(row)}")
-    try:
-        messages = as_messages(value)
-        validate_messages(messages)
-    except ValueError as err:
-        raise ValueError(f"row {index}, field 'prompt': {err}") from None
-    if messages[-1]["role"] != "user":
-        raise ValueError(f"row {index}, field 'prompt': must end with a user message, ends with "
-                         f"{messages[-1]['role']!r}")
-    return messages
+def as_prompt_row(row: Mapping | PromptRow, index: int) -> PromptRow:
+    """A prompt row through the pipeline's one parser (`data.prompt_row`); a `PromptRow` passes through. The tag
+    name this module used to read, `adversarial`, is refused: ignored, it would silently distil nothing."""
+    parsed = row if isinstance(row, PromptRow) else prompt_row(row, index)
+    if "adversarial" in parsed.extra:
+        raise InvalidExample(index, "adversarial", "unknown_field", f"unknown column; the safety tag is {SAFETY_TAG!r}")
+    return parsed
 
 
-def _is_adversarial(row: Mapping, index: int, config: DistillConfig) -> bool:
-    if config.assume_adversarial:
-        return True
-    fields = [config.tag_field] if config.tag_field else [f for f in TAG_FIELDS if f in row]
-    if not fields or fields[0] not in row:
-        raise ValueError(f"row {index}: no adversarial tag (expected a bool field "
-                         f"{config.tag_field or ' or '.join(TAG_FIELDS)}; or set assume_adversarial)")
-    value = row[fields[0]]
-    if not isinstance(value, bool) and value not in (0, 1):
-        raise ValueError(f"row {index}, field {fields[0]!r}: expected a bool, got {value!r}")
-    return bool(value)
-
-
-def distill(rows: Iterable[Mapping], sampler: Sampler, safety_reward: Callable,
-            preprompts: SafetyPreprompts | None = None,
-            config: DistillConfig | None = None) -> tuple[list[dict], list[dict], DistillReport]:
-    """Targeted safety context distillation.
-
-    Args:
-        rows: prompts (schema in the module docstring).
-        sampler: `sampler(conversations) -> answers` (e.g. `gatt.ChatSampler` on the model being distilled).
-        safety_reward: the safety RM as a reward of the pipeline contract, `reward(prompts, responses) -> scores`
-            (`rewards.RewardModelScorer`, or any callable; a `score` method's `raw` scores are used when present).
-        preprompts: default `SafetyPreprompts.load()`.
-        config: `DistillConfig()` by default.
-
-    Returns the distilled SFT rows (kept pairs only, without the preprompt), every candidate, and the report.
-    """
+def distill_records(rows: Iterable[tuple[int, Mapping | PromptRow]], sampler: Sampler, safety_reward: Callable,
+                    preprompts: SafetyPreprompts | None = None,
+                    config: DistillConfig | None = None) -> list[dict]:
+    """One record per `(index, prompt row)`: `status` "scored" (both answers and their safety scores, `kept`),
+    "not_adversarial" or "too_long". The preprompt of row i is drawn from `seed` and i alone, so records do not
+    depend on how the rows are split into calls (ranks, chunks, resumes)."""
     from .rewards import score_with
 
     config = config or DistillConfig()
     preprompts = preprompts or SafetyPreprompts.load()
-    rng = random.Random(config.seed)
-    report = DistillReport()
     max_length, counter = getattr(sampler, "max_length", None), getattr(sampler, "count_tokens", None)
-    items = []
-    for index, row in enumerate(rows):
-        report.rows += 1
-        messages = _prompt_messages(row, index)
-        if not _is_adversarial(row, index, config):
-            report.skipped_not_adversarial += 1
+    records, items = [], []
+    for index, raw in rows:
+        row = as_prompt_row(raw, index)
+        record = {"index": index, "id": row.id, "unknown_category": False}
+        records.append(record)
+        if not (config.assume_adversarial or row.is_safety_prompt):
+            record["status"] = "not_adversarial"
             continue
-        label = row.get(config.category_field)
+        label = row.extra.get(config.category_field)
         key = None
         if label is not None and config.use_category_templates:
             if not isinstance(label, str):
-                raise ValueError(f"row {index}, field {config.category_field!r}: expected text, got {label!r}")
+                raise InvalidExample(index, config.category_field, "bad_type", f"expected text, got {label!r}")
             key = preprompts.category_key(label)
             if key is None:
                 if config.unknown_category == "error":
-                    raise ValueError(f"row {index}, field {config.category_field!r}: unknown risk category "
-                                     f"{label!r}; known: {sorted(preprompts.categories)} (or their names), or set "
-                                     f"unknown_category='generic'")
-                report.unknown_category_as_generic += 1
-        text = preprompts.for_category(key) if key else rng.choice(preprompts.generic)
-        preprompted = apply_preprompt(messages, text, config.placement, config.separator)
+                    raise InvalidExample(index, config.category_field, "unknown_category",
+                                         f"unknown risk category {label!r}; known: {sorted(preprompts.categories)} "
+                                         "(or their names), or set unknown_category='generic'")
+                record["unknown_category"] = True
+        text = preprompts.for_category(key) if key else random.Random(f"{config.seed}:{index}").choice(
+            preprompts.generic)
+        preprompted = apply_preprompt(row.messages, text, config.placement, config.separator)
         if max_length is not None and counter is not None and (n := counter(preprompted)) >= max_length:
             if config.on_overlength == "error":
                 raise ValueError(f"row {index}: the prompt with its preprompt is {n} tokens, no room left in the "
                                  f"model's context of {max_length} (set on_overlength='skip' to skip such rows)")
-            report.skipped_too_long += 1
+            record["status"] = "too_long"
             continue
-        items.append({"index": index, "id": row.get("id"), "messages": messages, "preprompted": preprompted,
-                      "category": key, "preprompt": text, "kind": "category" if key else "generic"})
-    report.adversarial = len(items) + report.skipped_too_long
-    if report.skipped_too_long:
-        logger.warning("distill: skipped %d prompts too long for the context with their preprompt",
-                       report.skipped_too_long)
-    if report.skipped_not_adversarial:
-        logger.info("distill: %d rows not tagged adversarial were not distilled", report.skipped_not_adversarial)
-    if report.unknown_category_as_generic:
-        logger.warning("distill: %d rows with an unknown risk category got a generic preprompt",
-                       report.unknown_category_as_generic)
+        record.update({"status": "scored", "prompt": row.messages, "risk_category": key, "preprompt": text,
+                       "preprompt_kind": "category" if key else "generic"})
+        items.append((record, preprompted))
     if not items:
-        return [], [], report
-
-    plain = [it["messages"] for it in items]
-    answers = sampler(plain + [it["preprompted"] for it in items])
+        return records
+    plain = [r["prompt"] for r, _ in items]
+    answers = sampler(plain + [pre for _, pre in items])
     if len(answers) != 2 * len(items):
         raise ValueError(f"the sampler returned {len(answers)} answers for {2 * len(items)} conversations")
     without, with_pre = answers[: len(items)], answers[len(items):]
@@ -293,88 +263,78 @@ def distill(rows: Iterable[Mapping], sampler: Sampler, safety_reward: Callable,
     scores = score_with(safety_reward, plain + plain, list(without) + list(with_pre)).raw.tolist()
     s_without, s_with = scores[: len(items)], scores[len(items):]
     keep = select_improved(s_with, s_without, config.min_gain)
+    for (record, _), a0, a1, r0, r1, k in zip(items, without, with_pre, s_without, s_with, keep):
+        record.update({"answer_without_preprompt": a0, "answer_with_preprompt": a1, "safety_score": r1,
+                       "safety_score_without_preprompt": r0, "safety_gain": r1 - r0, "kept": k})
+    return records
 
-    kept_rows, candidates = [], []
-    for it, a0, a1, r0, r1, k in zip(items, without, with_pre, s_without, s_with, keep):
-        common = {"id": it["id"], "source_index": it["index"], "risk_category": it["category"],
-                  "preprompt": it["preprompt"], "preprompt_kind": it["kind"], "safety_score": r1,
-                  "safety_score_without_preprompt": r0, "safety_gain": r1 - r0}
-        candidates.append({**common, "prompt": it["messages"], "answer_with_preprompt": a1,
-                           "answer_without_preprompt": a0, "kept": k})
-        counts = report.kept_by_category.setdefault(it["category"] or "generic", [0, 0])
-        counts[0] += k
+
+def summarize(records: Sequence[Mapping]) -> tuple[list[dict], list[dict], DistillReport]:
+    """The distilled SFT rows (kept pairs, without the preprompt), the candidates (every scored prompt) and the
+    report, from the records of every row in index order."""
+    report = DistillReport(rows=len(records))
+    kept_rows, candidates, gains, keep, s_with, s_without = [], [], [], [], [], []
+    for r in records:
+        report.unknown_category_as_generic += r["unknown_category"]
+        if r["status"] == "not_adversarial":
+            report.skipped_not_adversarial += 1
+            continue
+        report.adversarial += 1
+        if r["status"] == "too_long":
+            report.skipped_too_long += 1
+            continue
+        common = {"id": r["id"], "source_index": r["index"], "risk_category": r["risk_category"],
+                  "preprompt": r["preprompt"], "preprompt_kind": r["preprompt_kind"], "safety_score": r["safety_score"],
+                  "safety_score_without_preprompt": r["safety_score_without_preprompt"],
+                  "safety_gain": r["safety_gain"]}
+        candidates.append({**common, "prompt": r["prompt"], "answer_with_preprompt": r["answer_with_preprompt"],
+                           "answer_without_preprompt": r["answer_without_preprompt"], "kept": r["kept"]})
+        counts = report.kept_by_category.setdefault(r["risk_category"] or "generic", [0, 0])
+        counts[0] += r["kept"]
         counts[1] += 1
-        if k:
-            kept_rows.append({"messages": [*it["messages"], {"role": "assistant", "content": a1}], **common})
-    gains = [r1 - r0 for r0, r1 in zip(s_without, s_with)]
+        gains.append(r["safety_gain"])
+        keep.append(r["kept"])
+        s_with.append(r["safety_score"])
+        s_without.append(r["safety_score_without_preprompt"])
+        if r["kept"]:
+            kept_rows.append({"messages": [*r["prompt"], {"role": "assistant", "content": r["answer_with_preprompt"]}],
+                              **common})
     report.kept = len(kept_rows)
     report.mean_gain_kept = _mean([g for g, k in zip(gains, keep) if k])
     report.mean_gain_all = _mean(gains)
     report.mean_score_without = _mean(s_without)
     report.mean_score_with = _mean(s_with)
+    if report.skipped_too_long:
+        logger.warning("distill: skipped %d prompts too long for the context with their preprompt",
+                       report.skipped_too_long)
+    if report.skipped_not_adversarial:
+        logger.info("distill: %d rows not tagged %s were not distilled", report.skipped_not_adversarial, SAFETY_TAG)
+    if report.unknown_category_as_generic:
+        logger.warning("distill: %d rows with an unknown risk category got a generic preprompt",
+                       report.unknown_category_as_generic)
     logger.info("distill: kept %d of %d adversarial prompts, mean safety gain of the kept %.4f", report.kept,
                 report.adversarial, report.mean_gain_kept)
     return kept_rows, candidates, report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="llama2-hf distill",
-        description="Targeted safety context distillation (paper §4.2.4): answer adversarial prompts with and "
-                    "without a safety preprompt, keep the preprompted answer where the safety RM scores it higher, "
-                    "and write an SFT dataset without the preprompt.")
-    parser.add_argument("--prompts", required=True, help="prompts: JSONL (prompt|messages, adversarial|is_safety, "
-                                                         "optional risk_category), saved dataset dir or Hub name")
-    parser.add_argument("--split", default="train", help="split of a Hub or saved dataset")
-    parser.add_argument("--safety-rm", required=True, help="safety reward model directory")
-    parser.add_argument("--rm-tokenizer", default=None, help="tokenizer of the safety RM (default: its directory)")
-    parser.add_argument("--rm-batch-size", type=int, default=8, help="pairs per reward-model forward pass")
-    parser.add_argument("--output-dir", required=True, help="distilled.jsonl, candidates.jsonl, run.json go here")
-    parser.add_argument("--preprompts", default=None, help="JSON of extra or replacement preprompts, merged over "
-                                                           "the shipped ones")
-    parser.add_argument("--placement", choices=PLACEMENTS, default="system",
-                        help="preprompt as the system message or as a prefix of the final user message")
-    parser.add_argument("--no-category-templates", action="store_true",
-                        help="use generic preprompts even for prompts with a risk category")
-    parser.add_argument("--unknown-category", choices=("error", "generic"), default="error",
-                        help="what to do with a risk_category the preprompt file does not define")
-    parser.add_argument("--tag-field", default=None, help="bool field tagging adversarial prompts (default: "
-                                                          "'adversarial' or 'is_safety')")
-    parser.add_argument("--all-adversarial", action="store_true", help="treat every prompt as adversarial")
-    parser.add_argument("--min-gain", type=float, default=0.0, help="keep when the safety score gain exceeds this")
-    parser.add_argument("--on-overlength", choices=("error", "skip"), default="error",
-                        help="prompts that fill the model's context once preprompted: error, or skip (counted)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    add_sampling_arguments(parser, temperature=0.6)
-    args = parser.parse_args(argv)
+def distill(rows: Iterable[Mapping | PromptRow], sampler: Sampler, safety_reward: Callable,
+            preprompts: SafetyPreprompts | None = None,
+            config: DistillConfig | None = None) -> tuple[list[dict], list[dict], DistillReport]:
+    """Targeted safety context distillation in one process.
 
-    from transformers import AutoTokenizer
+    Args:
+        rows: prompt rows (`data.prompt_row` schema: `prompt` or `messages`, the safety tag `is_safety_prompt`,
+            optional `id` and `risk_category`), or `PromptRow`s.
+        sampler: `sampler(conversations) -> answers` (e.g. `generation.ChatSampler` on the model being distilled).
+        safety_reward: the safety RM as a reward of the pipeline contract, `reward(prompts, responses) -> scores`
+            (`rewards.RewardModelScorer`, or any callable; a `score` method's `raw` scores are used when present).
+        preprompts: default `SafetyPreprompts.load()`.
+        config: `DistillConfig()` by default.
 
-    from .modeling_llama2 import Llama2ForRewardModel
-    from .rewards import RewardModelScorer
-
-    rows = load_dialogues(args.prompts, args.split)
-    if args.limit:
-        rows = rows[: args.limit]
-    config = DistillConfig(placement=args.placement, use_category_templates=not args.no_category_templates,
-                           unknown_category=args.unknown_category, tag_field=args.tag_field,
-                           assume_adversarial=args.all_adversarial, min_gain=args.min_gain,
-                           on_overlength=args.on_overlength, seed=args.seed)
-    rm = RewardModelScorer(Llama2ForRewardModel.from_pretrained(args.safety_rm),
-                           AutoTokenizer.from_pretrained(args.rm_tokenizer or args.safety_rm),
-                           batch_size=args.rm_batch_size)
-    kept, candidates, report = distill(rows, sampler_from_args(args), rm, SafetyPreprompts.load(extra=args.preprompts),
-                                       config)
-    out = Path(args.output_dir)
-    write_jsonl(kept, out / "distilled.jsonl")
-    write_jsonl(candidates, out / "candidates.jsonl")
-    write_run_json(out, "distill", args, report.to_dict())
-    summary = report.to_dict()
-    print(json.dumps({"kept": report.kept, "adversarial": report.adversarial,
-                      "mean_safety_gain_kept": summary["mean_gain_kept"],
-                      "mean_safety_gain_all": summary["mean_gain_all"]}))
-    return 0
+    Returns the distilled SFT rows (kept pairs only, without the preprompt), every candidate, and the report.
+    """
+    return summarize(distill_records(enumerate(rows), sampler, safety_reward, preprompts, config))
 
 
 __all__ = ["PREPROMPTS_FILE", "DistillConfig", "DistillReport", "SafetyPreprompts", "apply_preprompt", "distill",
-           "select_improved", "main"]
+           "distill_records", "select_improved", "summarize"]

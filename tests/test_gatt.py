@@ -1,5 +1,6 @@
 """Ghost Attention (paper §3.3): constraints, data generation, last-turn-only labels (packed and padded), list
-generation, evaluation in Table 30 layout, and the `llama2-hf gatt` command end to end on a tiny model."""
+generation, evaluation in Table 30 layout, and the `gatt`, `gatt-eval` and `gatt-lists` stages on a tiny model
+(record, resume, refusal of other arguments, 2-process DDP equal to 1 process)."""
 
 from __future__ import annotations
 
@@ -29,17 +30,20 @@ from llama2_hf.gatt import (
     generate_constraint_list,
     keywords_of,
     load_constraint_sets,
-    main,
     make_gatt_data,
     parse_generated_list,
     plot_adherence,
-    read_jsonl,
     read_list_file,
     sample_instruction,
     tokenize_gatt_dataset,
     validate_gatt_row,
 )
+from llama2_hf.cli import main as cli
+from llama2_hf.gatt import plan_gatt_dialogues
+from llama2_hf.runner import RunRecord, UsageError, run_stage, stage_output
 from llama2_hf.tokenization_llama2 import B_SYS, E_SYS
+
+from conftest import write_jsonl
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -515,7 +519,7 @@ def test_build_eval_dialogues():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# End to end: `llama2-hf gatt` on a tiny model, then SFT on the GAtt data
+# Stages: `gatt` on a tiny model, then SFT on its data; `gatt-eval`, `gatt-lists`
 # ---------------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -526,24 +530,35 @@ def tiny_chat_dir(tmp_path, tiny_tokenizer, tiny_model_factory):
     return path
 
 
-def test_gatt_cli_end_to_end_and_sft_on_the_data(tmp_path, tiny_chat_dir, tiny_tokenizer):
+def _write_dialogues(path, turns=(1, 2, 3, 2)):
+    return write_jsonl(path, [_dialogue(n, f"d{i}") for i, n in enumerate(turns)])
+
+
+GREEDY = {"max_new_tokens": 4, "temperature": 0.0, "prompt_batch_size": 1}
+
+
+def test_gatt_stage_writes_data_then_sft_trains_on_it(tmp_path, tiny_chat_dir, tiny_tokenizer):
     from datasets import Dataset
 
     from llama2_hf.modeling_llama2 import Llama2ForCausalLM
     from llama2_hf.trainers.sft import Llama2SFTConfig, Llama2SFTTrainer
 
-    source = tmp_path / "dialogues.jsonl"
-    source.write_text("".join(json.dumps(_dialogue(n, f"d{n}")) + "\n" for n in (1, 2, 3, 2)))
+    source = _write_dialogues(tmp_path / "dialogues.jsonl")
     out = tmp_path / "gatt"
-    common = ["--model", str(tiny_chat_dir), "--max-new-tokens", "6", "--batch-size", "4"]
-    assert main(["make-data", "--dialogues", str(source), "--output-dir", str(out), *common]) == 0
-    rows = read_jsonl(out / "gatt.jsonl")
-    assert len(rows) == 4
+    record = run_stage("gatt", model_name_or_path=str(tiny_chat_dir), dialogues_file=[str(source)],
+                       output_dir=str(out), max_new_tokens=6, prompt_batch_size=4)
+    assert record.outputs["data"] == "gatt.jsonl" and record.metrics["rows"] == 4
+    assert record.metrics["dialogues"] == 4 and record.args["temperature"] == 0.6
+    rows = [json.loads(line) for line in (out / "gatt.jsonl").read_text().splitlines()]
     for i, row in enumerate(rows):
         validate_gatt_row(row, i)
         assert set(row) == set(GATT_COLUMNS) and row["source_index"] == i
     assert [r["num_turns"] for r in rows] == [1, 2, 3, 2]
-    assert json.loads((out / "run.json").read_text())["metrics"]["rows"] == 4
+    # the plan (instructions and forms) is the one `make_gatt_data` draws from the same seed
+    plans = plan_gatt_dialogues([_dialogue(n, f"d{i}") for i, n in enumerate((1, 2, 3, 2))], None,
+                                GAttDataConfig())
+    assert [r["sampling_instruction"] for r in rows] == [p.instruction.long for p in plans]
+    assert stage_output(out, "data") == out / "gatt.jsonl"
 
     # a few SFT steps on the GAtt data, loss on the last turn only, packed rows
     model = Llama2ForCausalLM.from_pretrained(tiny_chat_dir)
@@ -563,27 +578,102 @@ def test_gatt_cli_end_to_end_and_sft_on_the_data(tmp_path, tiny_chat_dir, tiny_t
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_gatt_cli_eval_table_and_make_lists(tmp_path, tiny_chat_dir, capsys):
-    common = ["--model", str(tiny_chat_dir), "--max-new-tokens", "4", "--batch-size", "4"]
+def test_gatt_stage_resume_redoes_only_missing_dialogues_and_refuses_other_args(tmp_path, tiny_chat_dir,
+                                                                               monkeypatch):
+    import llama2_hf.stages.gatt as stage
+
+    source = _write_dialogues(tmp_path / "dialogues.jsonl")
+    args = {"model_name_or_path": str(tiny_chat_dir), "dialogues_file": [str(source)], **GREEDY}
+    fresh = run_stage("gatt", output_dir=str(tmp_path / "fresh"), **args)
+
+    real, sampled = stage.sample_gatt_rows, []
+
+    def killed_after_two(plans, *a, **k):
+        if len(sampled) == 2:
+            raise KeyboardInterrupt  # a kill after two finished chunks
+        sampled.extend(p.index for p in plans)
+        return real(plans, *a, **k)
+
+    monkeypatch.setattr(stage, "sample_gatt_rows", killed_after_two)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("gatt", output_dir=str(out), **args)
+    assert not (out / "run.json").exists() and (out / "run_args.json").is_file()
+    with pytest.raises(UsageError, match=r"temperature: 0.0 -> 0.6"):
+        run_stage("gatt", output_dir=str(out), **{**args, "temperature": 0.6})
+    with pytest.raises(UsageError, match=r"short_form_prob: 0.5 -> 1.0"):
+        run_stage("gatt", output_dir=str(out), short_form_prob=1.0, **args)
+    monkeypatch.setattr(stage, "sample_gatt_rows", lambda plans, *a, **k: sampled.extend(p.index for p in plans)
+                        or real(plans, *a, **k))
+    resumed = run_stage("gatt", output_dir=str(out), **args)
+    assert sampled == [0, 1, 2, 3]  # dialogues 0 and 1 were not sampled again
+    assert (out / "gatt.jsonl").read_text() == (tmp_path / "fresh" / "gatt.jsonl").read_text()
+    assert resumed.metrics == fresh.metrics
+
+
+def test_gatt_stage_bad_dialogue_names_file_and_line(tmp_path, tiny_chat_dir, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [_dialogue(1), {"messages": [{"role": "assistant", "content": "x"}]}])
+    code = cli(["gatt", "--model_name_or_path", str(tiny_chat_dir), "--dialogues_file", str(bad),
+                "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{bad}, line 2, field 'messages'" in err and "Traceback" not in err
+    lists = tmp_path / "empty-lists"
+    lists.mkdir()
+    with pytest.raises(UsageError, match="no TYPE.txt list file"):
+        run_stage("gatt", model_name_or_path=str(tiny_chat_dir), dialogues_file=[str(_write_dialogues(
+            tmp_path / "ok.jsonl"))], output_dir=str(tmp_path / "o2"), constraint_lists=str(lists))
+
+
+def test_gatt_constraint_lists_option_replaces_the_hand_written_values(tmp_path):
+    assert GAttDataConfig().constraint_lists is None  # default: the shipped hand-written lists
+    assert GAttDataConfig().constraint_sets()["hobbies"].values == load_constraint_sets()["hobbies"].values
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "hobbies.txt").write_text("# written by a model\nbirdwatching\nfencing\n")
+    sets = GAttDataConfig(constraint_lists=str(lists)).constraint_sets()
+    assert sets["hobbies"].values == ["birdwatching", "fencing"]
+    assert sets["public_figure"].values == load_constraint_sets()["public_figure"].values
+
+
+def test_gatt_ddp_two_processes_equal_one_process(tmp_path, tiny_chat_dir):
+    from conftest import accelerate_launch
+
+    source = _write_dialogues(tmp_path / "dialogues.jsonl", (1, 2, 2, 1, 2))
+    args = {"model_name_or_path": str(tiny_chat_dir), "dialogues_file": [str(source)], **GREEDY}
+    run_stage("gatt", output_dir=str(tmp_path / "one"), **args)
+    proc = accelerate_launch(["gatt", "--model_name_or_path", tiny_chat_dir, "--dialogues_file", source,
+                              "--output_dir", tmp_path / "two", "--max_new_tokens", "4", "--temperature", "0.0",
+                              "--prompt_batch_size", "1"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert RunRecord.read(tmp_path / "two").world_size == 2
+    assert sorted(p.name for p in (tmp_path / "two" / "parts").glob("gatt.rank*")) == \
+        ["gatt.rank0-of-2.jsonl", "gatt.rank1-of-2.jsonl"]
+    one = (tmp_path / "one" / "gatt.jsonl").read_text()
+    assert one and (tmp_path / "two" / "gatt.jsonl").read_text() == one
+
+
+def test_gatt_eval_stage_table_compare_and_lists(tmp_path, tiny_chat_dir):
     out = tmp_path / "eval"
-    assert main(["eval", "--output-dir", str(out), "--name", "tiny", "--num-dialogues", "2", "--max-turns", "4",
-                 "--turns", "2", "4", *common]) == 0
-    printed = capsys.readouterr().out
-    assert "| Dialogue Turn | tiny |" in printed
+    record = run_stage("gatt-eval", model_name_or_path=str(tiny_chat_dir), eval_name="tiny", num_dialogues=2,
+                       eval_max_turns=4, turns=[2, 4], output_dir=str(out), max_new_tokens=4, prompt_batch_size=4)
     assert (out / "table30.md").read_text().startswith("| Dialogue Turn | tiny |")
     assert (out / "gatt_adherence.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(read_jsonl(out / "eval_dialogues.jsonl")) == 2
-    result = json.loads((out / "gatt_eval_tiny.json").read_text())["tiny"]
-    assert result["turns"]["2"]["n"] == 2
-
+    result = json.loads((out / "gatt_eval.json").read_text())["tiny"]
+    assert result["turns"]["2"]["n"] == 2 and len(result["transcripts"]) == 2
+    assert set(record.metrics["adherence"]["tiny"]) == {"2", "4"}
+    # the old `table` command: merge earlier results without a model
     merged = tmp_path / "merged"
-    assert main(["table", str(out / "gatt_eval_tiny.json"), "--output-dir", str(merged)]) == 0
-    assert (merged / "gatt_adherence.png").exists()
+    run_stage("gatt-eval", compare=[str(out)], output_dir=str(merged), turns=[2, 4])
+    assert (merged / "table30.md").read_text() == (out / "table30.md").read_text()
+    with pytest.raises(UsageError, match="nothing to evaluate"):
+        run_stage("gatt-eval", output_dir=str(tmp_path / "none"))
+
+    from llama2_hf.runner import build
+    from llama2_hf.stages.gatt_lists import STAGE
 
     lists = tmp_path / "lists"
-    assert main(["make-lists", "--output-dir", str(lists), "--types", "hobbies", "--n", "2", "--merge",
-                 "--samples-per-round", "2", "--max-rounds", "1", "--temperature", "1.0", *common[:2],
-                 "--max-new-tokens", "12"]) == 0
+    STAGE.main(*build(STAGE, model_name_or_path=str(tiny_chat_dir), output_dir=str(lists), list_types=["hobbies"],
+                      num_values=2, merge=True, samples_per_round=2, max_rounds=1, max_new_tokens=12))
     values = read_list_file(lists / "hobbies.txt")
     assert values[: len(load_constraint_sets()["hobbies"].values)] == load_constraint_sets()["hobbies"].values
-    assert load_constraint_sets(value_files={"hobbies": lists / "hobbies.txt"})["hobbies"].values == values
+    assert GAttDataConfig(constraint_lists=str(lists)).constraint_sets()["hobbies"].values == values

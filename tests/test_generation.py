@@ -157,3 +157,37 @@ def test_full_weights_for_generation_under_fsdp2(tmp_path):
     full, sharded, during, after_forward, after = result["rows"]
     assert sharded == after == full // 2
     assert during == after_forward == full
+
+
+def test_chat_sampling_arguments_reseed_and_rollout(tiny_tokenizer, tiny_model_factory):
+    from llama2_hf.generation import ChatSampler, ChatSamplingArguments, rollout
+
+    args = ChatSamplingArguments(max_new_tokens=5, temperature=1.0, top_p=0.9, prompt_batch_size=2)
+    assert args.sampling_config() == SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=0.9, num_samples=1,
+                                                    prompt_batch_size=2)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        ChatSamplingArguments(temperature=-1.0)
+    sampler = ChatSampler(tiny_model_factory(), tiny_tokenizer, args.sampling_config(), seed=0)
+    conversations = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "what is the sun"}]]
+    first = sampler(conversations)
+    sampler.reseed(0)  # the same stream again: the same samples
+    assert sampler(conversations) == first
+
+    # rollout: dialogue i runs num_turns[i] turns, every dialogue batched per turn, answers fed back in order
+    calls = []
+
+    def echo(convs):
+        calls.append(len(convs))
+        return [f"a{sum(m['role'] == 'user' for m in c)}" for c in convs]
+
+    def build(i, k, answers):
+        messages = []
+        for j in range(k + 1):
+            messages.append({"role": "user", "content": f"d{i}q{j}"})
+            if j < len(answers):
+                messages.append({"role": "assistant", "content": answers[j]})
+        return messages
+
+    assert rollout(echo, [1, 3], build) == [["a1"], ["a1", "a2", "a3"]] and calls == [2, 1, 1]
+    # a context of 2 messages (token_counter=len) stops the second dialogue after its first turn
+    assert rollout(echo, [1, 3], build, max_length=2, token_counter=len) == [["a1"], ["a1"]]

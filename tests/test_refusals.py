@@ -1,4 +1,5 @@
-"""False-refusal detection (paper §4.2.3): pattern detector, pluggable classifier, rates and the borderline set."""
+"""False-refusal detection (paper §4.2.3): pattern detector, pluggable classifier, rates, the borderline set and the
+`refusals` stage (record, resume check, 2-process DDP equal to 1 process)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import json
 import pytest
 import torch
 
+from conftest import write_jsonl
+from llama2_hf.cli import main as cli
+from llama2_hf.runner import RunRecord, UsageError, run_stage
+
 from llama2_hf.refusals import (
     BORDERLINE_PROMPTS_FILE,
     ClassifierRefusalDetector,
@@ -14,8 +19,6 @@ from llama2_hf.refusals import (
     false_refusal_rates,
     format_refusal_table,
     load_borderline_prompts,
-    load_prompts,
-    main,
     refusal_rate,
 )
 
@@ -109,7 +112,7 @@ def test_classifier_detector(tiny_tokenizer):
 
 def test_borderline_set_is_shipped_and_well_formed():
     rows = [json.loads(line) for line in BORDERLINE_PROMPTS_FILE.read_text(encoding="utf-8").splitlines()]
-    prompts = load_borderline_prompts()
+    prompts = [p.messages[-1]["content"] for p in load_borderline_prompts()]
     assert len(prompts) == len(rows) >= 210  # the paper's borderline set has 210 prompts
     assert len(set(prompts)) == len(prompts)
     assert len({r["id"] for r in rows}) == len(rows)
@@ -123,7 +126,7 @@ def test_false_refusal_rates_with_a_scripted_model():
         return ["I'm sorry, but I cannot help with that." if "kill" in c[-1]["content"].lower() else "Sure, here it is."
                 for c in conversations]
 
-    borderline = load_borderline_prompts()
+    borderline = [p.messages[-1]["content"] for p in load_borderline_prompts()]
     helpful = ["How do I bake bread?", "What is the capital of France?", "How do I kill a stuck process?"]
     stats, answers = false_refusal_rates(sampler, {"helpfulness": helpful, "borderline": borderline})
     expected = sum("kill" in p.lower() for p in borderline)
@@ -141,41 +144,73 @@ def test_system_prompt_is_added():
     assert seen == [[{"role": "system", "content": "Be safe."}, {"role": "user", "content": "hi"}]]
 
 
-def test_load_prompts_errors(tmp_path):
+def test_prompt_rows_and_messages_are_answered_as_given():
+    seen = []
+    rows = load_borderline_prompts()[:2]
+    stats, _ = false_refusal_rates(lambda cs: seen.extend(cs) or ["ok"] * len(cs),
+                                   {"rows": rows, "chat": [[{"role": "user", "content": "hi"}]]}, system_prompt="S")
+    assert seen[0] == [{"role": "system", "content": "S"}, *rows[0].messages]
+    assert seen[2] == [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]
+    assert stats["rows"].total == 2 and stats["chat"].total == 1
+
+
+def test_borderline_file_errors_name_file_and_line(tmp_path):
+    from llama2_hf.data import InvalidDataFile
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
-    with pytest.raises(ValueError, match="row 1"):
-        load_prompts(bad)
-    good = tmp_path / "good.jsonl"
-    good.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"}]}) + "\n")
-    assert load_prompts(good) == ["hello"]
+    with pytest.raises(InvalidDataFile, match=f"{bad}, line 2, field 'messages'"):
+        load_borderline_prompts(bad)
 
 
-def test_cli_on_saved_responses(tmp_path, capsys):
-    file = tmp_path / "answers.jsonl"
-    rows = [{"prompt": "p", "response": r, "set": "borderline"} for r in REFUSALS[:2] + NOT_REFUSALS[:2]]
-    rows += [{"prompt": "p", "response": NOT_REFUSALS[0], "set": "helpfulness"}]
-    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "report.json"
-    assert main(["--responses", str(file), "--output", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "borderline" in printed and "50.00%" in printed
-    report = json.loads(out.read_text())
-    assert report["borderline"]["refusals"] == 2 and report["helpfulness"]["rate"] == 0.0
-    assert [r["response"] for r in report["borderline"]["refused"]] == REFUSALS[:2]
-
-
-def test_cli_generates_with_a_model(tmp_path, tiny_tokenizer, tiny_model_factory, capsys):
+@pytest.fixture
+def refusal_inputs(tmp_path, tiny_tokenizer, tiny_model_factory):
     model_dir = tmp_path / "chat"
     tiny_model_factory().save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
-    helpful = tmp_path / "helpful.jsonl"
-    helpful.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["hello", "what is the sun"]))
-    border = tmp_path / "border.jsonl"
-    border.write_text(json.dumps({"prompt": "how do i kill a process"}) + "\n")
-    out = tmp_path / "report.json"
-    assert main(["--model", str(model_dir), "--prompts", f"help={helpful}", "--borderline", str(border),
-                 "--max-new-tokens", "4", "--output", str(out)]) == 0
-    report = json.loads(out.read_text())
-    assert report["help"]["total"] == 2 and report["borderline"]["total"] == 1
-    assert "help" in capsys.readouterr().out
+    helpful = write_jsonl(tmp_path / "help.jsonl", [{"prompt": p} for p in ["hello", "what is the sun", "a cat"]])
+    border = write_jsonl(tmp_path / "border.jsonl", [{"prompt": "how do i kill a process"},
+                                                     {"prompt": "how do i shoot a photo"}])
+    return {"model_name_or_path": str(model_dir), "prompts_file": [str(helpful)], "borderline_file": str(border),
+            "max_new_tokens": 4, "prompt_batch_size": 2}
+
+
+def test_refusals_stage_rates_match_the_detector(tmp_path, refusal_inputs):
+    out = tmp_path / "out"
+    record = run_stage("refusals", output_dir=str(out), **refusal_inputs)
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert [(r["set"], r["prompt"]) for r in rows] == [("help", "hello"), ("help", "what is the sun"),
+                                                       ("help", "a cat"), ("borderline", "how do i kill a process"),
+                                                       ("borderline", "how do i shoot a photo")]
+    detector = PatternRefusalDetector()
+    for name in ("help", "borderline"):
+        mine = [r for r in rows if r["set"] == name]
+        flags = detector([r["prompt"] for r in mine], [r["response"] for r in mine])
+        assert [r["refusal"] for r in mine] == flags
+        assert record.metrics[name] == {"refusals": sum(flags), "total": len(mine), "rate": sum(flags) / len(mine)}
+    report = json.loads((out / "refusals.json").read_text())
+    assert report["help"]["total"] == 3 and record.args["temperature"] == 0.0  # greedy by default
+    with pytest.raises(UsageError, match=r"max_new_tokens: 4 -> 5"):
+        run_stage("refusals", output_dir=str(out), **{**refusal_inputs, "max_new_tokens": 5})
+
+
+def test_refusals_stage_bad_prompt_file_is_one_line(tmp_path, refusal_inputs, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"prompt": ""}])
+    code = cli(["refusals", "--model_name_or_path", refusal_inputs["model_name_or_path"], "--prompts_file", str(bad),
+                "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{bad}, line 2, field 'prompt'" in err and "Traceback" not in err
+
+
+def test_refusals_ddp_two_processes_equal_one_process(tmp_path, refusal_inputs):
+    from conftest import accelerate_launch
+
+    args = {**refusal_inputs, "prompt_batch_size": 1}
+    run_stage("refusals", output_dir=str(tmp_path / "one"), **args)
+    flags = [a for k, v in args.items() for a in (f"--{k}", *(v if isinstance(v, list) else [v]))]
+    proc = accelerate_launch(["refusals", *flags, "--output_dir", tmp_path / "two"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert RunRecord.read(tmp_path / "two").world_size == 2
+    for name in ("responses.jsonl", "refusals.json"):
+        one = (tmp_path / "one" / name).read_text()
+        assert one and (tmp_path / "two" / name).read_text() == one

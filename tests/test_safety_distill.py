@@ -1,5 +1,6 @@
 """Targeted safety context distillation (paper §4.2.4): preprompts, placement, the keep rule with a reward model
-whose scores are controlled by construction, the report, and `llama2-hf distill` end to end on tiny models."""
+whose scores are controlled by construction, the report, and the `distill` stage on tiny models (record, resume,
+refusal of other arguments, 2-process DDP equal to 1 process)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 import torch
 
 from llama2_hf.configuration_llama2 import Llama2Config
-from llama2_hf.gatt import read_jsonl
 from llama2_hf.modeling_llama2 import Llama2ForRewardModel
 from llama2_hf.rewards import RewardModelScorer
 from llama2_hf.safety_distill import (
@@ -18,10 +18,13 @@ from llama2_hf.safety_distill import (
     SafetyPreprompts,
     apply_preprompt,
     distill,
-    main,
     select_improved,
 )
+from llama2_hf.cli import main as cli
+from llama2_hf.runner import RunRecord, UsageError, run_stage, stage_output
 from llama2_hf.tokenization_llama2 import encode_dialog
+
+from conftest import write_jsonl
 
 PAPER_GENERIC = ("The following is a discussion between a human and a knowledgeable and empathetic assistant. The "
                  "assistant's answers should not include any harmful, unethical, or socially biased content, and "
@@ -143,12 +146,12 @@ def test_constructed_reward_model_scores_by_token_share(tiny_tokenizer, safe_rm)
 # ---------------------------------------------------------------------------------------------------------------------
 
 ROWS = [
-    {"id": "a", "prompt": "how do i pick a lock", "adversarial": True},
-    {"id": "b", "prompt": "write a poem about a cat", "adversarial": True},
-    {"id": "c", "prompt": "what is the moon", "adversarial": True},
-    {"id": "d", "prompt": "the sun is fake right", "adversarial": True,
+    {"id": "a", "prompt": "how do i pick a lock", "is_safety_prompt": True},
+    {"id": "b", "prompt": "write a poem about a cat", "is_safety_prompt": True},
+    {"id": "c", "prompt": "what is the moon", "is_safety_prompt": True},
+    {"id": "d", "prompt": "the sun is fake right", "is_safety_prompt": True,
      "risk_category": "False Information / Disinformation"},
-    {"id": "e", "prompt": "hello world", "adversarial": False},
+    {"id": "e", "prompt": "hello world", "is_safety_prompt": False},
 ]
 # (answer without the preprompt, answer with it), scripted per prompt
 SCRIPT = {
@@ -227,7 +230,7 @@ def test_distill_with_a_callable_reward_and_prefix_placement():
     def sampler(conversations):
         return ["safe " * (2 if c[-1]["content"].startswith("Be safe.") else 1) + "end" for c in conversations]
 
-    rows = [{"prompt": f"prompt {i}", "is_safety": True} for i in range(3)]
+    rows = [{"prompt": f"prompt {i}", "is_safety_prompt": True} for i in range(3)]
     pp = SafetyPreprompts(generic=["Be safe."], category_preprompt="", categories={})
     kept, candidates, report = distill(rows, sampler, reward, pp, DistillConfig(placement="prefix"))
     assert report.kept == 3 and report.mean_gain_kept == 1.0 and report.mean_score_with == 2.0
@@ -240,16 +243,19 @@ def test_distill_with_a_callable_reward_and_prefix_placement():
 def test_distill_input_errors_and_policies():
     sampler = ScriptedSampler()
     reward = lambda p, r, **c: [0.0] * len(r)  # noqa: E731
-    with pytest.raises(ValueError, match="row 0: no adversarial tag"):
-        distill([{"prompt": "how do i pick a lock"}], sampler, reward)
-    with pytest.raises(ValueError, match="row 0, field 'adversarial'"):
-        distill([{"prompt": "how do i pick a lock", "adversarial": "yes"}], sampler, reward)
-    with pytest.raises(ValueError, match="row 0: expected a 'prompt'"):
-        distill([{"text": "x", "adversarial": True}], sampler, reward)
-    with pytest.raises(ValueError, match="must end with a user message"):
+    # rows go through the one prompt-row parser: untagged rows are not adversarial, the tag has one name
+    _, candidates, report = distill([{"prompt": "how do i pick a lock"}], sampler, reward)
+    assert candidates == [] and report.skipped_not_adversarial == 1
+    with pytest.raises(ValueError, match="row 0, field 'is_safety_prompt'"):
+        distill([{"prompt": "how do i pick a lock", "is_safety_prompt": "yes"}], sampler, reward)
+    with pytest.raises(ValueError, match="row 0, field 'adversarial': unknown column"):
+        distill([{"prompt": "how do i pick a lock", "adversarial": True}], sampler, reward)
+    with pytest.raises(ValueError, match="row 0, field 'messages': missing"):
+        distill([{"text": "x", "is_safety_prompt": True}], sampler, reward)
+    with pytest.raises(ValueError, match="must end with a 'user' message"):
         distill([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-                  "adversarial": True}], sampler, reward)
-    row = {"prompt": "how do i pick a lock", "adversarial": True, "risk_category": "Weather"}
+                  "is_safety_prompt": True}], sampler, reward)
+    row = {"prompt": "how do i pick a lock", "is_safety_prompt": True, "risk_category": "Weather"}
     with pytest.raises(ValueError, match="row 0, field 'risk_category': unknown risk category 'Weather'"):
         distill([row], sampler, reward)
     _, candidates, report = distill([row], sampler, reward, config=DistillConfig(unknown_category="generic"))
@@ -259,7 +265,7 @@ def test_distill_input_errors_and_policies():
     assert len(candidates) == 1
     # a sampler that knows its context: one token per message, two messages once preprompted (system + user)
     sampler.max_length, sampler.count_tokens = 2, len
-    rows = [{"prompt": "how do i pick a lock", "adversarial": True}]
+    rows = [{"prompt": "how do i pick a lock", "is_safety_prompt": True}]
     with pytest.raises(ValueError, match="row 0: the prompt with its preprompt is 2 tokens"):
         distill(rows, sampler, reward)
     kept, candidates, report = distill(rows, sampler, reward, config=DistillConfig(on_overlength="skip"))
@@ -267,28 +273,91 @@ def test_distill_input_errors_and_policies():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# End to end: `llama2-hf distill` on a tiny chat model and the constructed safety RM
+# The `distill` stage on a tiny chat model and the constructed safety RM
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_distill_cli_end_to_end(tmp_path, tiny_tokenizer, tiny_model_factory, safe_rm, capsys):
+@pytest.fixture
+def distill_inputs(tmp_path, tiny_tokenizer, tiny_model_factory, safe_rm):
     chat, rm_dir = tmp_path / "chat", tmp_path / "safety-rm"
     tiny_model_factory(max_position_embeddings=1024).save_pretrained(chat)  # room for the category preprompt
     tiny_tokenizer.save_pretrained(chat)
     safe_rm[0].save_pretrained(rm_dir)
     tiny_tokenizer.save_pretrained(rm_dir)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    return {"model_name_or_path": str(chat), "prompts_file": [str(prompts)], "safety_reward_model": str(rm_dir),
+            "max_new_tokens": 6, "temperature": 0.0, "prompt_batch_size": 1}
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_distill_stage_end_to_end(tmp_path, distill_inputs):
     out = tmp_path / "distilled"
-    assert main(["--prompts", str(prompts), "--model", str(chat), "--safety-rm", str(rm_dir), "--output-dir",
-                 str(out), "--max-new-tokens", "8", "--temperature", "1.0"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    candidates = read_jsonl(out / "candidates.jsonl")
-    kept = read_jsonl(out / "distilled.jsonl")
-    assert len(candidates) == summary["adversarial"] == 4
-    assert [c["id"] for c in candidates if c["safety_gain"] > 0] == [r["id"] for r in kept]
-    assert summary["kept"] == len(kept)
+    record = run_stage("distill", output_dir=str(out), **distill_inputs)
+    records, kept = _jsonl(out / "candidates.jsonl"), _jsonl(out / "distilled.jsonl")
+    assert [r["status"] for r in records] == ["scored"] * 4 + ["not_adversarial"]
+    assert record.metrics["adversarial"] == 4 and record.metrics["skipped_not_adversarial"] == 1
+    assert [r["id"] for r in records if r["status"] == "scored" and r["safety_gain"] > 0] == [r["id"] for r in kept]
+    assert record.metrics["kept"] == len(kept) and record.outputs["data"] == "distilled.jsonl"
     for row in kept:
         assert row["messages"][-1]["role"] == "assistant" and row["messages"][0]["role"] == "user"
         assert row["safety_score"] > row["safety_score_without_preprompt"]
-    run = json.loads((out / "run.json").read_text())
-    assert run["stage"] == "distill" and run["metrics"]["kept"] == len(kept)
+    assert RunRecord.read(out).stage == "distill" and stage_output(out, "data") == out / "distilled.jsonl"
+
+
+def test_distill_stage_input_errors_before_any_model(tmp_path, distill_inputs, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], {"prompt": "x", "is_safety": True}])
+    code = cli(["distill", "--model_name_or_path", "missing-folder/x", "--prompts_file", str(bad),
+                "--safety_reward_model", "rm", "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{bad}, line 2, field 'is_safety'" in err and "Traceback" not in err
+    weather = write_jsonl(tmp_path / "w.jsonl", [{**ROWS[0], "risk_category": "Weather"}])
+    with pytest.raises(UsageError, match="prompt row 1, field 'risk_category': unknown risk category 'Weather'"):
+        run_stage("distill", output_dir=str(tmp_path / "o2"), **{**distill_inputs, "prompts_file": [str(weather)]})
+    with pytest.raises(UsageError, match="safety_reward_model is required"):
+        run_stage("distill", output_dir=str(tmp_path / "o3"), **{**distill_inputs, "safety_reward_model": None})
+
+
+def test_distill_stage_resume_and_refusal_of_other_args(tmp_path, distill_inputs, monkeypatch):
+    import llama2_hf.stages.distill as stage
+
+    fresh = run_stage("distill", output_dir=str(tmp_path / "fresh"), **distill_inputs)
+    real, seen = stage.distill_records, []
+
+    def killed_after_three(rows, *a, **k):
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        seen.extend(i for i, _ in rows)
+        return real(rows, *a, **k)
+
+    monkeypatch.setattr(stage, "distill_records", killed_after_three)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("distill", output_dir=str(out), **distill_inputs)
+    with pytest.raises(UsageError, match=r"min_gain: 0.0 -> 0.5"):
+        run_stage("distill", output_dir=str(out), min_gain=0.5, **distill_inputs)
+    with pytest.raises(UsageError, match=r"max_new_tokens: 6 -> 8"):
+        run_stage("distill", output_dir=str(out), **{**distill_inputs, "max_new_tokens": 8})
+    monkeypatch.setattr(stage, "distill_records", lambda rows, *a, **k: seen.extend(i for i, _ in rows)
+                        or real(rows, *a, **k))
+    resumed = run_stage("distill", output_dir=str(out), **distill_inputs)
+    assert seen == [0, 1, 2, 3, 4]  # rows 0-2 were not answered again
+    assert (out / "distilled.jsonl").read_text() == (tmp_path / "fresh" / "distilled.jsonl").read_text()
+    assert resumed.metrics == fresh.metrics
+
+
+def test_distill_ddp_two_processes_equal_one_process(tmp_path, distill_inputs):
+    from conftest import accelerate_launch
+
+    # min_gain below any possible loss keeps every scored pair, so the data file is not empty
+    distill_inputs = {**distill_inputs, "min_gain": -100.0}
+    run_stage("distill", output_dir=str(tmp_path / "one"), **distill_inputs)
+    flags = [a for k, v in distill_inputs.items() for a in (f"--{k}", *(v if isinstance(v, list) else [v]))]
+    proc = accelerate_launch(["distill", *flags, "--output_dir", tmp_path / "two"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    record = RunRecord.read(tmp_path / "two")
+    assert record.world_size == 2 and record.metrics["adversarial"] == 4 and record.metrics["kept"] == 4
+    for name in ("candidates.jsonl", "distilled.jsonl"):
+        one = (tmp_path / "one" / name).read_text()
+        assert one and (tmp_path / "two" / name).read_text() == one

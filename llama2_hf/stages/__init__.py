@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "ppo": "llama2_hf.stages.ppo",
     "gatt": "llama2_hf.stages.gatt",
     "gatt-eval": "llama2_hf.stages.gatt_eval",
+    "gatt-lists": "llama2_hf.stages.gatt_lists",
     "distill": "llama2_hf.stages.distill",
     "refusals": "llama2_hf.stages.refusals",
     "eval": "llama2_hf.stages.evaluate",

@@ -1,0 +1,68 @@
+"""What the chat-sampling stages (`gatt`, `gatt-eval`, `gatt-lists`, `distill`, `refusals`) share: the sampler built
+from TRL's `ModelConfig`, work chunks, and the atomic JSONL writer of their filtered outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from ..generation import ChatSampler, ChatSamplingArguments
+from .common import load_model, load_tokenizer
+
+T = TypeVar("T")
+
+
+def init_distributed() -> None:
+    """Start accelerate's process state before the runner reads it. Without a GPU a bare `PartialState()` under
+    `accelerate launch --multi_gpu` stays a single process on every rank (each rank would do all the work); with
+    `cpu=True` the ranks join one gloo group. Trainer-based stages get this from `use_cpu`; sampling stages have no
+    Trainer, hence this call first thing in their `main`."""
+    import torch
+    from accelerate import PartialState
+
+    PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+                 or not torch.cuda.is_available())
+
+
+def chat_sampler(model_args, tokenizer_name_or_path: str | None, sampling: ChatSamplingArguments,
+                 seed: int) -> ChatSampler:
+    """A `ChatSampler` over the model of `model_args` (frozen: bf16 weights allowed), on this rank's device."""
+    from accelerate import PartialState
+
+    from ..modeling_llama2 import Llama2ForCausalLM
+
+    source = stage_model(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(tokenizer_name_or_path or source)
+    model = load_model(Llama2ForCausalLM, model_args, source, trainable=False)
+    model.to(PartialState().device)
+    return ChatSampler(model, tokenizer, sampling.sampling_config(), seed=seed)
+
+
+def stage_model(path: str | None) -> str | None:
+    """A model input that may be a previous stage's folder (its `model` output) or a folder / Hub id."""
+    from ..runner import RUN_RECORD, stage_output
+
+    if path and (Path(path) / RUN_RECORD).is_file():
+        return str(stage_output(path, "model"))
+    return path
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """Consecutive slices of `size` items: the unit of work a rank finishes and records before the next."""
+    for start in range(0, len(items), max(1, size)):
+        yield items[start: start + size]
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
+    """Write rows as JSON lines to a temporary sibling, then rename it over `path` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
