@@ -8,7 +8,7 @@ Per iteration the trainer reports:
 - `time/training`: the PPO epochs (forward + backward of policy and critic, one optimizer step per mini-batch).
 
 Models are random-initialised Llama 2 shapes (policy, critic, two reward models of the same shape); prompts are the
-first human turns of HH-RLHF harmless-base when ../shared/data is present. The first iteration is a warm-up and is
+first human turns of HH-RLHF harmless-base when $LLAMA2_HF_DATA is present. The first iteration is a warm-up and is
 not counted; medians of the following ones are reported, with each part's share of the iteration.
 
     python benchmarks/bench_ppo.py                      # batch 32, mini-batch 8, 64 new tokens, 3 timed iterations
@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     policy, (helpful_rm, safety_rm) = build(args, len(tok))
     reward = SafetyGatedReward(RewardModelScorer(helpful_rm, tok, batch_size=16),
                                RewardModelScorer(safety_rm, tok, batch_size=16), whiten="batch")
-    prompts = [{"prompt": m, "is_safety": i % 4 == 0} for i, m in enumerate(load_prompts(args.batch_size, False))]
+    prompts = [{"prompt": m, "is_safety_prompt": i % 4 == 0}
+               for i, m in enumerate(load_prompts(args.batch_size, False))]
     peft_config = None
     if args.lora_r:
         from peft import LoraConfig

@@ -11,13 +11,14 @@ Each iteration:
 4. training: `ppo_epochs` passes over the batch in shuffled mini-batches of `mini_batch_size`, one optimizer step per
    mini-batch (the paper: batch 512, mini-batch 64, one step each, so 8 steps per iteration), clipped surrogate
    (0.2) for the policy and clipped value loss for the critic, each with its own AdamW (0.9, 0.95, 1e-5, weight
-   decay 0.1, constant LR 1e-6, gradient clipping 1.0).
+   decay 0.1, constant LR 1e-6, gradient clipping 1.0; the critic is not in the paper: its clipping at 1.0 is our
+   choice).
 
 Choices where the paper is silent (config fields, documented there): the critic is a scalar-per-token head on a copy
 of the helpfulness reward model (`value_model_init="reward_model"`; "policy" starts it from the policy with a zero
 head); GAE gamma 1.0 / lambda 0.95; KL estimator k1 per token; advantages whitened over the batch's response tokens;
-the reward whitened with batch statistics (in `SafetyGatedReward`); rollouts at temperature 1.0, top-p 1.0, so that
-the sampling distribution is the policy being optimised; at most 512 new tokens; no entropy bonus; token-level loss
+the reward whitened with batch statistics (in `SafetyGatedReward`; each rank's own rollouts under a launch);
+rollouts at temperature 1.0, top-p 1.0, so that the sampling distribution is the policy being optimised; at most 512 new tokens; no entropy bonus; token-level loss
 averaging; pi_0 is the policy PPO starts from (a frozen copy, or the disabled LoRA adapter of a peft policy).
 
 Metrics of each iteration (`trainer.history`, `output_dir/metrics.jsonl`): `reward/mean` (the score PPO maximises)
@@ -34,20 +35,22 @@ reward alone), `time/training`, `time/iteration`.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import TrainingArguments
 
+from ..data import SAFETY_TAG, PromptRow, prompt_row
 from ..generation import SamplingConfig, full_weights_for_generation, generate
 from ..losses import (
     KL_ESTIMATORS,
@@ -62,6 +65,7 @@ from ..losses import (
     whiten,
 )
 from ..rewards import score_with
+from ..runner import UsageError
 from ..tokenization_llama2 import encode_dialog
 
 logger = logging.getLogger(__name__)
@@ -73,18 +77,24 @@ VALUE_MODEL_INITS = ("reward_model", "policy")
 
 
 @dataclass
-class Llama2PPOConfig:
-    """PPO settings: the paper's values as defaults (§3.2.3); the rest are documented choices."""
+class Llama2PPOConfig(TrainingArguments):
+    """PPO settings: the paper's values as defaults (§3.2.3); the rest are documented choices.
 
-    output_dir: str = field(default="ppo", metadata={"help": "Checkpoints, metrics.jsonl and the final model."})
+    A `TrainingArguments` subclass (as TRL's PPOConfig was), so `output_dir`, `seed`, `bf16`, `use_cpu`,
+    `logging_steps`, `save_steps`, `save_total_limit`, `learning_rate` and the AdamW fields have their one
+    definition there. `bf16: true` is autocast compute; the policy and critic keep float32 master weights.
+    """
+
+    output_dir: str | None = field(default="ppo", metadata={
+        "help": "The policy (loadable with from_pretrained), metrics.jsonl, checkpoints and run.json."})
     num_iterations: int = field(default=200, metadata={
         "help": "PPO iterations (paper: 200-400 per model, early stopping on held-out prompts)."})
     batch_size: int = field(default=512, metadata={"help": "Rollouts per iteration, over all ranks (512: paper)."})
     mini_batch_size: int = field(default=64, metadata={
-        "help": "Rollouts per optimizer step (64: paper; one gradient step per mini-batch)."})
+        "help": "Rollouts per optimizer step over all ranks (64: paper; one gradient step per mini-batch)."})
     micro_batch_size: int | None = field(default=None, metadata={
-        "help": "Rollouts per forward/backward pass (gradient accumulation inside a mini-batch); None = "
-                "mini_batch_size. Also the chunk size of the no-grad scoring passes."})
+        "help": "Rollouts per forward/backward pass on one rank (gradient accumulation inside a mini-batch); None = "
+                "the rank's share of mini_batch_size. Also the chunk size of the no-grad scoring passes."})
     ppo_epochs: int = field(default=1, metadata={
         "help": "Passes over each rollout batch (1: the paper's one step per mini-batch)."})
     learning_rate: float = field(default=1e-6, metadata={"help": "Policy learning rate, constant (1e-6: paper)."})
@@ -95,7 +105,8 @@ class Llama2PPOConfig:
     adam_epsilon: float = field(default=1e-5, metadata={"help": "AdamW epsilon (1e-5: paper)."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (0.1: paper)."})
     max_grad_norm: float = field(default=1.0, metadata={
-        "help": "Gradient clipping, applied to the policy and the critic separately (1.0: paper)."})
+        "help": "Gradient-norm clipping of the policy (1.0: paper); the critic, which the paper does not describe, "
+                "is clipped separately at the same value (our choice)."})
     clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clipping epsilon (0.2: paper)."})
     clip_range_value: float | None = field(default=0.2, metadata={
         "help": "Value clipping around the rollout values (paper silent; 0.2 as the policy); None disables."})
@@ -110,7 +121,7 @@ class Llama2PPOConfig:
     gamma: float = field(default=1.0, metadata={"help": "GAE discount (paper silent; 1.0 as Stiennon et al.)."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda (paper silent; 0.95 as Stiennon et al.)."})
     whiten_advantages: bool = field(default=True, metadata={
-        "help": "Standardise advantages over the batch's response tokens (paper silent)."})
+        "help": "Standardise advantages over the batch's response tokens, all ranks together (paper silent)."})
     entropy_coef: float = field(default=0.0, metadata={
         "help": "Entropy bonus coefficient (paper silent; none by default, the KL penalty regularises)."})
     missing_eos_penalty: float | None = field(default=None, metadata={
@@ -120,17 +131,26 @@ class Llama2PPOConfig:
         "help": "Rollout temperature (paper silent); log-probabilities use the same temperature."})
     top_p: float = field(default=1.0, metadata={
         "help": "Rollout nucleus threshold (paper silent); below 1 the rollouts are slightly off-policy."})
-    generation_batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch."})
+    generation_batch_size: int = field(default=64, metadata={
+        "help": "Prompts per generation batch. Each batch is sampled with its own seed (seed, iteration, position "
+                "in the global batch), so rollouts do not depend on the number of ranks when each rank's share is "
+                "a multiple of it."})
     value_model_init: str = field(default="reward_model", metadata={
-        "help": "Critic initialisation when none is passed (paper silent): 'reward_model' copies the helpfulness "
-                "RM (its regression head read at every token), 'policy' copies the policy with a zero head.",
-        "choices": list(VALUE_MODEL_INITS)})
+        "help": "Critic initialisation when value_model_name_or_path is not given (paper silent): 'reward_model' "
+                "copies the helpfulness RM (its regression head read at every token), 'policy' copies the policy "
+                "with a zero head.", "choices": list(VALUE_MODEL_INITS)})
+    value_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Critic folder or Hub id (a sequence-classification model with one label); overrides "
+                "value_model_init."})
     seed: int = field(default=42, metadata={"help": "Seed of prompt order, sampling and mini-batch shuffling."})
-    logging_steps: int = field(default=1, metadata={"help": "Iterations between metric logs."})
-    save_steps: int = field(default=50, metadata={"help": "Iterations between checkpoints (0: only at the end)."})
+    logging_steps: float = field(default=1, metadata={"help": "Iterations between metric logs."})
+    save_steps: float = field(default=50, metadata={"help": "Iterations between checkpoints (0: only at the end)."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (oldest removed first)."})
+    report_to: None | str | list[str] = field(default="none", metadata={
+        "help": "PPO logs to metrics.jsonl and the logger; no tracker integration."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.model_size not in KL_COEF_PRESETS:
             raise ValueError(f"model_size must be one of {sorted(KL_COEF_PRESETS)}, got {self.model_size!r}")
         if self.kl_coef is None:
@@ -139,11 +159,11 @@ class Llama2PPOConfig:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.value_model_init not in VALUE_MODEL_INITS:
             raise ValueError(f"value_model_init must be one of {VALUE_MODEL_INITS}, got {self.value_model_init!r}")
-        if self.micro_batch_size is None:
-            self.micro_batch_size = self.mini_batch_size
-        if self.batch_size % self.mini_batch_size or self.mini_batch_size % self.micro_batch_size:
+        if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
-                             f"({self.mini_batch_size}), itself a multiple of micro_batch_size ({self.micro_batch_size})")
+                             f"({self.mini_batch_size})")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -202,6 +222,19 @@ def _reward_model_of(reward) -> nn.Module | None:
     return None
 
 
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The full state dict of a `save_pretrained` directory (one or several safetensors files)."""
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
+        "model.safetensors"]
+    state = {}
+    for name in files:
+        state.update(load_file(directory / name))
+    return state
+
+
 def _load_weights(model: nn.Module, directory: Path) -> None:
     """Load a `save_pretrained` directory's safetensors into an existing model (a peft adapter or full weights)."""
     from safetensors.torch import load_file
@@ -212,13 +245,7 @@ def _load_weights(model: nn.Module, directory: Path) -> None:
 
         set_peft_model_state_dict(model, load_file(adapter))
         return
-    index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
-        "model.safetensors"]
-    state = {}
-    for name in files:
-        state.update(load_file(directory / name))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_read_weights(directory), strict=True)
 
 
 @dataclass
@@ -245,36 +272,44 @@ class Llama2PPOTrainer:
 
     Args:
         args: `Llama2PPOConfig`.
-        model: the policy (a causal LM, or a peft model: its disabled adapter is then the reference pi_0).
+        model: the policy (a causal LM, or a peft model: its disabled adapter is then the reference pi_0), float32
+            weights on its device (`bf16` in `args` is autocast compute).
         processing_class: the tokenizer (chat format via `encode_dialog`; EOS ends a response).
-        reward: a reward of the contract `reward(prompts, responses, **columns)`; receives the `is_safety` column.
-        train_dataset: prompt rows (`prompt` text or messages, or `messages` ending with a user turn; optional
-            `is_safety` and `id`), a list of dicts or a `datasets.Dataset`.
+        reward: a reward of the contract `reward(prompts, responses, **columns)`; receives the `is_safety_prompt`
+            column.
+        train_dataset: prompt rows (`data.prompt_row` schema: `prompt` text or messages, or `messages` ending with a
+            user turn; optional `is_safety_prompt` and `id`), as dicts or `data.PromptRow`s.
         value_model: the critic, a sequence-classification model with a `score` head; None builds one per
             `args.value_model_init` (a copy of the helpfulness RM by default).
         ref_model: the frozen reference pi_0; None uses the disabled adapter of a peft policy, else a frozen copy.
         peft_config: wrap a plain policy with this LoRA config first (the reference is then its disabled adapter).
 
-    Multi-process: launch with torchrun and pass the policy, `ref_model` and `value_model` sharded with `fully_shard`
-    (FSDP2; the defaults copy unsharded weights); each rank rolls out `batch_size / world_size` prompts with the full
-    weights gathered once, whitens with its own statistics, and FSDP reduces the gradients. Checkpoints
-    (`save_checkpoint`) assume unsharded models.
+    Distribution (under `accelerate launch`, read through `Accelerator`): each rank rolls out its contiguous share
+    of the global batch. With an FSDP accelerate config (`distributed_type: FSDP` / `--use_fsdp`) the policy, the
+    critic and the reference are sharded with FSDP2 `fully_shard`, one unit per decoder layer (the config's
+    `fsdp_transformer_layer_cls_to_wrap`) plus the root; accelerate itself only shards on accelerators, so the
+    trainer applies the config's settings itself and the same config shards on CPU and GPU. FSDP reduce-scatters
+    the gradients; without FSDP every rank holds a replica and the gradients are averaged over ranks once per
+    mini-batch (accelerate's `reduce`, the DDP all-reduce without a per-micro-batch sync). Models passed in already
+    sharded (`fully_shard` by the caller) are used as they are. The reward models are replicated on every rank
+    (they run without gradients on the rank's own responses). Generation gathers the full policy weights once per
+    rollout (`full_weights_for_generation`). Checkpoints hold full (gathered) weights and optimizer states and
+    resume on the same world size.
     """
 
     def __init__(self, args: Llama2PPOConfig, model: nn.Module, processing_class, reward: Callable,
                  train_dataset: Iterable[Mapping], value_model: nn.Module | None = None,
                  ref_model: nn.Module | None = None, peft_config=None):
-        from ..rejection_sampling import read_prompts
+        from accelerate import Accelerator
 
         self.args = args
         self.tokenizer = processing_class
         self.reward = reward
-        self.rank, self.world_size = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        if args.batch_size % (self.world_size * args.mini_batch_size):
-            raise ValueError(f"batch_size {args.batch_size} must split into {self.world_size} ranks x whole "
-                             f"mini-batches of {args.mini_batch_size}")
+        self.accelerator = Accelerator()
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        if args.mini_batch_size % self.world_size:
+            raise ValueError(f"mini_batch_size {args.mini_batch_size} must split evenly over the {self.world_size} "
+                             "ranks (each rank takes the same share of every mini-batch)")
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -297,7 +332,14 @@ class Llama2PPOTrainer:
             else:
                 value_model = value_model_from_policy(model)
         self.value_model = value_model.requires_grad_(True)
-        self.prompts = read_prompts(train_dataset)
+        for name, m in (("policy", self.policy), ("critic", self.value_model)):
+            low = {p.dtype for p in m.parameters() if p.requires_grad and p.dtype != torch.float32}
+            if low:
+                logger.warning("the %s has trainable %s weights: at small learning rates most updates round to "
+                               "nothing; load it in float32 and set bf16=True for bf16 compute", name, low)
+        self.sharding = self._shard_models()
+        self.prompts = [p if isinstance(p, PromptRow) else prompt_row(p, i)
+                        for i, p in enumerate(train_dataset, 1)]
         if not self.prompts:
             raise ValueError("train_dataset has no prompts")
         self.policy_optimizer = self._optimizer(self.policy, args.learning_rate)
@@ -307,12 +349,100 @@ class Llama2PPOTrainer:
         if args.top_p < 1.0:
             logger.warning("top_p=%s < 1: rollouts come from a truncated distribution, so PPO is slightly "
                            "off-policy", args.top_p)
-        # Generation needs a generator on the policy's device; shuffling and prompt order run on CPU.
-        self.sample_generator = torch.Generator(device=self.device).manual_seed(args.seed + self.rank)
+        # Mini-batch shuffling runs on CPU; sampling seeds each generation batch itself (see `_generate`).
         self.shuffle_generator = torch.Generator().manual_seed(args.seed)
         self.iteration = 0
         self.data_epoch, self.data_position = 0, 0
         self.history: list[dict] = []
+        self.memory = self._parameter_bytes()
+
+    # -- distribution --------------------------------------------------------------------------------------------
+
+    def _fsdp_plugin(self):
+        """accelerate's FSDP settings of this launch, or None. On accelerators `Accelerator` builds the plugin; on
+        CPU accelerate falls back to plain data parallelism and drops it, so it is rebuilt from the `FSDP_*`
+        environment that `accelerate launch --config_file fsdp.yaml` (or `--use_fsdp ...`) sets."""
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        if self.world_size == 1:
+            return None
+        if self.accelerator.state.distributed_type == DistributedType.FSDP:
+            return self.accelerator.state.fsdp_plugin
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            return FullyShardedDataParallelPlugin()
+        return None
+
+    def _shard_models(self) -> str:
+        """Apply the launch's FSDP config to the policy, critic and reference (see the class docstring)."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if any(isinstance(m, FSDPModule) for m in self.policy.modules()):
+            return "fsdp2"  # sharded by the caller
+        plugin = self._fsdp_plugin()
+        if plugin is None:
+            return "replicated" if self.world_size > 1 else "none"
+        if is_peft_model(self.policy):
+            raise ValueError("a LoRA policy is not sharded: launch it with a DDP config (its base weights are "
+                             "frozen and its adapter is small)")
+        if getattr(plugin, "fsdp_version", 2) != 2:
+            logger.warning("FSDP version %s requested: PPO shards with FSDP2 (fully_shard)", plugin.fsdp_version)
+        names = plugin.transformer_cls_names_to_wrap
+        names = set([names] if isinstance(names, str) else names or [])
+        reshard = plugin.reshard_after_forward
+        reshard = reshard if isinstance(reshard, bool) else reshard in (1, "FULL_SHARD", "1")
+        for model in (self.policy, self.value_model, self.ref_model):
+            if model is None:
+                continue
+            layer_names = names or set(getattr(model, "_no_split_modules", None) or [])
+            layers = [m for m in model.modules() if type(m).__name__ in layer_names]
+            if not layers:
+                raise ValueError(f"FSDP: no module of {sorted(layer_names)} in {type(model).__name__} to shard "
+                                 "(fsdp_transformer_layer_cls_to_wrap)")
+            for layer in layers:
+                fully_shard(layer, reshard_after_forward=reshard)
+            # The root keeps its own parameters (embeddings, final norm, head) after forward (torch's default for
+            # a root, None): `token_values` applies the critic's head outside the model's forward.
+            fully_shard(model, reshard_after_forward=None if reshard else False)
+        logger.info("FSDP2: policy, critic and reference sharded over %d ranks (%d units each)", self.world_size,
+                    len(layers))
+        return "fsdp2"
+
+    def _parameter_bytes(self) -> dict:
+        """Parameter bytes of the trained models (policy + critic): the whole models and what each rank holds."""
+        from torch.distributed.tensor import DTensor
+
+        full = local = 0
+        for model in (self.policy, self.value_model):
+            for p in model.parameters():
+                full += p.numel() * p.element_size()
+                local += (p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+        per_rank = [local]
+        if self.world_size > 1:
+            mine = torch.zeros(self.world_size, dtype=torch.float64, device=self.accelerator.device)
+            mine[self.rank] = local
+            per_rank = [int(x) for x in self.accelerator.reduce(mine, "sum").tolist()]
+        return {"sharding": self.sharding, "world_size": self.world_size, "param_bytes_full": full,
+                "param_bytes_per_rank": per_rank}
+
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return value
+        return self.accelerator.reduce(value.to(self.accelerator.device), "sum").to(value.device)
+
+    def _average_gradients(self, model: nn.Module) -> None:
+        """The data-parallel gradient all-reduce of replicated models (FSDP reduces its own)."""
+        if self.world_size == 1 or self.sharding == "fsdp2":
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:
+            flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16))
 
     def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         # No weight decay on norms and 1-d parameters, as transformers' Trainer does.
@@ -327,8 +457,9 @@ class Llama2PPOTrainer:
 
     # -- data ----------------------------------------------------------------------------------------------------
 
-    def _next_prompts(self) -> list:
-        """This rank's share of the next `batch_size` prompts; the order is reshuffled every pass over the data."""
+    def _next_prompts(self) -> tuple[list[PromptRow], int]:
+        """This rank's contiguous share of the next `batch_size` prompts and the share's offset in the global batch;
+        the order is reshuffled every pass over the data."""
         chosen = []
         while len(chosen) < self.args.batch_size:
             order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(
@@ -338,7 +469,9 @@ class Llama2PPOTrainer:
             self.data_position += len(take)
             if self.data_position >= len(self.prompts):
                 self.data_epoch, self.data_position = self.data_epoch + 1, 0
-        return [self.prompts[i] for i in chosen[self.rank:: self.world_size]]
+        share = self.args.batch_size // self.world_size
+        start = self.rank * share
+        return [self.prompts[i] for i in chosen[start: start + share]], start
 
     # -- forward passes ------------------------------------------------------------------------------------------
 
@@ -353,15 +486,18 @@ class Llama2PPOTrainer:
                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probabilities (B, R) of the response tokens, and optionally the entropy of each position."""
         response_length = batch["input_ids"].shape[1] - context_length
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], use_cache=False,
-                       logits_to_keep=response_length + 1).logits[:, :-1]  # (B, R, V): positions P-1 .. P+R-2
+        with self._autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"], use_cache=False,
+                           logits_to_keep=response_length + 1).logits[:, :-1]  # (B, R, V): positions P-1 .. P+R-2
         logits = logits.float() / self.args.temperature
         logprobs = logprobs_from_logits(logits, batch["input_ids"][:, context_length:])
         return logprobs, entropy_from_logits(logits) if with_entropy else None
 
     def _values(self, batch: dict, context_length: int) -> torch.Tensor:
-        values = token_values(self.value_model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        with self._autocast():
+            values = token_values(self.value_model, batch["input_ids"], batch["attention_mask"],
+                                  batch["position_ids"])
         return values[:, context_length - 1: -1]  # (B, R): the value of the state before each response token
 
     def _chunks(self, rollout_tensors: dict, size: int, index: torch.Tensor | None = None):
@@ -371,20 +507,35 @@ class Llama2PPOTrainer:
             rows = index[start: start + size].to(self.device)
             yield {k: v[rows] for k, v in rollout_tensors.items()}
 
+    def _generate(self, prompt_ids: list[list[int]], offset: int):
+        """Sample one response per prompt, `generation_batch_size` prompts at a time, each batch with a generator
+        seeded by (seed, iteration, global position): the same prompts give the same rollouts on any number of
+        ranks, and a resumed run needs no sampler state."""
+        responses, finished = [], []
+        size = self.args.generation_batch_size
+        for start in range(0, len(prompt_ids), size):
+            seed = (self.args.seed * 1_000_003 + self.iteration * 65_537 + offset + start) % (2 ** 63)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            with self._autocast():
+                out = generate(self.policy, prompt_ids[start: start + size], self.sampling,
+                               eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                               generator=generator)
+            responses += [r[0] for r in out.response_ids]
+            finished += [f[0] for f in out.finished]
+        return responses, finished
+
     # -- one iteration -------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _rollout(self, prompts: list) -> tuple[Rollout, dict]:
+    def _rollout(self, prompts: list[PromptRow], offset: int = 0) -> tuple[Rollout, dict]:
         args = self.args
         timings = {}
         start = time.perf_counter()
         prompt_ids = [encode_dialog(self.tokenizer, p.messages) for p in prompts]
         self.policy.eval()
         with full_weights_for_generation(self.policy):
-            out = generate(self.policy, prompt_ids, self.sampling, eos_token_id=self.tokenizer.eos_token_id,
-                           pad_token_id=self.tokenizer.pad_token_id, generator=self.sample_generator)
-        responses = [r[0] for r in out.response_ids]
-        finished = torch.tensor([f[0] for f in out.finished])
+            responses, finished = self._generate(prompt_ids, offset)
+        finished = torch.tensor(finished)
         timings["time/generation"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -403,15 +554,16 @@ class Llama2PPOTrainer:
         texts = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
         reward_start = time.perf_counter()
         scored = score_with(self.reward, [p.messages for p in prompts], texts,
-                            is_safety=[p.is_safety for p in prompts])
+                            **{SAFETY_TAG: [p.is_safety_prompt for p in prompts]})
         timings["time/scoring_reward"] = time.perf_counter() - reward_start
         scores = scored.rewards.clone().float()
         if args.missing_eos_penalty is not None:
             scores = scores - args.missing_eos_penalty * (~finished).float()
 
         self.value_model.eval()
+        micro = args.micro_batch_size or args.mini_batch_size // self.world_size
         logprobs, ref_logprobs, values, entropy = [], [], [], []
-        for chunk in self._chunks(tensors, args.micro_batch_size):
+        for chunk in self._chunks(tensors, micro):
             lp, ent = self._logprobs(self.policy, chunk, p_len, with_entropy=True)
             logprobs.append(lp.cpu())
             ref_logprobs.append(self._ref_logprobs(chunk, p_len).cpu())
@@ -424,7 +576,7 @@ class Llama2PPOTrainer:
         rewards = token_level_rewards(scores, kl, response_mask, args.kl_coef)
         advantages, returns = gae_advantages(rewards, values, response_mask, args.gamma, args.lam)
         if args.whiten_advantages:
-            advantages = whiten(advantages, response_mask)
+            advantages = self._whiten_over_ranks(advantages, response_mask)
         timings["time/scoring"] = time.perf_counter() - start
 
         lengths = response_mask.sum(-1).float()
@@ -445,6 +597,17 @@ class Llama2PPOTrainer:
                           advantages, returns)
         return rollout, metrics
 
+    def _whiten_over_ranks(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`losses.whiten` with the statistics of every rank's response tokens (the whole batch, as one process)."""
+        if self.world_size == 1:
+            return whiten(values, mask)
+        m = mask.to(torch.float64)
+        v = values.to(torch.float64)
+        stats = self._sum_over_ranks(torch.stack([(v * m).sum(), (v * v * m).sum(), m.sum()]))
+        mean = stats[0] / stats[2]
+        var = stats[1] / stats[2] - mean * mean
+        return ((v - mean) * torch.rsqrt(var + 1e-8) * m).to(values.dtype)
+
     def _train_on(self, rollout: Rollout) -> dict:
         args = self.args
         start = time.perf_counter()
@@ -455,17 +618,20 @@ class Llama2PPOTrainer:
                    "logprobs": rollout.logprobs, "values": rollout.values, "advantages": rollout.advantages,
                    "returns": rollout.returns}
         n = rollout.query_responses.shape[0]
-        mini = args.mini_batch_size // self.world_size if self.world_size > 1 else args.mini_batch_size
-        micro = min(args.micro_batch_size, mini)
+        mini = args.mini_batch_size // self.world_size
+        micro = min(args.micro_batch_size or mini, mini)
         stats: dict[str, list[float]] = {k: [] for k in ("policy/loss", "policy/clipfrac", "policy/approx_kl",
                                                           "policy/ratio", "value/loss", "value/clipfrac",
                                                           "policy/grad_norm", "value/grad_norm")}
         first_ratio = None
+        policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         for _ in range(args.ppo_epochs):
             order = torch.randperm(n, generator=self.shuffle_generator)
             for m_start in range(0, n, mini):
                 mini_index = order[m_start: m_start + mini]
-                total_tokens = rollout.response_mask[mini_index].sum().clamp(min=1)
+                # Token mean over the mini-batch of every rank: gradients are averaged over ranks (FSDP or the
+                # all-reduce), so each rank's share is scaled by world_size / (tokens of all ranks).
+                total_tokens = self._sum_over_ranks(rollout.response_mask[mini_index].sum().double()).clamp(min=1)
                 self.policy_optimizer.zero_grad(set_to_none=True)
                 self.value_optimizer.zero_grad(set_to_none=True)
                 sums = dict.fromkeys(("policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/ratio",
@@ -474,7 +640,7 @@ class Llama2PPOTrainer:
                     mask = chunk["response_mask"]
                     # Each micro-batch's token mean is weighted by its share of the mini-batch's tokens, so the
                     # accumulated gradient is the token mean over the whole mini-batch whatever the micro size.
-                    share = mask.sum() / total_tokens.to(mask.device)
+                    share = (mask.sum().double() * self.world_size / total_tokens.to(mask.device)).float()
                     logprobs, entropy = self._logprobs(self.policy, chunk, rollout.context_length,
                                                        with_entropy=args.entropy_coef > 0)
                     pg_loss, pg_stats = ppo_policy_loss(logprobs, chunk["logprobs"], chunk["advantages"], mask,
@@ -493,9 +659,11 @@ class Llama2PPOTrainer:
                         sums[key] += (value.detach() * share).item()
                 if first_ratio is None:
                     first_ratio = sums["policy/ratio"]
-                stats["policy/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.policy.parameters() if p.requires_grad], args.max_grad_norm)))
-                stats["value/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(
+                self._average_gradients(self.policy)
+                self._average_gradients(self.value_model)
+                stats["policy/grad_norm"].append(_as_float(torch.nn.utils.clip_grad_norm_(
+                    policy_params, args.max_grad_norm)))
+                stats["value/grad_norm"].append(_as_float(torch.nn.utils.clip_grad_norm_(
                     self.value_model.parameters(), args.max_grad_norm)))
                 self.policy_optimizer.step()
                 self.value_optimizer.step()
@@ -507,9 +675,10 @@ class Llama2PPOTrainer:
         return out
 
     def step(self) -> dict:
-        """One PPO iteration: rollout, scoring, training. Returns its metrics."""
+        """One PPO iteration: rollout, scoring, training. Returns its metrics (averaged over ranks)."""
         start = time.perf_counter()
-        rollout, metrics = self._rollout(self._next_prompts())
+        prompts, offset = self._next_prompts()
+        rollout, metrics = self._rollout(prompts, offset)
         metrics.update(self._train_on(rollout))
         self.iteration += 1
         metrics["iteration"] = self.iteration
@@ -519,98 +688,169 @@ class Llama2PPOTrainer:
         return metrics
 
     def _reduce(self, metrics: dict) -> dict:
-        """Average metrics over ranks."""
+        """Average metrics over ranks (every rank holds the same number of rollouts, so the mean of the ranks'
+        means is the batch mean; grad norms and ratio-weighted sums are already global)."""
         if self.world_size == 1:
             return metrics
         keys = sorted(k for k, v in metrics.items() if isinstance(v, float))
         values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-        torch.distributed.all_reduce(values)
+        values = self._sum_over_ranks(values)
         return {**metrics, **{k: v / self.world_size for k, v in zip(keys, values.tolist())}}
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
         """Run up to `num_iterations`, logging to `output_dir/metrics.jsonl` and checkpointing every `save_steps`.
 
-        `resume_from_checkpoint`: a checkpoint directory, or True for the latest one in `output_dir`.
+        `resume_from_checkpoint`: a checkpoint directory, or True for the newest complete one in `output_dir`.
+        `metrics.jsonl` is cut back to the iterations of the restored state first (to nothing on a fresh start), so
+        a resumed or restarted run never repeats an iteration in it.
         """
         from tqdm.auto import tqdm
 
         if resume_from_checkpoint:
             path = self._latest_checkpoint() if resume_from_checkpoint is True else Path(resume_from_checkpoint)
             if path is None:
-                raise ValueError(f"no checkpoint-* directory in {self.args.output_dir} to resume from")
+                raise ValueError(f"no complete checkpoint-* directory in {self.args.output_dir} to resume from")
             self.load_checkpoint(path)
         out = Path(self.args.output_dir)
-        bar = tqdm(total=self.args.num_iterations, initial=self.iteration, desc="PPO", disable=self.rank != 0)
+        if self.rank == 0:
+            self._truncate_metrics(out / METRICS_FILE)
+        logging_steps, save_steps = max(1, int(self.args.logging_steps)), int(self.args.save_steps)
+        bar = tqdm(total=self.args.num_iterations, initial=self.iteration, desc="PPO",
+                   disable=self.rank != 0 or bool(self.args.disable_tqdm))
         while self.iteration < self.args.num_iterations:
             metrics = self.step()
             bar.update(1)
-            if self.rank == 0 and self.iteration % self.args.logging_steps == 0:
+            if self.rank == 0 and self.iteration % logging_steps == 0:
                 out.mkdir(parents=True, exist_ok=True)
-                with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
                     f.write(json.dumps(metrics) + "\n")
                 logger.info("iteration %d: reward %.4f, kl %.4f, entropy %.3f, value loss %.4f, clipfrac %.3f",
                             self.iteration, metrics["reward/mean"], metrics["objective/kl"],
                             metrics["objective/entropy"], metrics["value/loss"], metrics["policy/clipfrac"])
-            if self.args.save_steps and self.iteration % self.args.save_steps == 0:
+            if save_steps and self.iteration % save_steps == 0:
                 self.save_checkpoint()
         bar.close()
         return self.history
 
+    def _truncate_metrics(self, path: Path) -> None:
+        """Keep the rows of `metrics.jsonl` up to the current iteration (the restored checkpoint's), dropping those
+        a killed run logged after its last checkpoint and a torn last line."""
+        if not path.is_file():
+            return
+        text = path.read_text(encoding="utf-8")
+        kept, dropped = [], 0
+        for line in text.split("\n"):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if int(row.get("iteration", 0)) <= self.iteration:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            logger.warning("%s: dropping %d rows logged after iteration %d (they are redone)", path, dropped,
+                           self.iteration)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+            os.replace(tmp, path)
+
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def _latest_checkpoint(self) -> Path | None:
-        found = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        return found[-1] if found else None
+        return latest_checkpoint(self.args.output_dir)
+
+    def _full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        """Full (gathered) model state and optimizer state on rank 0, sharded or not; every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=options)
+        optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+        return weights, optim
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
-        """The policy (and tokenizer) in `output_dir`, the critic in `output_dir/value_model`."""
+        """The policy (and tokenizer) in `output_dir`, the critic in `output_dir/value_model`: full weights,
+        gathered from the shards under FSDP (every rank must call it)."""
         out = Path(output_dir or self.args.output_dir)
-        if self.rank != 0:
-            return
-        self.policy.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        self.value_model.save_pretrained(out / "value_model")
+        policy_state, _ = self._full_state(self.policy)
+        value_state, _ = self._full_state(self.value_model)
+        if self.rank == 0:
+            self._save_pretrained(self.policy, out, policy_state)
+            self.tokenizer.save_pretrained(out)
+            self._save_pretrained(self.value_model, out / "value_model", value_state)
+        self.accelerator.wait_for_everyone()
+
+    @staticmethod
+    def _save_pretrained(model: nn.Module, out: Path, state: dict) -> None:
+        if is_peft_model(model):
+            model.save_pretrained(out)  # replicated (a LoRA policy is never sharded): its own adapter weights
+        else:
+            model.save_pretrained(out, state_dict=state)
 
     def save_checkpoint(self) -> Path:
         """`checkpoint-{iteration}/`: policy and critic weights, both optimizers, iteration, data position, RNG
-        states and the reward's running statistics; older checkpoints beyond `save_total_limit` are removed."""
+        states and the reward's running statistics. `trainer_state.pt` is written last: a checkpoint without it was
+        cut by a kill and is never resumed from. Older complete checkpoints beyond `save_total_limit` are removed."""
         path = Path(self.args.output_dir) / f"checkpoint-{self.iteration}"
+        policy_state, policy_optim = self._full_state(self.policy, self.policy_optimizer)
+        value_state, value_optim = self._full_state(self.value_model, self.value_optimizer)
         if self.rank == 0:
-            self.save_model(path)
+            (path / TRAINER_STATE).unlink(missing_ok=True)
+            self._save_pretrained(self.policy, path, policy_state)
+            self.tokenizer.save_pretrained(path)
+            self._save_pretrained(self.value_model, path / "value_model", value_state)
             state = {
                 "iteration": self.iteration, "data_epoch": self.data_epoch, "data_position": self.data_position,
-                "policy_optimizer": self.policy_optimizer.state_dict(),
-                "value_optimizer": self.value_optimizer.state_dict(),
+                "world_size": self.world_size,
+                "policy_optimizer": policy_optim, "value_optimizer": value_optim,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "sample": self.sample_generator.get_state(), "shuffle": self.shuffle_generator.get_state()},
+                        "shuffle": self.shuffle_generator.get_state()},
                 "history": json.dumps(self.history),
-                "config": json.dumps(asdict(self.args)),
             }
             if hasattr(self.reward, "state_dict"):
                 state["reward"] = self.reward.state_dict()
-            torch.save(state, path / "trainer_state.pt")
+            tmp = path / f".{TRAINER_STATE}.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, path / TRAINER_STATE)
             if self.args.save_total_limit:
-                found = sorted(Path(self.args.output_dir).glob("checkpoint-*"),
-                               key=lambda p: int(p.name.split("-")[-1]))
-                for old in found[: -self.args.save_total_limit]:
-                    import shutil
-
+                for old in complete_checkpoints(self.args.output_dir)[: -self.args.save_total_limit]:
                     shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore everything `save_checkpoint` wrote (weights are loaded into the existing models)."""
+        """Restore everything `save_checkpoint` wrote (weights are loaded into the existing, possibly sharded,
+        models). The world size must be the one that saved it (the data split and sampling seeds follow it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
         path = Path(path)
-        state = torch.load(path / "trainer_state.pt", weights_only=True)
-        _load_weights(self.policy, path)
-        _load_weights(self.value_model, path / "value_model")
-        self.policy_optimizer.load_state_dict(state["policy_optimizer"])
-        self.value_optimizer.load_state_dict(state["value_optimizer"])
+        state = torch.load(path / TRAINER_STATE, weights_only=False)
+        if state.get("world_size", 1) != self.world_size:
+            raise UsageError(f"{path} was saved by {state.get('world_size', 1)} processes; resume it with the same "
+                             f"number (this launch has {self.world_size})")
+        options = StateDictOptions(full_state_dict=True)
+        for model, optimizer, folder, optim_state in (
+                (self.policy, self.policy_optimizer, path, state["policy_optimizer"]),
+                (self.value_model, self.value_optimizer, path / "value_model", state["value_optimizer"])):
+            if is_peft_model(model):
+                _load_weights(model, folder)
+                weights = {k: v for k, v in model.state_dict().items()}
+            else:
+                weights = _read_weights(folder)
+            set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_state,
+                           options=options)
         self.iteration = state["iteration"]
         self.data_epoch, self.data_position = state["data_epoch"], state["data_position"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        self.sample_generator.set_state(state["rng"]["sample"])
         self.shuffle_generator.set_state(state["rng"]["shuffle"])
         self.history = json.loads(state["history"])
         if "reward" in state and hasattr(self.reward, "load_state_dict"):
@@ -618,89 +858,33 @@ class Llama2PPOTrainer:
         logger.info("resumed from %s at iteration %d", path, self.iteration)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# CLI: llama2-hf ppo
-# ---------------------------------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama2-hf ppo", description=(
-        "PPO against the safety-gated reward with a per-token KL penalty to the initial policy (paper §3.2.3). "
-        "Every Llama2PPOConfig field is an option; defaults are the paper's values."))
-    p.add_argument("--model", required=True, help="policy directory (usually the rejection-sampling model)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    p.add_argument("--prompts", required=True, help="prompt file (.jsonl/.json/.parquet) or Hub dataset: rows with "
-                   "'prompt' (text or messages) or 'messages', optional bool 'is_safety' and 'id'")
-    p.add_argument("--helpfulness-rm", required=True, help="helpfulness reward model directory")
-    p.add_argument("--safety-rm", default=None, help="safety reward model directory (without it: helpfulness only)")
-    p.add_argument("--threshold", type=float, default=0.15, help="safety gate on sigmoid(R_s) (paper: 0.15)")
-    p.add_argument("--reward-whitening", choices=["batch", "running", "none"], default="batch",
-                   help="statistics of WHITEN(LOGIT(R_c)) (paper silent)")
-    p.add_argument("--value-model", default=None, help="critic directory (default: per --value-model-init)")
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank for the policy (0: full fine-tuning); the "
-                   "disabled adapter is the reference model")
-    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha")
-    p.add_argument("--device", default=None, help="policy and critic device (default: cuda if available)")
-    p.add_argument("--rm-device", default=None, help="reward models' device (default: the policy's)")
-    p.add_argument("--rm-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="reward models' dtype")
-    p.add_argument("--resume", default=None, help="checkpoint directory, or 'latest'")
-    defaults = Llama2PPOConfig()
-    for f in fields(Llama2PPOConfig):
-        default = getattr(defaults, f.name) if f.name != "kl_coef" else None
-        help_ = f.metadata.get("help", "")
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
-                           help=f"{help_} (true/false, default {default})")
-        elif f.name in ("kl_coef", "value_learning_rate", "clip_range_value", "missing_eos_penalty"):
-            p.add_argument(flag, type=lambda s: None if s.lower() == "none" else float(s), default=default,
-                           help=f"{help_} (default {default})")
-        elif f.name in ("micro_batch_size", "save_total_limit"):
-            p.add_argument(flag, type=lambda s: None if s.lower() == "none" else int(s), default=None
-                           if f.name == "micro_batch_size" else default, help=f"{help_} (default {default})")
-        else:
-            p.add_argument(flag, type=type(default), default=default, choices=f.metadata.get("choices"),
-                           help=f"{help_} (default {default})")
-    return p
+METRICS_FILE = "metrics.jsonl"
+TRAINER_STATE = "trainer_state.pt"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from ..data import load_any
-    from ..rejection_sampling import load_reward
-
-    config = Llama2PPOConfig(**{f.name: getattr(args, f.name) for f in fields(Llama2PPOConfig)})
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
-    policy = AutoModelForCausalLM.from_pretrained(args.model).to(device)
-    reward = load_reward(args.helpfulness_rm, args.safety_rm, tokenizer, args.threshold, args.reward_whitening,
-                         args.rm_device or device, args.rm_dtype, config.micro_batch_size)
-    value_model = None
-    if args.value_model:
-        value_model = AutoModelForSequenceClassification.from_pretrained(args.value_model, num_labels=1).to(device)
-    peft_config = None
-    if args.lora_r:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, task_type="CAUSAL_LM",
-                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    trainer = Llama2PPOTrainer(config, policy, tokenizer, reward, list(load_any(args.prompts)),
-                               value_model=value_model, peft_config=peft_config)
-    resume = True if args.resume == "latest" else args.resume
-    history = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
-    out = Path(config.output_dir)
-    run = {"stage": "ppo", "config": {**vars(args), "ppo": asdict(config)},
-           "metrics": history[-1] if history else {}}
-    (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
-    print(json.dumps(history[-1] if history else {}))
-    return 0
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """`checkpoint-*` folders of `output_dir` whose `trainer_state.pt` exists (written last), oldest first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted((p for p in found if (p / TRAINER_STATE).is_file()), key=lambda p: int(p.name.split("-")[-1]))
 
 
-__all__ = ["Llama2PPOConfig", "Llama2PPOTrainer", "KL_COEF_PRESETS", "Rollout", "token_values",
-           "value_model_from_policy", "main"]
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint; newer incomplete ones (a kill during their save) are skipped, with a
+    warning."""
+    complete = complete_checkpoints(output_dir)
+    newest = complete[-1] if complete else None
+    for p in Path(output_dir).glob("checkpoint-*"):
+        if p.name.split("-")[-1].isdigit() and not (p / TRAINER_STATE).is_file():
+            logger.warning("%s has no %s (its save was interrupted): skipped%s", p, TRAINER_STATE,
+                           f"; resuming from {newest.name}" if newest else "")
+    return newest
+
+
+def _as_float(norm) -> float:
+    from torch.distributed.tensor import DTensor
+
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+__all__ = ["Llama2PPOConfig", "Llama2PPOTrainer", "KL_COEF_PRESETS", "Rollout", "complete_checkpoints",
+           "latest_checkpoint", "token_values", "value_model_from_policy"]
