@@ -1,7 +1,7 @@
 """Evaluation against lm-evaluation-harness 0.4.13: equality of the numbers, then MMLU speed.
 
 Builds a randomly initialised Llama 2 with Meta's 32k tokenizer, saves it, and runs the same examples of the real data
-in ../shared/data through `llama2_hf.evaluation` and through lm-eval's `hf` backend (`pretrained=<that folder>`, task
+in $LLAMA2_HF_DATA through `llama2_hf.evaluation` and through lm-eval's `hf` backend (`pretrained=<that folder>`, task
 YAMLs that include lm-eval's own `mmlu`, `gsm8k_cot` and `truthfulqa_mc1/mc2` configs, pointed at local copies of
 the data). Prints one JSON line per measurement:
 
@@ -36,14 +36,15 @@ import torch  # noqa: E402
 
 import llama2_hf  # noqa: E402  (registers model_type "llama2" with the Auto classes, which lm-eval uses)
 from llama2_hf import Llama2Config, Llama2ForCausalLM, Llama2Tokenizer  # noqa: E402
-from llama2_hf.evaluation import EvalConfig, GSM8KConfig, MMLUConfig, TruthfulQAConfig, evaluate_model  # noqa: E402
+from llama2_hf.evaluation import EvalConfig, evaluate_model  # noqa: E402
 from llama2_hf.evaluation import mmlu as mmlu_module  # noqa: E402
 from llama2_hf.evaluation.data import load_gsm8k, load_mmlu, load_truthfulqa_mc  # noqa: E402
 from llama2_hf.evaluation.prompts import mmlu_prompt  # noqa: E402
 from llama2_hf.evaluation.scoring import gsm8k_exact_match, gsm8k_extract, gsm8k_gold  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LLAMA2_HF_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# The real public data (Meta's tokenizer.model, HH-RLHF, the benchmarks): the folder named by LLAMA2_HF_DATA.
+SHARED = Path(os.environ.get("LLAMA2_HF_DATA", "data"))
 SIZES = {  # name -> Llama2Config overrides of the "tiny" preset
     "tiny": {},
     # Deeper and wider, so the transformer body (not the 32k output layer) takes most of the time, as in 7B.
@@ -68,7 +69,7 @@ def build_model(out_dir: Path, size: str, seed: int = 0) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# lm-eval side: its own task YAMLs, with the dataset swapped for local JSON copies of ../shared/data
+# lm-eval side: its own task YAMLs, with the dataset swapped for local JSON copies of $LLAMA2_HF_DATA
 # ---------------------------------------------------------------------------------------------------------------------
 
 def write_lm_eval_tasks(work: Path, subjects: list[str]) -> Path:
@@ -147,8 +148,7 @@ def make_hflm(model_dir: Path, batch_size: int):
 def compare(model_dir: Path, include: Path, subjects: list[str], limit: int, gsm8k_limit: int, tqa_limit: int,
             batch_size: int) -> None:
     lm = make_hflm(model_dir, batch_size)
-    config = EvalConfig(batch_size=batch_size, data_dir=str(SHARED), progress=False,
-                        mmlu=MMLUConfig(subjects=subjects), truthfulqa=TruthfulQAConfig(run_generation=False))
+    config = EvalConfig(batch_size=batch_size, data_dir=str(SHARED), progress=False, mmlu_subjects=subjects)
 
     # MMLU
     ref = run_lm_eval(lm, include, [f"local_mmlu_{s}" for s in subjects], 5, limit, batch_size)
@@ -273,7 +273,7 @@ def speed(model_dir: Path, include: Path, subjects: list[str], limit: int, batch
             start = time.perf_counter()
             out = evaluate_model(model, ["mmlu"], tokenizer=tokenizer, data_dir=str(SHARED), limit=limit,
                                  batch_size=batch_size, progress=False,
-                                 mmlu=MMLUConfig(subjects=subjects, share_prefix=share))
+                                 mmlu_subjects=subjects, mmlu_share_prefix=share)
             times[name].append(time.perf_counter() - start)
             model_times[name].append(timer.seconds)
             timer.restore()

@@ -9,12 +9,13 @@ Measured in the same run, rounds interleaved, medians reported (the machine is s
 - `ours`: `llama2_hf.generation.generate` (batched; one prefill per prompt, its KV cache copied K times);
 - `pipeline_naive` / `pipeline_ours`: the whole rejection-sampling step, generation plus scoring with two reward models
   (safety-gated) and the JSONL log: the naive loop scores each sample with its own RM forward passes, ours is
-  `RejectionSampler.sample_iteration` (batched scoring).
+  `RejectionSampler.sample_batches` writing through `RankParts.append`, as the `rejection-sample` stage does
+  (batched scoring, one fsynced append per batch).
 
 Samples are drawn at temperature 1.0, top-p 1.0. The generation-only methods use an EOS id the model never emits, so
 every sample has exactly `--max-new-tokens` tokens; the pipelines use the real EOS (a random model emits it about once
 in 32k tokens). Models are random-initialised Llama 2 shapes (default ~30M parameters with
-the 32k vocabulary); prompts are the first human turns of HH-RLHF harmless-base when ../shared/data is present.
+the 32k vocabulary); prompts are the first human turns of HH-RLHF harmless-base when $LLAMA2_HF_DATA is present.
 
     python benchmarks/bench_rejection_sampling.py                 # K=8, 16 prompts, 64 new tokens, 3 rounds
     python benchmarks/bench_rejection_sampling.py --threads 2 --rounds 5
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -37,12 +39,15 @@ import torch
 
 from llama2_hf import Llama2Config, Llama2ForCausalLM, Llama2ForRewardModel
 from llama2_hf.generation import SamplingConfig, generate
-from llama2_hf.rejection_sampling import RejectionSampler, RejectionSamplingConfig, read_prompts
+from llama2_hf.data import prompt_row
+from llama2_hf.rejection_sampling import RejectionSampler, RejectionSamplingConfig, prompt_batches
 from llama2_hf.rewards import RewardModelScorer, SafetyGatedReward
+from llama2_hf.runner import RankParts
 from llama2_hf.tokenization_llama2 import encode_dialog
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# The real public data (Meta's tokenizer.model, HH-RLHF, the benchmarks): the folder named by LLAMA2_HF_DATA.
+SHARED = Path(os.environ.get("LLAMA2_HF_DATA", "data"))
 
 
 def _emit(**record) -> None:
@@ -50,7 +55,7 @@ def _emit(**record) -> None:
 
 
 def load_tokenizer():
-    """Meta's 32k tokenizer from ../shared/data, else a small one trained on the fly."""
+    """Meta's 32k tokenizer from $LLAMA2_HF_DATA, else a small one trained on the fly."""
     from llama2_hf import Llama2Tokenizer, train_llama2_tokenizer
 
     model = SHARED / "llama2-tokenizer" / "tokenizer.model"
@@ -161,12 +166,16 @@ def main(argv=None) -> int:
         # one RM forward per sample and model, as a loop over single `reward(prompt, response)` calls does
         return [reward.score([pr], [r]).raw.item() for pr, r in zip(prompts, decoded)]
 
+    rows = [prompt_row({"prompt": t}, i) for i, t in enumerate(texts, 1)]
+
     def pipeline_ours():
         with tempfile.TemporaryDirectory() as d:
-            rs = RejectionSampler(policy, tok, reward, d, RejectionSamplingConfig(
-                num_samples=k, temperature=1.0, top_p=1.0, max_new_tokens=new,
-                prompt_batch_size=args.prompt_batch_size))
-            return rs.sample_iteration(read_prompts([{"prompt": t} for t in texts]), 1, progress=False)
+            config = RejectionSamplingConfig(output_dir=d, use_cpu=True, num_samples=k, temperature=1.0, top_p=1.0,
+                                             max_new_tokens=new, prompt_batch_size=args.prompt_batch_size,
+                                             finetune=False)
+            rs = RejectionSampler(policy, tok, reward, config)
+            return rs.sample_batches(prompt_batches(rows, config.prompt_batch_size), 1,
+                                     write=RankParts(d, "candidates").append)
 
     methods = {"naive": naive_generate, "hf_batched": hf_batched, "ours": ours,
                "pipeline_naive": pipeline_naive, "pipeline_ours": pipeline_ours}

@@ -23,11 +23,16 @@ Memory: shards are opened with `torch.load(mmap=True, weights_only=True)`; each 
 straight into the current safetensors file and freed; after each file the shard mappings are dropped, so the input
 pages read so far leave the resident set. Peak memory is therefore about one output file (`max_shard_size`) of
 (reclaimable) mapped input plus the largest tensor, whatever the model size (benchmarks/README.md has measurements).
+
+Safety of the output folder: everything is checked (params, shards, shapes, dtype, tokenizer) before a file is
+written, and the files are written into a temporary sibling folder that is swapped in only when complete
+(`runner.replacing_folder`), so a kill or a failure leaves an existing model as it was. An existing folder is never
+converted into: it is refused, or with `overwrite` replaced as a whole, so no stale file of another model
+(`pytorch_model.bin`, `adapter_config.json`, other shards) survives next to the new weights.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import pickle
@@ -47,6 +52,7 @@ from transformers.utils.hub import convert_file_size_to_int
 
 from .configuration_llama2 import Llama2Config
 from .modeling_llama2 import Llama2ForCausalLM
+from .runner import UsageError, replacing_folder
 
 logger = logging.getLogger(__name__)
 
@@ -129,13 +135,13 @@ def _find_shards(input_dir: Path) -> list[Path]:
         if match:
             indexed.append((int(match.group(1)), path))
     if not indexed:
-        raise ValueError(f"No consolidated.NN.pth files in {input_dir}: expected Meta's model-parallel shards "
+        raise UsageError(f"No consolidated.NN.pth files in {input_dir}: expected Meta's model-parallel shards "
                          "consolidated.00.pth, consolidated.01.pth, ...")
     indexed.sort()
     numbers = [n for n, _ in indexed]
     if numbers != list(range(len(numbers))):
         missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
-        raise ValueError(f"Model-parallel shards in {input_dir} are not numbered 00..{len(numbers) - 1}: found "
+        raise UsageError(f"Model-parallel shards in {input_dir} are not numbered 00..{len(numbers) - 1}: found "
                          f"{[p.name for _, p in indexed]}; missing {[f'consolidated.{n:02d}.pth' for n in missing]}")
     return [p for _, p in indexed]
 
@@ -144,27 +150,27 @@ def _find_tokenizer(input_dir: Path, tokenizer_path: str | Path | None) -> Path:
     if tokenizer_path is not None:
         path = Path(tokenizer_path)
         if not path.is_file():
-            raise ValueError(f"tokenizer_path {path} does not exist")
+            raise UsageError(f"tokenizer_path {path} does not exist")
         return path
     # Meta's download script puts tokenizer.model next to the size folders (llama-2-7b/, llama-2-13b/, ...).
     for candidate in (input_dir / "tokenizer.model", input_dir.parent / "tokenizer.model"):
         if candidate.is_file():
             return candidate
-    raise ValueError(f"No tokenizer.model in {input_dir} or its parent: pass tokenizer_path= (--tokenizer)")
+    raise UsageError(f"No tokenizer.model in {input_dir} or its parent: pass tokenizer_path= (--tokenizer)")
 
 
 def _read_params(input_dir: Path) -> dict:
     path = input_dir / "params.json"
     if not path.is_file():
-        raise ValueError(f"Missing params.json in {input_dir}: Meta's checkpoint folder holds params.json next to "
+        raise UsageError(f"Missing params.json in {input_dir}: Meta's checkpoint folder holds params.json next to "
                          "the consolidated.NN.pth shards")
     try:
         with open(path, encoding="utf-8") as f:
             params = json.load(f)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+        raise UsageError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(params, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(params).__name__}")
+        raise UsageError(f"{path} must hold a JSON object, got {type(params).__name__}")
     return params
 
 
@@ -186,9 +192,9 @@ class _ShardReader:
                 try:
                     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 except (RuntimeError, pickle.UnpicklingError) as err:
-                    raise ValueError(f"{path.name} is not a loadable PyTorch state dict ({err})") from err
+                    raise UsageError(f"{path.name} is not a loadable PyTorch state dict ({err})") from err
                 if not isinstance(state, dict):
-                    raise ValueError(f"{path.name} holds a {type(state).__name__}, expected a state dict")
+                    raise UsageError(f"{path.name} holds a {type(state).__name__}, expected a state dict")
                 self._shards.append({k: v for k, v in state.items() if k not in _IGNORED_KEYS})
         return self._shards
 
@@ -210,20 +216,20 @@ def _check_shards(shards: list[dict[str, torch.Tensor]], paths: Sequence[Path], 
     # Meta gives each rank n_heads / n and n_kv_heads / n whole heads (`n_local_heads`, `n_local_kv_heads`).
     for field, value in (("n_heads", config.num_attention_heads), ("n_kv_heads", config.num_key_value_heads)):
         if value % n:
-            raise ValueError(f"params.json has {field}={value}, which cannot be split into {n} model-parallel "
+            raise UsageError(f"params.json has {field}={value}, which cannot be split into {n} model-parallel "
                              f"shards ({n} consolidated.NN.pth files found)")
     for t in layout:
         if t.split_dim is not None and t.shape[t.split_dim] % n:
-            raise ValueError(f"{t.meta_name} has {t.shape[t.split_dim]} entries along dim {t.split_dim} by "
+            raise UsageError(f"{t.meta_name} has {t.shape[t.split_dim]} entries along dim {t.split_dim} by "
                              f"params.json, which cannot be split into {n} model-parallel shards")
     first = set(shards[0])
     for path, shard in zip(paths[1:], shards[1:]):
         if set(shard) != first:
-            raise ValueError(f"{path.name} and {paths[0].name} have different key sets: {path.name} has "
+            raise UsageError(f"{path.name} and {paths[0].name} have different key sets: {path.name} has "
                              f"{_key_diff(set(shard), first)}")
     expected = {t.meta_name for t in layout}
     if first != expected:
-        raise ValueError(f"The shards do not have the keys params.json implies ({config.num_hidden_layers} layers): "
+        raise UsageError(f"The shards do not have the keys params.json implies ({config.num_hidden_layers} layers): "
                          f"{_key_diff(first, expected)}")
     for path, shard in zip(paths, shards):
         for t in layout:
@@ -236,14 +242,14 @@ def _check_shards(shards: list[dict[str, torch.Tensor]], paths: Sequence[Path], 
                 hint = (f"; its shape fits {t.shape[t.split_dim] // got[t.split_dim]} shards, but {n} "
                         "consolidated.NN.pth files were found")
             rule = "replicated" if t.split_dim is None else f"split on dim {t.split_dim} into {n}"
-            raise ValueError(f"{path.name}: {t.meta_name} has shape {list(got)}, expected {list(want)} (full shape "
+            raise UsageError(f"{path.name}: {t.meta_name} has shape {list(got)}, expected {list(want)} (full shape "
                              f"{list(t.shape)} from params.json and the tokenizer's vocabulary, {rule}){hint}")
     # Norms are small: compare them now, so that nothing is written for shards of different checkpoints.
     for t in layout:
         if t.split_dim is None:
             for path, shard in zip(paths[1:], shards[1:]):
                 if not torch.equal(shard[t.meta_name], shards[0][t.meta_name]):
-                    raise ValueError(f"{t.meta_name} must be replicated across model-parallel shards, but "
+                    raise UsageError(f"{t.meta_name} must be replicated across model-parallel shards, but "
                                      f"{path.name} differs from {paths[0].name}: the shards come from different "
                                      "checkpoints")
 
@@ -325,14 +331,22 @@ class _SafetensorsWriter:
             raise RuntimeError(f"safetensors file closed with {len(self._pending)} tensors unwritten")
 
 
-def _prepare_output(output_dir: Path, overwrite: bool) -> None:
-    stale = sorted(output_dir.glob("model*.safetensors")) + sorted(output_dir.glob(SAFE_WEIGHTS_INDEX_NAME))
-    if stale and not overwrite:
-        raise ValueError(f"{output_dir} already holds weights ({stale[0].name}, ...): pass overwrite=True "
-                         "(--overwrite) to replace them")
-    for path in stale:
-        path.unlink()  # stale shards of another layout would be picked up by from_pretrained
-    output_dir.mkdir(parents=True, exist_ok=True)
+def existing_content(output_dir: Path, ignore: Sequence[str] = ()) -> list[str]:
+    """Names in `output_dir` (sorted), without `ignore`; [] when it does not exist."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(p.name for p in output_dir.iterdir() if p.name not in ignore)
+
+
+def check_output(output_dir: Path, overwrite: bool, ignore: Sequence[str] = ()) -> None:
+    """Refuse a non-empty `output_dir` unless `overwrite` (which replaces the whole folder, stale files included)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"output_dir {output_dir} exists and is not a folder")
+    found = existing_content(output_dir, ignore)
+    if found and not overwrite:
+        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        raise UsageError(f"{output_dir} is not empty ({shown}): choose an empty folder, or pass overwrite (--overwrite)"
+                         " to replace the whole folder once the new model is complete")
 
 
 def save_tokenizer(tokenizer_path: Path, output_dir: Path) -> None:
@@ -343,76 +357,79 @@ def save_tokenizer(tokenizer_path: Path, output_dir: Path) -> None:
     shutil.copyfile(tokenizer_path, output_dir / "tokenizer.model")  # keep the original for sentencepiece users
 
 
-def convert_meta_checkpoint(input_dir: str | Path, output_dir: str | Path, *, tokenizer_path: str | Path | None = None,
-                            max_shard_size: int | str = "5GB", dtype: str | torch.dtype | None = None,
-                            overwrite: bool = False, progress: bool = True) -> Path:
-    """Convert a Meta Llama 2 checkpoint folder to a Hugging Face model directory loadable by
-    `Llama2ForCausalLM.from_pretrained(output_dir)`, with the tensor names and layout of `meta-llama/Llama-2-*-hf`.
+@dataclass
+class ConversionPlan:
+    """A checked checkpoint, ready to write: what `check_meta_checkpoint` found, nothing written yet."""
 
-    Args:
-        input_dir: folder with `params.json` and `consolidated.00.pth` ... `consolidated.{N-1}.pth`.
-        output_dir: created if needed. Receives `model.safetensors` (or `model-0000k-of-0000n.safetensors` plus
-            `model.safetensors.index.json` when the weights exceed `max_shard_size`), `config.json`,
-            `generation_config.json`, the tokenizer files (with Meta's `tokenizer.model`) and the model code
-            files that the config's `auto_map` names (`modeling_llama2.py`, ...), as `save_pretrained` writes them.
-        tokenizer_path: Meta's `tokenizer.model`; default: in `input_dir`, else in its parent (Meta's layout).
-        max_shard_size: upper bound of one safetensors file (`"5GB"`, `"500MB"` or bytes); also bounds peak memory.
-        dtype: output dtype (`"float32"`, `"bfloat16"`, `"float16"` or a torch dtype); None keeps the checkpoint's
-            (bfloat16 for Meta's release).
-        overwrite: replace weights already in `output_dir` (otherwise refused).
-        progress: show a progress bar over tensors.
+    input_dir: Path
+    tokenizer_path: Path
+    config: Llama2Config
+    reader: "_ShardReader"
+    layout: list[_Tensor]
+    dtype: torch.dtype
+    max_bytes: int
+    n_shards: int
 
-    Raises:
-        ValueError: missing params.json / shards / tokenizer; shards numbered with gaps; shards whose key sets differ
-            from the model params.json describes; shapes that do not follow Meta's split rules for the number of
-            shards; replicated norms that differ between shards; a vocabulary that disagrees with the tokenizer.
 
-    Returns the output directory.
-    """
+def check_meta_checkpoint(input_dir: str | Path, *, tokenizer_path: str | Path | None = None,
+                          max_shard_size: int | str = "5GB", dtype: str | torch.dtype | None = None) -> ConversionPlan:
+    """Every check of a conversion, before any file is written (UsageError naming the file and what is wrong)."""
     import sentencepiece as spm
 
     if sys.byteorder != "little":
         raise RuntimeError("convert-meta writes safetensors' little-endian data from memory: big-endian hosts are "
                            "not supported")
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    input_dir = Path(input_dir)
     if not input_dir.is_dir():
-        raise ValueError(f"input_dir {input_dir} is not a directory")
+        raise UsageError(f"input_dir {input_dir} is not a directory")
     params = _read_params(input_dir)
     paths = _find_shards(input_dir)
     tok_path = _find_tokenizer(input_dir, tokenizer_path)
-    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    except (RuntimeError, OSError) as err:  # sentencepiece reports a corrupt model as a bare RuntimeError
+        raise UsageError(f"{tok_path}: not a SentencePiece tokenizer.model ({str(err).splitlines()[0]})") from None
     # params.json has vocab_size -1 in the release: Meta takes it from the tokenizer (`tokenizer.n_words`).
     config = Llama2Config.from_meta_params(params, vocab_size=sp.vocab_size(),
                                            bos_token_id=sp.bos_id() if sp.bos_id() >= 0 else None,
                                            eos_token_id=sp.eos_id() if sp.eos_id() >= 0 else None)
     out_dtype = _DTYPES[dtype] if isinstance(dtype, str) and dtype in _DTYPES else dtype
-    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or None, got {dtype!r}")
+    if out_dtype is not None and out_dtype not in _SAFETENSORS_DTYPES:
+        raise UsageError(f"dtype must be one of {sorted(_DTYPES)} or None, got {dtype!r}")
     max_bytes = convert_file_size_to_int(max_shard_size)
     if max_bytes <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
+        raise UsageError(f"max_shard_size must be positive, got {max_shard_size!r}")
 
     layout = meta_layout(config)
     reader = _ShardReader(paths)
     shards = reader.shards()
     _check_shards(shards, paths, layout, config)
     src_dtypes = {v.dtype for shard in shards for v in shard.values()}
+    del shards
+    reader.release()
     if out_dtype is None:
         if len(src_dtypes) != 1:
-            raise ValueError(f"The shards mix dtypes {sorted(map(str, src_dtypes))}: pass dtype= to choose one")
+            raise UsageError(f"The shards mix dtypes {sorted(map(str, src_dtypes))}: pass dtype= to choose one")
         out_dtype = next(iter(src_dtypes))
-    logger.info("Converting %d model-parallel shard(s) of %s (%d layers, %d heads, %d KV heads) to %s",
-                len(paths), input_dir, config.num_hidden_layers, config.num_attention_heads,
-                config.num_key_value_heads, out_dtype)
+        if out_dtype not in _SAFETENSORS_DTYPES:
+            raise UsageError(f"The shards hold {out_dtype} weights, which this converter does not write as they are: "
+                             f"pass dtype (--dtype) as one of {sorted(_DTYPES)}")
+    return ConversionPlan(input_dir, tok_path, config, reader, layout, out_dtype, max_bytes, len(paths))
 
-    _prepare_output(output_dir, overwrite)
-    plan = _plan_files(layout, torch.empty((), dtype=out_dtype).element_size(), max_bytes)
+
+def write_conversion(plan: ConversionPlan, folder: Path, progress: bool = True) -> int:
+    """Write the checked conversion into `folder` (which exists); returns the bytes of weights written."""
+    config, reader, out_dtype = plan.config, plan.reader, plan.dtype
+    logger.info("Converting %d model-parallel shard(s) of %s (%d layers, %d heads, %d KV heads) to %s",
+                plan.n_shards, plan.input_dir, config.num_hidden_layers, config.num_attention_heads,
+                config.num_key_value_heads, out_dtype)
+    files = _plan_files(plan.layout, torch.empty((), dtype=out_dtype).element_size(), plan.max_bytes)
     weight_map: dict[str, str] = {}
     total_size = 0
-    bar = tqdm(total=len(layout), desc="convert-meta", unit="tensor", disable=not progress)
-    for group, name in zip(plan, _file_names(len(plan))):
+    bar = tqdm(total=len(plan.layout), desc="convert-meta", unit="tensor", disable=not progress)
+    for group, name in zip(files, _file_names(len(files))):
         shards = reader.shards()
-        with _SafetensorsWriter(output_dir / name, group, out_dtype) as writer:
+        with _SafetensorsWriter(folder / name, group, out_dtype) as writer:
             for t in group:
                 writer.write(t.hf_name, _merge(t, shards, out_dtype))  # the merged copy is freed right after
                 weight_map[t.hf_name] = name
@@ -422,57 +439,63 @@ def convert_meta_checkpoint(input_dir: str | Path, output_dir: str | Path, *, to
         del shards
         reader.release()
     bar.close()
-    if len(plan) > 1:
-        with open(output_dir / SAFE_WEIGHTS_INDEX_NAME, "w", encoding="utf-8") as f:
+    if len(files) > 1:
+        with open(folder / SAFE_WEIGHTS_INDEX_NAME, "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
             f.write("\n")
 
     config.dtype = out_dtype
     config.architectures = ["Llama2ForCausalLM"]
-    config.save_pretrained(output_dir)
+    config.save_pretrained(folder)
     # The code files, as `save_pretrained` of a model writes them: the config's auto_map points at them, so users
     # without this package can load the directory with trust_remote_code=True.
-    custom_object_save(Llama2ForCausalLM, output_dir)
+    custom_object_save(Llama2ForCausalLM, folder)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, do_sample=True,
                      temperature=_META_TEMPERATURE, top_p=_META_TOP_P,
-                     max_length=config.max_position_embeddings).save_pretrained(output_dir)
-    save_tokenizer(tok_path, output_dir)
-    logger.info("Saved %s (%.1f MB of weights in %d file(s))", output_dir, total_size / 1e6, len(plan))
+                     max_length=config.max_position_embeddings).save_pretrained(folder)
+    save_tokenizer(plan.tokenizer_path, folder)
+    logger.info("Wrote %.1f MB of weights in %d file(s)", total_size / 1e6, len(files))
+    return total_size
+
+
+def convert_meta_checkpoint(input_dir: str | Path, output_dir: str | Path, *, tokenizer_path: str | Path | None = None,
+                            max_shard_size: int | str = "5GB", dtype: str | torch.dtype | None = None,
+                            overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert a Meta Llama 2 checkpoint folder to a Hugging Face model directory loadable by
+    `Llama2ForCausalLM.from_pretrained(output_dir)`, with the tensor names and layout of `meta-llama/Llama-2-*-hf`.
+
+    Args:
+        input_dir: folder with `params.json` and `consolidated.00.pth` ... `consolidated.{N-1}.pth`.
+        output_dir: absent or empty (or any folder with `overwrite`). Receives `model.safetensors` (or
+            `model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json` when the weights exceed
+            `max_shard_size`), `config.json`, `generation_config.json`, the tokenizer files (with Meta's
+            `tokenizer.model`) and the model code files that the config's `auto_map` names (`modeling_llama2.py`,
+            ...), as `save_pretrained` writes them.
+        tokenizer_path: Meta's `tokenizer.model`; default: in `input_dir`, else in its parent (Meta's layout).
+        max_shard_size: upper bound of one safetensors file (`"5GB"`, `"500MB"` or bytes); also bounds peak memory.
+        dtype: output dtype (`"float32"`, `"bfloat16"`, `"float16"` or a torch dtype); None keeps the checkpoint's
+            (bfloat16 for Meta's release; a float64 checkpoint needs one).
+        overwrite: replace a non-empty `output_dir` as a whole, once the new folder is complete (otherwise refused).
+        progress: show a progress bar over tensors.
+
+    Raises:
+        UsageError (a ValueError): missing params.json / shards / tokenizer; a corrupt tokenizer.model; shards
+            numbered with gaps; shards whose key sets differ from the model params.json describes; shapes that do
+            not follow Meta's split rules for the number of shards; replicated norms that differ between shards; a
+            vocabulary that disagrees with the tokenizer; a dtype with no safetensors output; a non-empty output_dir
+            without overwrite. All are raised before anything is written.
+
+    Returns the output directory.
+    """
+    output_dir = Path(output_dir)
+    plan = check_meta_checkpoint(input_dir, tokenizer_path=tokenizer_path, max_shard_size=max_shard_size,
+                                 dtype=dtype)
+    check_output(output_dir, overwrite)
+    with replacing_folder(output_dir) as tmp:
+        write_conversion(plan, tmp, progress)
+    logger.info("Saved %s", output_dir)
     return output_dir
 
 
-def _parse_size(text: str) -> int | str:
-    return int(text) if text.isdigit() else text
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="llama2-hf convert-meta",
-        description="Convert Meta's Llama 2 checkpoint (consolidated.NN.pth shards, params.json, tokenizer.model) "
-                    "to a Hugging Face model directory with sharded safetensors, config and tokenizer.")
-    parser.add_argument("--input", required=True, type=Path,
-                        help="folder with params.json and consolidated.00.pth ... (1, 2 or 8 shards)")
-    parser.add_argument("--output", required=True, type=Path, help="output model directory (created if needed)")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="path to tokenizer.model (default: in --input, else in its parent folder)")
-    parser.add_argument("--max-shard-size", type=_parse_size, default="5GB",
-                        help="largest safetensors file, e.g. 5GB, 500MB or a number of bytes; bounds peak memory "
-                             "(default: 5GB)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
-                        help="dtype of the written weights (default: keep the checkpoint's, bfloat16 for Meta's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace weights already in --output")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        out = convert_meta_checkpoint(args.input, args.output, tokenizer_path=args.tokenizer,
-                                      max_shard_size=args.max_shard_size, dtype=args.dtype,
-                                      overwrite=args.overwrite, progress=not args.no_progress)
-    except ValueError as err:
-        print(f"llama2-hf convert-meta: error: {err}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
-
-
-__all__ = ["convert_meta_checkpoint", "interleaved_to_rotate_half", "meta_layout", "main"]
+__all__ = ["ConversionPlan", "check_meta_checkpoint", "check_output", "convert_meta_checkpoint",
+           "interleaved_to_rotate_half", "meta_layout", "write_conversion"]

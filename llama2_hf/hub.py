@@ -1,6 +1,6 @@
 """Upload a saved model, tokenizer or reward model to the Hugging Face Hub with a generated model card.
 
-    llama2-hf push --model out/sft --repo-id me/llama-2-7b-sft --stage sft
+    llama2-hf push --model_name_or_path out/sft --repo_id me/llama-2-7b-sft
     push_to_hub("out/rm-safety", "me/llama-2-7b-safety-rm")            # a folder
     push_to_hub(model, "me/tiny-chat", tokenizer=tokenizer)             # objects: saved to a temp folder first
 
@@ -11,29 +11,28 @@ RNG states, `training_args.bin`), plus a generated README.md. The folder's remot
 in the uploaded copy of `config.json` / `tokenizer_config.json` (the folder itself is never modified), so users without
 this package load every head with `trust_remote_code=True`.
 
-The card's stage, data, hyperparameters and evaluation table come from `run.json` in the folder when present (the
-pipeline convention: `{"stage", "config", "inputs", "metrics"}`; `args` / `eval` are accepted as aliases of
-`config` / `metrics`). The Hub endpoint is `HF_ENDPOINT` (or `endpoint=`); the token is `token=`, else `HF_TOKEN` or
+The card's stage, data (with content hashes), hyperparameters, evaluation table and library versions come from the
+folder's `run.json` when present: the run record every stage writes (`llama2_hf.runner.RunRecord`: `stage`, `args`,
+`inputs`, `outputs`, `metrics`, `versions`). The base model is followed through `model_name_or_path` (and the other
+model arguments) from one stage folder's record to the previous one's, up to a Hub id. The Hub endpoint is `HF_ENDPOINT` (or `endpoint=`); the token is `token=`, else `HF_TOKEN` or
 the stored login.
 """
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import logging
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
-from huggingface_hub.errors import HfHubHTTPError
 
 from .configuration_llama2 import LLAMA2_AUTO_MAP
+from .runner import RUN_RECORD, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +71,12 @@ KEY_HYPERPARAMETERS = (
     "safety_aux_loss_coef", "kl_coef", "beta", "cliprange", "num_samples", "temperature", "top_p", "seed",
 )
 MODEL_INPUT_KEYS = ("base_model", "model", "model_name_or_path", "policy", "sft_model", "init_model")
-# Config entries that name inputs, shown as the card's data when run.json has no "inputs" (e.g. argparse args).
-INPUT_LIKE_KEYS = (*MODEL_INPUT_KEYS, "tokenizer", "train_file", "eval_file", "mix_with", "prompts", "dialogues",
-                   "helpfulness_rm", "safety_rm", "value_model", "dataset", "datasets")
+# Arguments that name inputs or folders: listed as the card's data (from the record's inputs), not as hyperparameters.
+INPUT_LIKE_KEYS = (*MODEL_INPUT_KEYS, "tokenizer", "tokenizer_name_or_path", "tokenizer_path", "train_file",
+                   "eval_file", "mix_with", "prompts", "prompts_file", "dialogues", "dialogues_file", "helpfulness_rm",
+                   "safety_rm", "helpfulness_reward_model", "safety_reward_model", "value_model", "dataset",
+                   "datasets", "data_dir", "input_dir", "output_dir", "logging_dir")
+RECORD_KEYS = ("stage", "args", "inputs", "outputs", "metrics", "versions", "world_size", "seconds")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".gz", ".model")
 _MAX_PROVENANCE_HOPS = 16
@@ -87,34 +89,41 @@ def normalize_stage(stage: str) -> str:
 
 
 def read_run_info(folder: str | os.PathLike) -> dict:
-    """`run.json` of a stage output as `{"stage", "config", "inputs", "metrics", "other"}` ({} when absent).
+    """The run record (`run.json`) of a stage output as `{"stage", "config", "inputs", "hashes", "outputs",
+    "metrics", "versions", "other"}` ({} when absent): `config` is the record's resolved `args`, `inputs` maps each
+    input name to its path or Hub id and `hashes` to its sha256 (when the record has one).
 
-    Raises ValueError naming the file and field when run.json is not a JSON object of the expected shape.
+    Raises UsageError naming the file and field when run.json is not a run record.
     """
-    path = Path(folder) / "run.json"
+    path = Path(folder) / RUN_RECORD
     if not path.is_file():
         return {}
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise UsageError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object with stage/config/inputs/metrics, got {type(raw).__name__}")
-    info = {"stage": raw.get("stage"), "config": raw.get("config", raw.get("args")) or {},
-            "inputs": raw.get("inputs"), "metrics": raw.get("metrics", raw.get("eval")) or {}}
-    for field in ("config", "metrics"):
-        if not isinstance(info[field], dict):
-            raise ValueError(f"{path}: field {field!r} must be a JSON object, got {type(info[field]).__name__}")
-    if info["inputs"] is None and isinstance(info["config"], dict):
-        info["inputs"] = {k: info["config"][k] for k in INPUT_LIKE_KEYS if info["config"].get(k)}
-    if isinstance(info["inputs"], (list, tuple)):
-        info["inputs"] = {f"input_{i}": v for i, v in enumerate(info["inputs"])}
-    if not isinstance(info["inputs"], dict):
-        raise ValueError(f"{path}: field 'inputs' must be a JSON object or list, got {type(info['inputs']).__name__}")
+        raise UsageError(f"{path}: expected a run record (a JSON object with {', '.join(RECORD_KEYS[:6])}), got "
+                         f"{type(raw).__name__}")
+    info = {"stage": raw.get("stage"), "config": raw.get("args") or {}, "inputs": {}, "hashes": {},
+            "outputs": raw.get("outputs") or {}, "metrics": raw.get("metrics") or {},
+            "versions": raw.get("versions") or {}}
+    for name in ("config", "outputs", "metrics", "versions"):
+        if not isinstance(info[name], dict):
+            key = "args" if name == "config" else name
+            raise UsageError(f"{path}: field {key!r} must be a JSON object, got {type(info[name]).__name__}")
     if info["stage"] is not None and not isinstance(info["stage"], str):
-        raise ValueError(f"{path}: field 'stage' must be a string, got {info['stage']!r}")
-    known = {"stage", "config", "args", "inputs", "metrics", "eval"}
-    info["other"] = {k: v for k, v in raw.items() if k not in known}
+        raise UsageError(f"{path}: field 'stage' must be a string, got {info['stage']!r}")
+    inputs = raw.get("inputs") or {}
+    if not isinstance(inputs, dict):
+        raise UsageError(f"{path}: field 'inputs' must be a JSON object, got {type(inputs).__name__}")
+    for name, entry in inputs.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise UsageError(f"{path}: inputs.{name} must be {{\"path\": ..., \"sha256\": ...}}, got {entry!r}")
+        info["inputs"][name] = entry["path"]
+        if entry.get("sha256"):
+            info["hashes"][name] = entry["sha256"]
+    info["other"] = {k: v for k, v in raw.items() if k not in RECORD_KEYS}
     return info
 
 
@@ -139,7 +148,7 @@ def find_base_model(folder: str | os.PathLike, run_info: Mapping | None = None) 
         if hub_ids:
             return hub_ids[0]
         local = [Path(c).resolve() for c in candidates if Path(c).is_dir()]
-        local = [p for p in local if p not in seen and (p / "run.json").is_file()]
+        local = [p for p in local if p not in seen and (p / RUN_RECORD).is_file()]
         if not local:
             return None
         seen.add(local[0])
@@ -152,7 +161,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise UsageError(f"{path}: not valid JSON ({e})") from e
 
 
 def _count_parameters(folder: Path) -> int | None:
@@ -255,7 +264,9 @@ def build_model_card(folder: str | os.PathLike, repo_id: str, stage: str | None 
 
     parts.append("## Training data")
     if inputs:
-        parts.append("\n".join(f"- {k}: `{_fmt(v).strip('`')}`" for k, v in inputs.items()))
+        hashes = info.get("hashes", {})
+        parts.append("\n".join(f"- {k}: `{_fmt(v).strip('`')}`"
+                                + (f" (sha256 `{hashes[k][:16]}`)" if k in hashes else "") for k, v in inputs.items()))
     else:
         parts.append("Not recorded (no `inputs` in run.json).")
 
@@ -272,11 +283,13 @@ def build_model_card(folder: str | os.PathLike, repo_id: str, stage: str | None 
             parts.append("<details><summary>Full run configuration</summary>\n\n```json\n"
                          + json.dumps(run_config, indent=2, default=str) + "\n```\n</details>")
     else:
-        parts.append("Not recorded (no `config` in run.json).")
+        parts.append("Not recorded (no `args` in run.json).")
 
     parts.append("## Evaluation")
     metrics = _flatten(info.get("metrics", {}))
     parts.append(_table(("metric", "value"), metrics) if metrics else "No evaluation recorded in run.json.")
+    if info.get("versions"):
+        parts.append("## Framework versions\n\n" + "\n".join(f"- {k}: {v}" for k, v in info["versions"].items()))
     if info.get("other"):
         parts.append("<details><summary>Other run information</summary>\n\n```json\n"
                      + json.dumps(info["other"], indent=2, default=str) + "\n```\n</details>")
@@ -375,9 +388,9 @@ def collect_upload(folder: str | os.PathLike, repo_id: str, stage: str | None = 
     """`{path_in_repo: local file or bytes}`: what `push_to_hub` uploads for `folder` (see the module docstring)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"--model {folder}: not a directory (expected a folder written by save_pretrained)")
+        raise UsageError(f"model {folder}: no such folder (expected a folder written by save_pretrained)")
     if not any((folder / name).is_file() for name in ("config.json", ADAPTER_CONFIG, "tokenizer_config.json")):
-        raise ValueError(f"{folder}: has no config.json, {ADAPTER_CONFIG} or tokenizer_config.json; save the model, "
+        raise UsageError(f"{folder}: has no config.json, {ADAPTER_CONFIG} or tokenizer_config.json; save the model, "
                          "adapter or tokenizer with save_pretrained first")
     files: dict[str, bytes | Path] = {}
     for path in sorted(folder.rglob("*")):
@@ -403,12 +416,12 @@ def push_to_hub(path_or_model, repo_id: str, *, tokenizer=None, stage: str | Non
     """
     if isinstance(path_or_model, (str, os.PathLike)):
         if tokenizer is not None:
-            raise ValueError("tokenizer= is for model objects; a folder is uploaded as it is (save the tokenizer "
+            raise UsageError("tokenizer= is for model objects; a folder is uploaded as it is (save the tokenizer "
                              "into it)")
         return _push_folder(Path(path_or_model), repo_id, stage=stage, base_model=base_model, private=private,
                             token=token, commit_message=commit_message, model_card=model_card, endpoint=endpoint)
     if not hasattr(path_or_model, "save_pretrained"):
-        raise ValueError(f"path_or_model must be a folder or an object with save_pretrained, got "
+        raise UsageError(f"path_or_model must be a folder or an object with save_pretrained, got "
                          f"{type(path_or_model).__name__}")
     with tempfile.TemporaryDirectory(prefix="llama2_hf_push_") as tmp:
         path_or_model.save_pretrained(tmp)
@@ -432,53 +445,5 @@ def _push_folder(folder: Path, repo_id: str, *, stage, base_model, private, toke
     return info.commit_url
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="llama2-hf push",
-        description="Upload a saved model, tokenizer or reward model folder to the Hugging Face Hub with a generated "
-                    "model card (stage, data, hyperparameters and evaluation from the folder's run.json), the "
-                    "remote-code files and a full auto_map. The endpoint is $HF_ENDPOINT (default huggingface.co).")
-    p.add_argument("--model", required=True, help="folder written by save_pretrained (a stage's --output-dir)")
-    p.add_argument("--repo-id", required=True, help="target repo, 'namespace/name' (created if it does not exist)")
-    p.add_argument("--private", action="store_true", help="create the repo as private (ignored if it exists)")
-    p.add_argument("--token", default=None, help="Hub token with write access (default: $HF_TOKEN or the stored "
-                   "login; prefer those: a token on the command line shows in the process list)")
-    p.add_argument("--stage", default=None, choices=sorted(set(STAGES) | set(STAGE_ALIASES)), metavar="STAGE",
-                   help=f"pipeline stage for the model card: one of {', '.join(STAGES)} (or a subcommand name such "
-                        "as train-rm); default: run.json's stage, else guessed from config.json")
-    p.add_argument("--base-model", default=None, help="Hub id of the base model for the card (default: followed "
-                   "from run.json inputs)")
-    p.add_argument("--commit-message", default=None, help="commit summary (default: 'Upload <stage> with llama2_hf')")
-    p.add_argument("--no-card", action="store_true", help="upload the folder's own README.md instead of a "
-                   "generated model card")
-    p.add_argument("--dry-run", action="store_true", help="print the files and the model card, upload nothing")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.dry_run:
-            files = collect_upload(args.model, args.repo_id, stage=args.stage, base_model=args.base_model,
-                                   model_card=not args.no_card)
-            for path, src in files.items():
-                print(f"{path}  ({'generated' if isinstance(src, bytes) else 'from folder'})")
-            if "README.md" in files and isinstance(files["README.md"], bytes):
-                print("\n" + files["README.md"].decode())
-            return 0
-        url = push_to_hub(args.model, args.repo_id, stage=args.stage, base_model=args.base_model,
-                          private=args.private or None, token=args.token, commit_message=args.commit_message,
-                          model_card=not args.no_card)
-    except ValueError as e:
-        print(f"llama2-hf push: error: {e}", file=sys.stderr)
-        return 2
-    except HfHubHTTPError as e:  # 401 bad token, 403 no write access, 404 unknown namespace, ...
-        print(f"llama2-hf push: the Hub refused the upload: {e}", file=sys.stderr)
-        return 1
-    print(url)
-    return 0
-
-
-__all__ = ["STAGES", "build_model_card", "collect_upload", "find_base_model", "main", "push_to_hub",
-           "read_run_info", "remote_code_fixes"]
+__all__ = ["STAGES", "build_model_card", "collect_upload", "find_base_model", "push_to_hub", "read_run_info",
+           "remote_code_fixes"]

@@ -1,81 +1,93 @@
 """Rejection-sampling fine-tuning (paper §3.2.3): best-of-K sampling scored by the reward, then SFT on the best.
 
-One iteration (`RejectionSampler.run_iteration`):
-1. sample K responses per prompt from the current policy (`generation.generate`: one prefill per prompt shared by
-   its K samples), temperature and top-p as configured;
-2. score them with the reward (`SafetyGatedReward` or any callable of the reward contract) together with the
-   prompt's best response of earlier iterations, rescored by the same reward (the pool, see below);
-3. append one JSONL line per prompt to `candidates.jsonl` (all K responses, scores, components, the pool entry and
-   the winner); the file is append-only and a rerun skips the prompts already written for that iteration, so a
-   killed run resumes without regenerating, losing or duplicating prompts;
-4. select, for every prompt seen so far, the best response of its latest record, write `selected_iter{i}.jsonl`
-   (SFT rows: `messages` ending with the chosen answer) and fine-tune on it with `Llama2SFTTrainer`;
-5. report max-vs-median reward as a function of N <= K (paper Figure 7) as JSON and PNG.
+The pieces of one iteration (the `rejection-sample` stage, `llama2_hf.stages.rejection_sampling`, wires them):
+1. `prompt_batches` cuts the prompts into fixed batches of `prompt_batch_size`; each batch is seeded from (seed,
+   iteration, its first prompt's id), so the samples of a prompt do not depend on how many processes share the
+   work, nor on whether a run was interrupted and resumed;
+2. `RejectionSampler.sample_batches` samples K responses per prompt from the current policy
+   (`generation.generate`: one prefill per prompt shared by its K samples), scores them with the reward together
+   with the prompt's best response of earlier iterations rescored by the same reward (the pool, below), and hands
+   one record per prompt (all K responses, scores, components, the pool entry and the winner) to a writer;
+3. `select` builds the SFT rows (`messages` ending with the chosen answer), `report` the counts and the Figure 7
+   curves (max vs median reward among N <= K samples);
+4. `finetune_trainer` fine-tunes a model on the selection with `Llama2SFTTrainer`.
 
 The pool (paper's RLHF-V3 fix): up to V3, answers were selected from the previous iteration's samples only, which
-made the model forget some skills; afterwards the top samples of all prior iterations were kept. Here
-`pool="all"` (default) lets each prompt's previous best compete with the new samples, scored by the current reward
-so that scores from different reward models are never compared, and keeps the best of prompts not resampled this
+made the model forget some skills; afterwards the top samples of all prior iterations were kept. Here `pool="all"`
+(default) lets each prompt's previous best compete with the new samples, scored by the current reward so that
+scores from different reward models are never compared, and keeps the previous best of prompts not resampled this
 iteration in the training selection; `pool="current"` is the pre-V3 behaviour.
 
 Choices where the paper is silent (all configurable): K = 8 by default (the paper plots N up to 100 and uses 20 in
 one analysis); temperature 1.0 and top-p 1.0 (the paper finds the best temperature moves with each RLHF version, in
-[1.2, 1.3] for its RLHF models: run `--temperature-sweep` to pick it, Figure 8); samples cut at `max_new_tokens`
-(no EOS) and empty answers are scored but not selected for training (`select_unfinished` allows the former); ranking uses the reward's pre-whitening score (`RewardOutput.raw`).
+[1.2, 1.3] for its RLHF models: sweep it with `temperature_sweep`, Figure 8); samples cut at `max_new_tokens` (no
+EOS) and empty answers are scored but not selected for training (`select_unfinished` allows the former); ranking
+uses the reward's pre-whitening score (`RewardOutput.raw`). The fine-tuning starts from the policy that sampled
+unless `finetune_model_name_or_path` names another model (the paper's temperature note, §3.2.3, mentions "always
+starting from the base model on each new RLHF version").
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from .generation import SamplingConfig, as_messages, generate
+from .data import SAFETY_TAG, PromptRow
+from .generation import SamplingConfig, generate
 from .rewards import score_with
-from .tokenization_llama2 import encode_dialog, validate_messages
+from .tokenization_llama2 import encode_dialog
+from .trainers.sft import Llama2SFTConfig, Llama2SFTTrainer
 
 logger = logging.getLogger(__name__)
 
 POOL_MODES = ("all", "current")
-SAFETY_FIELDS = ("is_safety", "is_safety_prompt")
 
 
 @dataclass
-class RejectionSamplingConfig:
-    """Sampling and selection settings (see the module docstring for the choices the paper leaves open)."""
+class RejectionSamplingConfig(Llama2SFTConfig):
+    """Sampling and selection settings on top of `Llama2SFTConfig`, whose fields configure the fine-tuning on the
+    selected samples (paper §3.2.3: SFT on the best samples; the SFT recipe of §3.1 as defaults). `seed` seeds both
+    the sampling and the fine-tuning."""
 
-    num_samples: int = 8
-    """K, responses sampled per prompt (paper: not one number; Figure 7 plots N up to 100)."""
-    temperature: float = 1.0
-    """Sampling temperature (paper Fig. 8: the best one moves with each RLHF version; sweep it)."""
-    top_p: float = 1.0
-    """Nucleus threshold (1.0: plain sampling at the given temperature)."""
-    max_new_tokens: int = 256
-    """Response length limit; samples that hit it (no EOS) are kept in the log but never selected."""
-    prompt_batch_size: int = 8
-    """Prompts per generation batch; also the unit written to the log at once."""
-    select_unfinished: bool = False
-    """Also select samples cut at max_new_tokens (SFT then closes them with EOS); off by default."""
-    pool: str = "all"
-    """"all": the best sample of earlier iterations competes (RLHF-V3 fix); "current": this iteration only."""
-    seed: int = 0
-    """Sampling seed; each batch is seeded from (seed, iteration, its first prompt), so a resumed run draws the
-    same samples as an uninterrupted one."""
+    num_samples: int = field(default=8, metadata={
+        "help": "K, responses sampled per prompt (paper silent on one number: Figure 7 plots N up to 100)."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature (paper Figure 8: the best one moves with each RLHF version; sweep it)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus threshold (1.0: plain sampling at temperature)."})
+    max_new_tokens: int = field(default=256, metadata={
+        "help": "Response length limit; samples that hit it (no EOS) are kept in candidates.jsonl but not selected "
+                "unless select_unfinished."})
+    prompt_batch_size: int = field(default=8, metadata={
+        "help": "Prompts per generation batch: the unit of seeding, of the split across processes and of a resume."})
+    select_unfinished: bool = field(default=False, metadata={
+        "help": "Also select samples cut at max_new_tokens (SFT then closes them with EOS)."})
+    pool: str = field(default="all", metadata={
+        "help": "'all': the best answers of earlier iterations (pool_dirs) compete and stay in the selection "
+                "(paper's RLHF-V3 fix); 'current': this iteration's samples only (before V3).",
+        "choices": list(POOL_MODES)})
+    finetune: bool = field(default=True, metadata={
+        "help": "Fine-tune on the selection and save the model in output_dir. false: sample and select only (the "
+                "paper's distillation: smaller models train on the 70B model's selection with `llama2-hf sft`)."})
+    finetune_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Model the fine-tuning starts from: unset = the policy that sampled (model_name_or_path); or another "
+                "folder / Hub id, e.g. the base or SFT model ('always starting from the base model on each new RLHF "
+                "version', paper §3.2.3)."})
+    temperature_sweep: list[float] | None = field(default=None, metadata={
+        "help": "Instead of an iteration: sample K per prompt at each of these temperatures and write Figure 8 "
+                "(expected max reward among N samples per temperature); nothing is selected or trained."})
 
-    def __post_init__(self) -> None:
+    def __post_init__(self):
         if self.pool not in POOL_MODES:
             raise ValueError(f"pool must be one of {POOL_MODES}, got {self.pool!r}")
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        for temperature in self.temperature_sweep or [self.temperature]:
+            self.sampling(temperature)  # SamplingConfig refuses K < 1, T < 0, top_p outside (0, 1], ...
+        super().__post_init__()
 
     def sampling(self, temperature: float | None = None) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens,
@@ -83,102 +95,13 @@ class RejectionSamplingConfig:
                               top_p=self.top_p, num_samples=self.num_samples,
                               prompt_batch_size=self.prompt_batch_size)
 
-
-@dataclass
-class PromptRow:
-    prompt_id: str
-    messages: list[dict]
-    is_safety: bool
-
-
-def read_prompts(rows: Iterable[Mapping]) -> list[PromptRow]:
-    """Validate prompt rows: `prompt` (text or messages) or `messages` ending with a user turn, an optional boolean
-    `is_safety` (or `is_safety_prompt`) and an optional `id`. Without an id, a hash of the messages identifies the
-    prompt (for resuming and for the pool). Duplicate ids raise ValueError naming both rows."""
-    out: list[PromptRow] = []
-    seen: dict[str, int] = {}
-    for i, row in enumerate(rows):
-        value = row.get("prompt", row.get("messages"))
-        if value is None:
-            raise ValueError(f"prompt row {i}: expected a 'prompt' (text or messages) or 'messages' field, got keys "
-                             f"{sorted(row)}")
-        try:
-            messages = as_messages(value)
-            validate_messages(messages)
-        except ValueError as err:
-            raise ValueError(f"prompt row {i}: {err}") from None
-        if messages[-1]["role"] != "user":
-            raise ValueError(f"prompt row {i}: the prompt must end with a user message, ends with "
-                             f"{messages[-1]['role']!r}")
-        flag = next((row[f] for f in SAFETY_FIELDS if row.get(f) is not None), False)
-        if not isinstance(flag, bool) and flag not in (0, 1):
-            raise ValueError(f"prompt row {i}: is_safety must be a bool, got {flag!r}")
-        if row.get("id") is not None:
-            prompt_id = str(row["id"])
-        else:
-            prompt_id = hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
-        if prompt_id in seen:
-            raise ValueError(f"prompt rows {seen[prompt_id]} and {i} have the same id {prompt_id!r} (identical "
-                             "prompts without an 'id' field hash to the same id)")
-        seen[prompt_id] = i
-        out.append(PromptRow(prompt_id, messages, bool(flag)))
-    return out
-
-
-class CandidateLog:
-    """An append-only JSONL file of records keyed by (`key_field`, prompt_id); crash-safe and resumable.
-
-    Each `append` writes whole lines, flushes and fsyncs. On opening, a last line cut by a crash (no newline, or not
-    valid JSON) is removed, and every complete record is indexed, so callers can skip finished prompts.
-    """
-
-    def __init__(self, path: str | os.PathLike, key_field: str = "iteration"):
-        self.path = Path(path)
-        self.key_field = key_field
-        self.records: dict[tuple, dict] = {}
-        if self.path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        data = self.path.read_bytes()
-        good = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-        lines = data[:good].splitlines()
-        for n, line in enumerate(lines):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if n != len(lines) - 1:
-                    raise ValueError(f"{self.path}: line {n + 1} is not valid JSON (only a torn last line is "
-                                     "repaired)") from None
-                good -= len(line) + 1
-                break
-            self.records[self.key(record)] = record
-        if good < len(data):
-            logger.warning("%s: removed %d bytes of an incomplete last record (interrupted write)", self.path,
-                           len(data) - good)
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
-
-    def key(self, record: Mapping) -> tuple:
-        return (record[self.key_field], record["prompt_id"])
-
-    def __contains__(self, key: tuple) -> bool:
-        return key in self.records
-
-    def append(self, records: Sequence[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        for record in records:
-            self.records[self.key(record)] = record
-
-    def latest_before(self, prompt_id: str, iteration: int) -> dict | None:
-        """The record of `prompt_id` with the largest iteration below `iteration`."""
-        found = [r for (it, pid), r in self.records.items() if pid == prompt_id and it < iteration]
-        return max(found, key=lambda r: r[self.key_field]) if found else None
+    def signature(self, iteration: int, temperature: float | None = None) -> dict:
+        """What determines a record's samples: stored in every record, so that records drawn with other settings
+        are never mixed into one output."""
+        return {"iteration": iteration, "num_samples": self.num_samples,
+                "temperature": self.temperature if temperature is None else temperature, "top_p": self.top_p,
+                "max_new_tokens": self.max_new_tokens, "prompt_batch_size": self.prompt_batch_size,
+                "seed": self.seed}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -255,7 +178,7 @@ def plot_temperature_sweep(curves: Mapping[float, Mapping[str, list[float]]], pa
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The pipeline
+# Sampling, selection, fine-tuning
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _json_list(values: torch.Tensor) -> list[float | None]:
@@ -263,94 +186,115 @@ def _json_list(values: torch.Tensor) -> list[float | None]:
 
 
 def _batch_seed(seed: int, tag, prompt_id: str) -> int:
+    """The seed of a batch: a hash of (seed, iteration or sweep tag, the batch's first prompt id), nothing that
+    depends on the process that samples it or on what was sampled before."""
     digest = hashlib.sha1(f"{seed}/{tag}/{prompt_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def prompt_batches(prompts: Sequence[PromptRow], batch_size: int) -> list[list[tuple[int, PromptRow]]]:
+    """`(index, prompt)` batches of the whole prompt list, in order. Processes share batches, not prompts
+    (`RankParts.my_share(batches)`): a batch's composition, hence its seed and its samples, is the same for any
+    number of processes."""
+    indexed = list(enumerate(prompts))
+    return [indexed[s: s + batch_size] for s in range(0, len(indexed), batch_size)]
+
+
+def latest_records(records: Sequence[Mapping]) -> dict[str, Mapping]:
+    """Each prompt id's record of the latest iteration (the pool of earlier iterations' candidates)."""
+    latest: dict[str, Mapping] = {}
+    for record in records:
+        pid = record["prompt_id"]
+        if pid not in latest or record["iteration"] > latest[pid]["iteration"]:
+            latest[pid] = record
+    return latest
+
+
 class RejectionSampler:
-    """Best-of-K rejection sampling with a resumable candidate log and a pool across iterations.
+    """Best-of-K sampling and scoring of prompt batches.
 
     Args:
-        model: the policy (a causal LM; sampled in eval mode, fine-tuned in place by `finetune`).
+        model: the policy (a causal LM, sampled in eval mode).
         tokenizer: its tokenizer (chat format via `encode_dialog`).
-        reward: a reward of the contract `reward(prompts, responses, **columns)`; it receives `is_safety`.
-        output_dir: where `candidates.jsonl`, `selected_iter{i}.jsonl`, reports and figures go.
-        config: `RejectionSamplingConfig()` by default.
+        reward: a reward of the contract `reward(prompts, responses, **columns)`; it receives `is_safety_prompt`.
+        config: the sampling settings (`RejectionSamplingConfig`).
     """
 
-    def __init__(self, model, tokenizer, reward: Callable, output_dir: str | os.PathLike,
-                 config: RejectionSamplingConfig | None = None):
+    def __init__(self, model, tokenizer, reward: Callable, config: RejectionSamplingConfig):
         self.model = model
         self.tokenizer = tokenizer
         self.reward = reward
-        self.config = config or RejectionSamplingConfig()
-        self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.log = CandidateLog(self.output_dir / "candidates.jsonl")
+        self.config = config
 
-    # -- sampling ------------------------------------------------------------------------------------------------
+    def sample_batches(self, batches: Sequence[Sequence[tuple[int, PromptRow]]], iteration: int,
+                       earlier: Mapping[str, Mapping] | None = None, done: Collection[int] = (),
+                       write: Callable[[list[dict]], None] | None = None,
+                       temperature: float | None = None) -> list[dict]:
+        """Sample and score every prompt of `batches` whose index is not in `done`; each batch's records go to
+        `write` as soon as they are scored, and all of them are returned.
 
-    def _sample_batch(self, batch: list[PromptRow], sampling: SamplingConfig, tag) -> list[list[tuple[str, bool]]]:
-        """K (text, finished) pairs per prompt."""
+        `earlier`: prompt id -> its latest record of an earlier iteration (the pool). `temperature` overrides the
+        config's (a temperature sweep, seeded apart from the iterations). A batch of which only some prompts are
+        done (a write cut by a kill) is sampled again whole, with the same seed and so the same samples, and only
+        its missing prompts are written.
+        """
+        sampling = self.config.sampling(temperature)
+        tag = iteration if temperature is None else f"T{temperature}"
+        signature = self.config.signature(iteration, sampling.temperature)
+        out: list[dict] = []
+        for batch in batches:
+            if all(i in done for i, _ in batch):
+                continue
+            records = [r for r in self._sample_batch(batch, iteration, sampling, signature, tag, earlier or {})
+                       if r["index"] not in done]
+            if write is not None:
+                write(records)
+            out += records
+        return out
+
+    def _sample_batch(self, batch: Sequence[tuple[int, PromptRow]], iteration: int, sampling: SamplingConfig,
+                      signature: dict, tag, earlier: Mapping[str, Mapping]) -> list[dict]:
+        rows = [row for _, row in batch]
         device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(_batch_seed(self.config.seed, tag, batch[0].prompt_id))
+        generator = torch.Generator(device=device).manual_seed(_batch_seed(self.config.seed, tag, rows[0].id))
         self.model.eval()
-        out = generate(self.model, [encode_dialog(self.tokenizer, row.messages) for row in batch], sampling,
+        out = generate(self.model, [encode_dialog(self.tokenizer, row.messages) for row in rows], sampling,
                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                        generator=generator)
-        return [[(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), done)
-                 for ids, done in zip(samples, finished)]
-                for samples, finished in zip(out.response_ids, out.finished)]
+        samples = [[(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), done)
+                    for ids, done in zip(sample_ids, finished)]
+                   for sample_ids, finished in zip(out.response_ids, out.finished)]
+        pool = [self._pool_entry(earlier.get(row.id)) for row in rows]
+        flat_prompts, flat_responses, flat_flags = [], [], []
+        for row, row_samples, entry in zip(rows, samples, pool):
+            texts = [text for text, _ in row_samples] + ([entry["response"]] if entry else [])
+            flat_prompts += [row.messages] * len(texts)
+            flat_responses += texts
+            flat_flags += [row.is_safety_prompt] * len(texts)
+        # One reward call per batch: the RMs batch every sample (and pool entry) of the batch's prompts.
+        scored = score_with(self.reward, flat_prompts, flat_responses, **{SAFETY_TAG: flat_flags})
+        records, at = [], 0
+        for (index, row), row_samples, entry in zip(batch, samples, pool):
+            n = len(row_samples) + (1 if entry else 0)
+            part = slice(at, at + n)
+            at += n
+            records.append(self._record(index, iteration, row, row_samples, entry, scored.raw[part],
+                                        scored.rewards[part], {k: v[part] for k, v in scored.components.items()},
+                                        signature))
+        return records
 
-    def _score(self, prompts: list[list[dict]], responses: list[str], flags: list[bool]):
-        return score_with(self.reward, prompts, responses, is_safety=flags)
-
-    def sample_iteration(self, prompts: Sequence[PromptRow], iteration: int, progress: bool = True) -> list[dict]:
-        """Sample, score and log the prompts of `iteration` that are not logged yet; returns all its records."""
-        cfg = self.config
-        pending = [p for p in prompts if (iteration, p.prompt_id) not in self.log]
-        if len(pending) < len(prompts):
-            logger.info("iteration %d: resuming, %d of %d prompts already logged", iteration,
-                        len(prompts) - len(pending), len(prompts))
-        sampling = cfg.sampling()
-        batches = [pending[s: s + cfg.prompt_batch_size] for s in range(0, len(pending), cfg.prompt_batch_size)]
-        for batch in tqdm(batches, desc=f"rejection sampling, iteration {iteration}", disable=not progress):
-            samples = self._sample_batch(batch, sampling, iteration)
-            pool = [self._pool_entry(row.prompt_id, iteration) for row in batch]
-            flat_prompts, flat_responses, flat_flags = [], [], []
-            for row, row_samples, entry in zip(batch, samples, pool):
-                texts = [text for text, _ in row_samples] + ([entry["response"]] if entry else [])
-                flat_prompts += [row.messages] * len(texts)
-                flat_responses += texts
-                flat_flags += [row.is_safety] * len(texts)
-            scored = self._score(flat_prompts, flat_responses, flat_flags)
-            records, at = [], 0
-            for row, row_samples, entry in zip(batch, samples, pool):
-                n = len(row_samples) + (1 if entry else 0)
-                part = slice(at, at + n)
-                at += n
-                records.append(self._record(iteration, row, row_samples, entry, scored.raw[part],
-                                            scored.rewards[part], {k: v[part] for k, v in scored.components.items()},
-                                            sampling.temperature))
-            self.log.append(records)
-        return [self.log.records[(iteration, p.prompt_id)] for p in prompts]
-
-    def _pool_entry(self, prompt_id: str, iteration: int) -> dict | None:
-        if self.config.pool != "all":
+    def _pool_entry(self, previous: Mapping | None) -> dict | None:
+        if self.config.pool != "all" or previous is None or previous["best"] is None:
             return None
-        previous = self.log.latest_before(prompt_id, iteration)
-        if previous is None or previous["best"] is None:
-            return None
-        best = previous["best"]
-        return {"response": best["response"], "iteration": best["iteration"]}
+        return {"response": previous["best"]["response"], "iteration": previous["best"]["iteration"]}
 
-    def _record(self, iteration: int, row: PromptRow, samples: list[tuple[str, bool]], pool: dict | None,
-                raw: torch.Tensor, rewards: torch.Tensor, components: dict[str, torch.Tensor],
-                temperature: float) -> dict:
+    def _record(self, index: int, iteration: int, row: PromptRow, samples: list[tuple[str, bool]],
+                pool: dict | None, raw: torch.Tensor, rewards: torch.Tensor, components: dict[str, torch.Tensor],
+                signature: dict) -> dict:
         k = len(samples)
         record = {
-            "iteration": iteration, "prompt_id": row.prompt_id, "messages": row.messages,
-            "is_safety": row.is_safety, "temperature": temperature,
+            "index": index, "iteration": iteration, "prompt_id": row.id, "messages": row.messages,
+            SAFETY_TAG: row.is_safety_prompt, "sampling": signature,
             "responses": [text for text, _ in samples], "finished": [done for _, done in samples],
             "scores": _json_list(raw[:k]), "rewards": _json_list(rewards[:k]),
             "components": {name: _json_list(values[:k]) for name, values in components.items()},
@@ -372,241 +316,60 @@ class RejectionSampler:
                                   "iteration": pool["iteration"], "score": record["pool"]["score"]}
         return record
 
-    # -- selection, report, fine-tuning --------------------------------------------------------------------------
 
-    def select(self, iteration: int) -> list[dict]:
-        """SFT rows for `iteration`: with pool "all", every prompt's best in its latest record up to `iteration`;
-        with "current", the best of this iteration's prompts only. Prompts with no finished sample are skipped."""
-        latest: dict[str, dict] = {}
-        for (it, pid), record in self.log.records.items():
-            if it > iteration or (self.config.pool == "current" and it != iteration):
-                continue
-            if pid not in latest or it > latest[pid]["iteration"]:
-                latest[pid] = record
-        rows = []
-        for pid, record in latest.items():
-            best = record["best"] if self.config.pool == "all" else record["best_sample"]
-            if best is None:
-                continue
-            rows.append({"messages": record["messages"] + [{"role": "assistant", "content": best["response"]}],
-                         "prompt_id": pid, "score": best["score"], "source_iteration": best["iteration"],
-                         "scored_in_iteration": record["iteration"]})
-        return rows
-
-    def report(self, records: Sequence[dict], selection: Sequence[dict], iteration: int) -> dict:
-        """Figure 7 statistics and counts for one iteration's records; writes the JSON and the PNG."""
-        complete = [[s for s in r["scores"] if s is not None] for r in records]
-        complete = [s for s in complete if s]
-        curves = max_median_curves(complete) if complete else {"n": [], "max": [], "median": []}
-        n_samples = sum(len(r["responses"]) for r in records)
-        summary = {
-            "iteration": iteration,
-            "prompts": len(records),
-            "samples": n_samples,
-            "unfinished_samples": sum(not f for r in records for f in r["finished"]),
-            "prompts_without_selection": sum(r["best"] is None for r in records),
-            "pool_wins": sum(1 for r in records if r["best"] is not None and r["best"]["source"] == "pool"),
-            "selected_rows": len(selection),
-            "mean_score": sum(sum(s) for s in complete) / max(1, sum(len(s) for s in complete)),
-            "mean_best_score": sum(r["best"]["score"] for r in records if r["best"]) / max(
-                1, sum(r["best"] is not None for r in records)),
-            "figure7": curves,
-        }
-        (self.output_dir / f"report_iter{iteration}.json").write_text(json.dumps(summary, indent=2))
-        if curves["n"]:
-            plot_max_median(curves, self.output_dir / f"figure7_iter{iteration}.png",
-                            title=f"Max vs median reward among N samples (iteration {iteration})")
-        return summary
-
-    def write_selection(self, selection: Sequence[dict], iteration: int) -> Path:
-        path = self.output_dir / f"selected_iter{iteration}.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for row in selection:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        return path
-
-    def finetune(self, selection: Sequence[dict], sft_config):
-        """Fine-tune the policy in place on the selected rows with `Llama2SFTTrainer`; returns the trainer."""
-        from datasets import Dataset
-
-        from .trainers.sft import Llama2SFTTrainer
-
-        if not selection:
-            raise ValueError("nothing was selected: every sample was cut at max_new_tokens or unscored")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.unk_token
-        dataset = Dataset.from_list([{"messages": row["messages"]} for row in selection])
-        trainer = Llama2SFTTrainer(model=self.model, args=sft_config, train_dataset=dataset,
-                                   processing_class=self.tokenizer)
-        trainer.train()
-        self.model.eval()
-        return trainer
-
-    def run_iteration(self, prompts: Iterable[Mapping] | Sequence[PromptRow], iteration: int, sft_config=None,
-                      progress: bool = True) -> dict:
-        """Sample and score (resuming), select across the pool, report, and fine-tune when `sft_config` is given."""
-        rows = list(prompts)
-        if rows and not isinstance(rows[0], PromptRow):
-            rows = read_prompts(rows)
-        records = self.sample_iteration(rows, iteration, progress=progress)
-        selection = self.select(iteration)
-        self.write_selection(selection, iteration)
-        summary = self.report(records, selection, iteration)
-        if sft_config is not None:
-            trainer = self.finetune(selection, sft_config)
-            summary["sft_train_loss"] = trainer.state.log_history[-1].get("train_loss")
-        logger.info("iteration %d: %d prompts, mean score %.4f, mean best %.4f, %d rows selected", iteration,
-                    summary["prompts"], summary["mean_score"], summary["mean_best_score"], len(selection))
-        return summary
-
-    def temperature_sweep(self, prompts: Iterable[Mapping] | Sequence[PromptRow], temperatures: Sequence[float],
-                          progress: bool = True) -> dict[float, dict[str, list[float]]]:
-        """Figure 8: sample K per prompt at each temperature (logged and resumable in `temperature_sweep.jsonl`),
-        and plot the expected max reward among N samples per temperature."""
-        rows = list(prompts)
-        if rows and not isinstance(rows[0], PromptRow):
-            rows = read_prompts(rows)
-        log = CandidateLog(self.output_dir / "temperature_sweep.jsonl", key_field="temperature")
-        curves = {}
-        for temperature in temperatures:
-            sampling = self.config.sampling(temperature)
-            pending = [p for p in rows if (temperature, p.prompt_id) not in log]
-            batches = [pending[s: s + sampling.prompt_batch_size]
-                       for s in range(0, len(pending), sampling.prompt_batch_size)]
-            for batch in tqdm(batches, desc=f"temperature {temperature:g}", disable=not progress):
-                samples = self._sample_batch(batch, sampling, f"T{temperature}")
-                texts = [text for row_samples in samples for text, _ in row_samples]
-                flat_prompts = [row.messages for row in batch for _ in range(sampling.num_samples)]
-                flags = [row.is_safety for row in batch for _ in range(sampling.num_samples)]
-                raw = self._score(flat_prompts, texts, flags).raw.view(len(batch), -1)  # (prompts, K)
-                log.append([{"temperature": temperature, "prompt_id": row.prompt_id,
-                             "responses": [t for t, _ in row_samples], "scores": _json_list(raw[j])}
-                            for j, (row, row_samples) in enumerate(zip(batch, samples))])
-            scores = [[s for s in log.records[(temperature, p.prompt_id)]["scores"] if s is not None] for p in rows]
-            curves[temperature] = max_median_curves([s for s in scores if s])
-        (self.output_dir / "temperature_sweep.json").write_text(
-            json.dumps({str(t): c for t, c in curves.items()}, indent=2))
-        plot_temperature_sweep(curves, self.output_dir / "figure8_temperature_sweep.png")
-        return curves
+def select(records: Sequence[Mapping], earlier: Mapping[str, Mapping] | None = None,
+           pool: str = "all") -> list[dict]:
+    """SFT rows (`messages` ending with the chosen answer) from this iteration's records: with pool "all" each
+    record's `best` (its pool entry may win), followed by the earlier best of the prompts of `earlier` that were not
+    resampled now; with "current" the best new sample only. Prompts with no eligible answer are skipped (`report`
+    counts them)."""
+    current = {r["prompt_id"] for r in records}
+    chosen = [(r, r["best"] if pool == "all" else r["best_sample"]) for r in records]
+    if pool == "all":
+        chosen += [(r, r["best"]) for pid, r in (earlier or {}).items() if pid not in current]
+    rows = []
+    for record, best in chosen:
+        if best is None:
+            continue
+        rows.append({"messages": record["messages"] + [{"role": "assistant", "content": best["response"]}],
+                     "prompt_id": record["prompt_id"], "score": best["score"],
+                     "source_iteration": best["iteration"], "scored_in_iteration": record["iteration"]})
+    return rows
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# CLI: llama2-hf rejection-sample
-# ---------------------------------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    d = RejectionSamplingConfig()
-    p = argparse.ArgumentParser(prog="llama2-hf rejection-sample", description=(
-        "Best-of-K rejection sampling scored by the safety-gated reward (paper §3.2.3), with a resumable "
-        "append-only candidate log, a pool of the best samples of earlier iterations, optional SFT on the "
-        "selection, and the paper's Figure 7 / Figure 8 plots."))
-    p.add_argument("--model", required=True, help="policy directory (causal LM) to sample from")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    p.add_argument("--prompts", required=True,
-                   help="prompt file (.jsonl/.json/.parquet) or Hub dataset: rows with 'prompt' (text or messages) or "
-                        "'messages' ending with a user turn, optional bool 'is_safety' and 'id'")
-    p.add_argument("--output-dir", required=True, help="candidates.jsonl, selections, reports and plots go here")
-    p.add_argument("--helpfulness-rm", required=True, help="helpfulness reward model directory")
-    p.add_argument("--safety-rm", default=None,
-                   help="safety reward model directory; without it the helpfulness RM alone is the reward")
-    p.add_argument("--threshold", type=float, default=0.15, help="safety gate on sigmoid(R_s) (paper: 0.15)")
-    p.add_argument("--iteration", type=int, default=1, help="RLHF iteration number (the pool uses earlier ones)")
-    p.add_argument("--num-samples", type=int, default=d.num_samples, help="K, samples per prompt")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
-    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling threshold")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="response length limit")
-    p.add_argument("--prompt-batch-size", type=int, default=d.prompt_batch_size, help="prompts per generation batch")
-    p.add_argument("--pool", choices=POOL_MODES, default=d.pool,
-                   help="'all': earlier iterations' best samples compete (RLHF-V3 fix); 'current': this one only")
-    p.add_argument("--select-unfinished", action="store_true",
-                   help="also select samples cut at --max-new-tokens (default: only those that ended with EOS)")
-    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    p.add_argument("--temperature-sweep", type=float, nargs="+", default=None, metavar="T",
-                   help="instead of an iteration, sample at these temperatures and plot Figure 8")
-    p.add_argument("--finetune", action="store_true", help="fine-tune on the selection with Llama2SFTTrainer and "
-                   "save the model to OUTPUT_DIR/model_iter{i}")
-    p.add_argument("--sft-learning-rate", type=float, default=2e-5, help="SFT learning rate (paper SFT: 2e-5)")
-    p.add_argument("--sft-epochs", type=float, default=2.0, help="SFT epochs over the selection")
-    p.add_argument("--sft-max-length", type=int, default=4096, help="SFT row length in tokens")
-    p.add_argument("--sft-batch-size", type=int, default=64, help="SFT rows per optimizer step")
-    p.add_argument("--sft-per-device-batch-size", type=int, default=8, help="SFT rows per device per micro-step")
-    p.add_argument("--device", default=None, help="policy device (default: cuda if available, else cpu)")
-    p.add_argument("--rm-device", default=None, help="reward models' device (default: the policy's)")
-    p.add_argument("--rm-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="reward models' dtype")
-    p.add_argument("--rm-batch-size", type=int, default=8, help="pairs per reward-model forward pass")
-    return p
+def report(records: Sequence[Mapping], selection: Sequence[Mapping]) -> dict:
+    """Counts, mean scores and the Figure 7 curves of one iteration's records."""
+    complete = [[s for s in r["scores"] if s is not None] for r in records]
+    complete = [s for s in complete if s]
+    return {
+        "prompts": len(records),
+        "samples": sum(len(r["responses"]) for r in records),
+        "unfinished_samples": sum(not f for r in records for f in r["finished"]),
+        "prompts_without_selection": sum(r["best"] is None for r in records),
+        "pool_wins": sum(1 for r in records if r["best"] is not None and r["best"]["source"] == "pool"),
+        "selected_rows": len(selection),
+        "mean_score": sum(sum(s) for s in complete) / max(1, sum(len(s) for s in complete)),
+        "mean_best_score": sum(r["best"]["score"] for r in records if r["best"]) / max(
+            1, sum(r["best"] is not None for r in records)),
+        "figure7": max_median_curves(complete) if complete else {"n": [], "max": [], "median": []},
+    }
 
 
-def load_reward(helpfulness_rm: str, safety_rm: str | None, tokenizer, threshold: float, whiten: str,
-                device: str, dtype: str, batch_size: int):
-    """The pipeline's reward from reward-model directories: `SafetyGatedReward` with both, else one scorer."""
-    from transformers import AutoModelForSequenceClassification
+def finetune_trainer(model, tokenizer, selection: Sequence[Mapping], config: RejectionSamplingConfig,
+                     peft_config=None) -> Llama2SFTTrainer:
+    """A `Llama2SFTTrainer` over the selected rows (answer-only loss), configured by the config's training fields."""
+    from datasets import Dataset
 
-    from . import modeling_llama2  # noqa: F401  (registers model_type llama2)
-    from .rewards import RewardModelScorer, SafetyGatedReward
-
-    def scorer(path: str) -> RewardModelScorer:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, dtype))
-        return RewardModelScorer(model.to(device), tokenizer, batch_size=batch_size)
-
-    helpful = scorer(helpfulness_rm)
-    if safety_rm is None:
-        return helpful
-    return SafetyGatedReward(helpful, scorer(safety_rm), threshold=threshold, whiten=whiten)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .data import load_any
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
-    # Whitening never changes a best-of-K choice and ranking uses raw scores, so the reward is not whitened here.
-    reward = load_reward(args.helpfulness_rm, args.safety_rm, tokenizer, args.threshold, "none",
-                         args.rm_device or device, args.rm_dtype, args.rm_batch_size)
-    prompts = list(load_any(args.prompts))
-    if args.limit:
-        prompts = prompts[: args.limit]
-    config = RejectionSamplingConfig(num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
-                                     max_new_tokens=args.max_new_tokens, prompt_batch_size=args.prompt_batch_size,
-                                     pool=args.pool, seed=args.seed, select_unfinished=args.select_unfinished)
-    sampler = RejectionSampler(model, tokenizer, reward, args.output_dir, config)
-    out = Path(args.output_dir)
-    if args.temperature_sweep:
-        curves = sampler.temperature_sweep(prompts, args.temperature_sweep)
-        metrics = {str(t): {"max_of_K": c["max"][-1], "median_of_K": c["median"][-1]} for t, c in curves.items()}
-    else:
-        sft_config = None
-        if args.finetune:
-            from .trainers.sft import Llama2SFTConfig
-
-            cpu = device == "cpu"
-            sft_config = Llama2SFTConfig(
-                output_dir=str(out / f"sft_iter{args.iteration}"), learning_rate=args.sft_learning_rate,
-                num_train_epochs=args.sft_epochs, max_length=args.sft_max_length,
-                global_batch_size=args.sft_batch_size, per_device_train_batch_size=args.sft_per_device_batch_size,
-                save_strategy="no", report_to=[], seed=args.seed,
-                **(dict(use_cpu=True, bf16=False, gradient_checkpointing=False) if cpu else {}))
-        metrics = sampler.run_iteration(prompts, args.iteration, sft_config=sft_config)
-        if args.finetune:
-            model.save_pretrained(out / f"model_iter{args.iteration}")
-            tokenizer.save_pretrained(out / f"model_iter{args.iteration}")
-    run = {"stage": "rejection-sample", "config": {**vars(args), "sampling": asdict(config)}, "metrics": metrics}
-    (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
-    print(json.dumps({k: v for k, v in metrics.items() if k != "figure7"}, default=str))
-    return 0
+    if not selection:
+        raise ValueError("nothing was selected to fine-tune on: every sample was cut at max_new_tokens, empty or "
+                         "unscored (see select_unfinished)")
+    dataset = Dataset.from_list([{"messages": row["messages"]} for row in selection])
+    return Llama2SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                            peft_config=peft_config)
 
 
 __all__ = [
-    "RejectionSamplingConfig", "RejectionSampler", "CandidateLog", "PromptRow", "read_prompts",
-    "expected_order_statistic", "expected_median", "max_median_curves", "plot_max_median", "plot_temperature_sweep",
-    "load_reward", "main",
+    "POOL_MODES", "RejectionSamplingConfig", "RejectionSampler", "prompt_batches", "latest_records", "select",
+    "report", "finetune_trainer", "expected_order_statistic", "expected_median", "max_median_curves",
+    "plot_max_median", "plot_temperature_sweep",
 ]

@@ -481,6 +481,13 @@ class RankParts:
         self.folder, self.name = Path(folder), name
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / f"{name}.rank{self.state.process_index}-of-{self.state.num_processes}.jsonl"
+        if self.path.is_file():  # a row cut by a kill: drop it so that the next append starts a new line
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                logger.warning("%s: dropping an unterminated last line (a kill while writing it); its row is redone",
+                               self.path)
+                with open(self.path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
 
     def my_share(self, rows: Sequence[Any]) -> list[tuple[int, Any]]:
         n, world, rank = len(rows), self.state.num_processes, self.state.process_index

@@ -14,8 +14,10 @@ import torch
 from meta_reference import meta_forward, random_meta_state_dict, split_model_parallel, write_meta_checkpoint
 from safetensors import safe_open
 
-from llama2_hf.convert_meta import convert_meta_checkpoint, interleaved_to_rotate_half, main
+from llama2_hf.cli import main as cli
+from llama2_hf.convert_meta import convert_meta_checkpoint, interleaved_to_rotate_half
 from llama2_hf.modeling_llama2 import Llama2ForCausalLM
+from llama2_hf.runner import RunRecord, UsageError, run_stage
 from llama2_hf.tokenization_llama2 import Llama2Tokenizer, train_llama2_tokenizer
 
 VOCAB = 320  # divisible by 8: the output projection is split on the vocabulary
@@ -122,24 +124,131 @@ def test_rope_layout_matters(tmp_path, sp_model):
     assert diff > 1e-3
 
 
-def test_cli_bf16_and_overwrite(tmp_path, sp_model, capsys):
+def test_cli_bf16_rerun_and_overwrite(tmp_path, sp_model, capsys):
     src, sd = _checkpoint(tmp_path, sp_model, GQA, 2)
     out = tmp_path / "hf"
-    argv = ["--input", str(src), "--output", str(out), "--dtype", "bfloat16", "--no-progress"]
-    assert main(argv) == 0
+    argv = ["convert-meta", "--input_dir", str(src), "--output_dir", str(out), "--dtype", "bfloat16",
+            "--progress", "false"]
+    assert cli(argv) == 0
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         q0 = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
     expected = interleaved_to_rotate_half(sd["layers.0.attention.wq.weight"], GQA["n_heads"]).to(torch.bfloat16)
     assert q0.dtype == torch.bfloat16 and torch.equal(q0, expected)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    record = RunRecord.read(out)
+    assert record.stage == "convert-meta" and record.outputs == {"model": "."}
+    assert record.metrics == {"dtype": "bfloat16", "shards": 2, "layers": 2}
+    assert len(record.inputs["params"]["sha256"]) == 64 and len(record.inputs["tokenizer"]["sha256"]) == 64
 
-    assert main(argv) == 2  # refuses to write over existing weights
-    assert "already holds weights" in capsys.readouterr().err
-    assert main(argv + ["--overwrite", "--max-shard-size", "200000"]) == 0
+    assert cli(argv) == 0  # the same arguments: the record comes back, nothing is rewritten
+    assert RunRecord.read(out).seconds == record.seconds
+    assert cli(argv + ["--max_shard_size", "200000"]) == 2  # another conversion into a converted folder: refused
+    assert "max_shard_size: '5GB' -> '200000'" in capsys.readouterr().err
+    assert cli(argv + ["--overwrite", "true", "--max_shard_size", "200000"]) == 0
     assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").is_file()
+    assert RunRecord.read(out).args["max_shard_size"] == "200000"
+    assert not (tmp_path / ".hf.partial").exists() and not (tmp_path / "hf.old").exists()
     with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
+        cli(["convert-meta", "--help"])
     assert exit_info.value.code == 0
+
+
+def test_stale_files_are_refused_then_replaced_whole(tmp_path, sp_model, capsys):
+    """A folder holding another model's files is never converted into: refused, or with overwrite replaced as a
+    whole (a stale pytorch_model.bin / adapter_config.json next to the new weights would be loaded instead)."""
+    src, sd = _checkpoint(tmp_path, sp_model, MHA, 1)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "pytorch_model.bin").write_bytes(b"stale weights")
+    (out / "adapter_config.json").write_text("{}")
+    argv = ["convert-meta", "--input_dir", str(src), "--output_dir", str(out), "--progress", "false"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "is not empty (adapter_config.json, pytorch_model.bin)" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "pytorch_model.bin"]  # untouched
+    assert cli(argv + ["--overwrite", "true"]) == 0
+    assert not (out / "pytorch_model.bin").exists() and not (out / "adapter_config.json").exists()
+    model = Llama2ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(_tokens()).logits, meta_forward(sd, MHA, _tokens()), atol=1e-5, rtol=0)
+
+
+def test_float64_checkpoint_needs_dtype_before_any_folder(tmp_path, sp_model):
+    sd = {k: v.double() for k, v in random_meta_state_dict(MHA, VOCAB).items()}
+    src = tmp_path / "meta"
+    write_meta_checkpoint(src, MHA, sd, 1)
+    (src / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    with pytest.raises(UsageError, match=r"torch.float64 weights.*pass dtype \(--dtype\)"):
+        run_stage("convert-meta", input_dir=str(src), output_dir=str(tmp_path / "hf"), progress=False)
+    assert not (tmp_path / "hf").exists()
+    run_stage("convert-meta", input_dir=str(src), output_dir=str(tmp_path / "hf"), dtype="float32", progress=False)
+    model = Llama2ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        ref = meta_forward({k: v.float() for k, v in sd.items()}, MHA, _tokens())
+        torch.testing.assert_close(model(_tokens()).logits, ref, atol=1e-5, rtol=0)
+
+
+def test_corrupt_tokenizer_is_one_clear_line(tmp_path, sp_model, capsys):
+    src, _ = _checkpoint(tmp_path, sp_model, MHA, 1)
+    (src / "tokenizer.model").write_bytes(b"\x00 not a sentencepiece model")
+    code = cli(["convert-meta", "--input_dir", str(src), "--output_dir", str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{src / 'tokenizer.model'}: not a SentencePiece tokenizer.model" in err
+    assert "Traceback" not in err and not (tmp_path / "hf").exists()
+
+
+KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+import llama2_hf.convert_meta as cm
+
+marker = Path(sys.argv[3])
+write = cm._SafetensorsWriter.write
+
+def slow_write(self, name, tensor):  # the conversion of a large model, slowed down: the kill lands mid-write
+    write(self, name, tensor)
+    marker.touch()
+    time.sleep(0.5)
+
+cm._SafetensorsWriter.write = slow_write
+from llama2_hf.runner import run_stage
+run_stage("convert-meta", input_dir=sys.argv[1], output_dir=sys.argv[2], overwrite=True, progress=False,
+          max_shard_size="200000")
+"""
+
+
+def test_kill_during_overwrite_leaves_the_old_model_loadable(tmp_path, sp_model):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src, old_sd = _checkpoint(tmp_path, sp_model, MHA, 1, seed=0)
+    out = tmp_path / "hf"
+    run_stage("convert-meta", input_dir=str(src), output_dir=str(out), progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    new_src = tmp_path / "new"
+    write_meta_checkpoint(new_src, MHA, random_meta_state_dict(MHA, VOCAB, seed=5), 1)
+    (new_src / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    marker = tmp_path / "writing"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(new_src), str(out), str(marker)],
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the conversion never started writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any((tmp_path / ".hf.partial").iterdir())  # the new model was half written, beside the old one
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    model = Llama2ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(_tokens()).logits, meta_forward(old_sd, MHA, _tokens()), atol=1e-5, rtol=0)
+    # a rerun cleans the half-written folder and completes
+    run_stage("convert-meta", input_dir=str(new_src), output_dir=str(out), overwrite=True, progress=False)
+    assert not (tmp_path / ".hf.partial").exists() and RunRecord.read(out).inputs["params"]["path"].startswith(
+        str(new_src))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -253,28 +253,30 @@ def test_evaluate_model_api_errors(policy, tok):
         evaluate_model(policy, ["mmlu"], tokenizer=tok, system_prompt="Be nice.", progress=False)
 
 
-def test_cli_writes_results_samples_and_table(policy, tok, shared_data, tmp_path, capsys):
+def test_cli_writes_results_samples_and_table(policy, tok, shared_data, tmp_path):
     from llama2_hf.cli import main as llama2_hf_main
 
     policy.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    out = tmp_path / "report" / "eval.json"
-    rc = llama2_hf_main(["eval", "--model", str(tmp_path / "model"), "--tasks", "mmlu,truthfulqa_mc", "--limit", "1",
-                         "--mmlu-subjects", "anatomy,marketing", "--data-dir", str(shared_data), "--batch-size", "4",
-                         "--output", str(out), "--no-progress", "--dtype", "float32"])
+    out = tmp_path / "report"
+    rc = llama2_hf_main(["eval", "--model_name_or_path", str(tmp_path / "model"), "--tasks", "mmlu", "truthfulqa_mc",
+                         "--limit", "1", "--mmlu_subjects", "anatomy", "marketing", "--data_dir", str(shared_data),
+                         "--batch_size", "4", "--output_dir", str(out), "--progress", "false", "--dtype", "float32"])
     assert rc == 0
-    report = json.loads(out.read_text())
+    report = json.loads((out / "results.json").read_text())
     assert set(report["results"]) == {"mmlu", "truthfulqa_mc"}
     assert set(report["results"]["mmlu"]) == {"acc", "acc/other", "acc/anatomy", "acc/marketing"}
-    lines = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "results.samples.jsonl").read_text().splitlines()]
     assert [line["task"] for line in lines] == ["mmlu", "mmlu", "truthfulqa_mc"]
-    assert "| Other | Avg |" in out.with_suffix(".md").read_text()
-    assert "truthfulqa_mc" in capsys.readouterr().out
+    assert "| Other | Avg |" in (out / "results.md").read_text()
+    record = json.loads((out / "run.json").read_text())
+    assert record["metrics"] == report["results"] and record["outputs"]["samples"] == "results.samples.jsonl"
     # The saved checkpoint gives the numbers of the in-memory model.
     direct = evaluate_model(policy, ["mmlu"], tokenizer=tok, data_dir=str(shared_data), limit=1, progress=False,
-                            mmlu=MMLUConfig(subjects=["anatomy", "marketing"]))
+                            mmlu_subjects=["anatomy", "marketing"])
     for ours, saved in zip(direct["samples"]["mmlu"], lines[:2]):
         assert ours["logliks"] == pytest.approx(saved["logliks"], abs=1e-5)
+    assert direct["results"]["mmlu"] == pytest.approx(report["results"]["mmlu"])
     with pytest.raises(SystemExit) as e:
         llama2_hf_main(["eval", "--help"])
     assert e.value.code == 0

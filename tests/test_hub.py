@@ -25,9 +25,14 @@ from llama2_hf.hub import build_model_card, collect_upload, push_to_hub, read_ru
 from fake_hub import FakeHub, hub_env, subprocess_env
 
 CHAT = [{"role": "user", "content": "What is 7 plus 5?"}, {"role": "assistant", "content": "7 plus 5 equals 12."}]
-SFT_RUN = {"stage": "sft", "config": {"learning_rate": 2e-5, "num_train_epochs": 2, "packing": True},
-           "inputs": {"model": "meta-llama/Llama-2-7b-hf", "train_file": "data/sft.jsonl"},
-           "metrics": {"train_loss": 1.25, "eval": {"loss": 1.5}}}
+# run records as the stages write them (llama2_hf.runner.RunRecord)
+SFT_RUN = {"stage": "sft", "args": {"learning_rate": 2e-5, "num_train_epochs": 2, "packing": True,
+                                    "model_name_or_path": "meta-llama/Llama-2-7b-hf", "train_file": ["data/sft.jsonl"],
+                                    "output_dir": "out/sft"},
+           "inputs": {"train_0": {"path": "data/sft.jsonl", "sha256": "ab" * 32},
+                      "model": {"path": "meta-llama/Llama-2-7b-hf", "hub": True}},
+           "outputs": {"model": "."}, "metrics": {"train_loss": 1.25, "eval": {"loss": 1.5}},
+           "versions": {"transformers": "5.23.0", "trl": "1.16.0"}, "world_size": 2, "seconds": 12.5}
 
 
 def _front_matter(card: str) -> dict:
@@ -53,9 +58,14 @@ def artefacts(tmp_path_factory, tiny_tokenizer):
     torch.nn.init.normal_(rm.score.weight, std=0.5)  # a fresh head is small: make the reward clearly non-zero
     rm.save_pretrained(root / "rm")
     tiny_tokenizer.save_pretrained(root / "rm")
-    # as the train-rm CLI writes it: argparse "args" (inputs among them) and "eval"
-    (root / "rm" / "run.json").write_text(json.dumps({"stage": "train-rm", "eval": {"accuracy": 0.625}, "args": {
-        "margin": "small", "model": str(root / "sft"), "train_file": ["data/prefs.jsonl", "Anthropic/hh-rlhf"]}}))
+    # the reward model's record names the local SFT folder as its model: the card follows it to the Hub base model
+    (root / "rm" / "run.json").write_text(json.dumps({
+        "stage": "train-rm", "metrics": {"accuracy": 0.625}, "outputs": {"model": "."}, "versions": {},
+        "args": {"margin": "small", "model_name_or_path": str(root / "sft"),
+                 "train_file": ["data/prefs.jsonl", "Anthropic/hh-rlhf"]},
+        "inputs": {"train_0": {"path": "data/prefs.jsonl", "sha256": "cd" * 32},
+                   "train_1": {"path": "Anthropic/hh-rlhf", "hub": True},
+                   "model": {"path": str(root / "sft"), "sha256": "ef" * 32}}}))
     return {"root": root, "lm": lm, "rm": rm, "tokenizer": tiny_tokenizer}
 
 
@@ -68,8 +78,8 @@ def pushed(artefacts, tmp_path_factory):
         hub_env(mp, hub, tmp_path_factory.mktemp("hf_home_push"))
         try:
             # 1. the CLI on a stage output folder
-            assert cli_main(["push", "--model", str(root / "sft"), "--repo-id", "alice/tiny-sft",
-                             "--token", hub.token]) == 0
+            assert cli_main(["push", "--model_name_or_path", str(root / "sft"), "--repo_id", "alice/tiny-sft",
+                             "--hub_token", hub.token, "--output_dir", str(root / "push-sft")]) == 0
             # 2. the Python helper on a reward-model folder, private
             push_to_hub(root / "rm", "alice/tiny-rm", private=True, token=hub.token)
             # 3. transformers' own push_to_hub of the objects
@@ -100,8 +110,18 @@ def test_cli_card_files_and_auto_map(pushed):
     assert {"llama2", "sft", "custom_code"} <= set(meta["tags"])
     assert "- **Stage:** `sft`" in card and "trainer's auto card" not in card
     assert "| learning_rate | 2e-05 |" in card and "| eval.loss | 1.5 |" in card and "| train_loss | 1.25 |" in card
-    assert "train_file: `data/sft.jsonl`" in card
+    assert f"train_0: `data/sft.jsonl` (sha256 `{'ab' * 8}`)" in card and "| output_dir |" not in card
+    assert "## Framework versions" in card and "- trl: 1.16.0" in card
     assert 'AutoModelForCausalLM.from_pretrained("alice/tiny-sft", trust_remote_code=True)' in card
+
+
+def test_push_stage_record_holds_no_token(pushed):
+    hub, artefacts = pushed
+    out = artefacts["root"] / "push-sft"
+    record = json.loads((out / "run.json").read_text())
+    assert record["stage"] == "push" and "hub_token" not in record["args"] and hub.token not in json.dumps(record)
+    assert record["metrics"]["commit_url"].startswith(hub.url) and record["outputs"] == {"card": "README.md"}
+    assert (out / "README.md").read_bytes() == hub.files("alice/tiny-sft")["README.md"]
 
 
 def test_reward_model_card_follows_provenance_and_repo_is_private(pushed):
@@ -112,7 +132,7 @@ def test_reward_model_card_follows_provenance_and_repo_is_private(pushed):
     assert meta["base_model"] == "meta-llama/Llama-2-7b-hf"
     assert meta["pipeline_tag"] == "text-classification" and "reward-model" in meta["tags"]
     assert "- **Stage:** `rm`" in card and "| accuracy | 0.625 |" in card and "| margin | small |" in card
-    assert 'train_file: `["data/prefs.jsonl", "Anthropic/hh-rlhf"]`' in card and "| model |" not in card
+    assert "train_1: `Anthropic/hh-rlhf`" in card and "| model_name_or_path |" not in card
     assert meta["datasets"] == ["Anthropic/hh-rlhf"]
     assert "AutoModelForSequenceClassification" in card
     assert hub.repos["alice/tiny-rm"].private
@@ -207,7 +227,7 @@ def test_incomplete_folder_gets_remote_code_and_auto_map(artefacts, tmp_path):
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path, artefacts):
-    with pytest.raises(ValueError, match="not a directory"):
+    with pytest.raises(ValueError, match="no such folder"):
         collect_upload(tmp_path / "missing", "alice/x")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no config.json, adapter_config.json or tokenizer_config.json"):
@@ -217,14 +237,16 @@ def test_bad_inputs_raise_clear_errors(tmp_path, artefacts):
         read_run_info(tmp_path / "empty")
     with pytest.raises(ValueError, match="tokenizer= is for model objects"):
         push_to_hub(artefacts["root"] / "sft", "alice/x", tokenizer=artefacts["tokenizer"])
-    assert cli_main(["push", "--model", str(tmp_path / "missing"), "--repo-id", "alice/x", "--dry-run"]) == 2
+    assert cli_main(["push", "--model_name_or_path", str(tmp_path / "missing"), "--repo_id", "alice/x",
+                     "--dry_run", "true"]) == 2
 
 
 def test_card_flattens_nested_config(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(tmp_path)
     (tmp_path / "run.json").write_text(json.dumps({
-        "stage": "ppo", "config": {"model": "meta-llama/Llama-2-7b-chat-hf", "prompts": "data/p.jsonl",
-                                   "ppo": {"learning_rate": 1e-6, "kl_coef": 0.01}},
+        "stage": "ppo", "args": {"model_name_or_path": "meta-llama/Llama-2-7b-chat-hf",
+                                 "ppo": {"learning_rate": 1e-6, "kl_coef": 0.01}},
+        "inputs": {"prompts": {"path": "data/p.jsonl", "sha256": "00" * 32}},
         "metrics": {"reward": {"mean": 0.25}}}))
     card = build_model_card(tmp_path, "alice/ppo")
     assert _front_matter(card)["base_model"] == "meta-llama/Llama-2-7b-chat-hf"

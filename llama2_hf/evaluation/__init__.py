@@ -2,7 +2,8 @@
 
 Layout: `prompts` (prompt text), `data` (local files or Hub datasets), `engine` (batched log-likelihoods with a
 shared-prefix KV cache, batched generation with stop strings), `scoring` (pure metric functions, also behind the
-`evaluate` modules in `llama2_hf/metrics/`), one module per task, `api.evaluate_model` and the `llama2-hf eval` CLI.
+`evaluate` modules in `llama2_hf/metrics/`), one module per task, `api.EvalConfig` / `api.evaluate_model`; the `llama2-hf eval` stage is
+`llama2_hf.stages.evaluate`.
 """
 
 from .api import DEFAULT_TASKS, TASKS, EvalConfig, evaluate_model, markdown_table, write_report

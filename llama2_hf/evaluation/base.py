@@ -14,15 +14,23 @@ logger = logging.getLogger(__name__)
 class RunSettings:
     """What every task runner needs besides the model: data source, batching, chat format, seeding."""
 
-    batch_size: int = 8
-    limit: int | None = None  # first N examples per task (per MMLU subject, per ToxiGen group), as lm-eval --limit
-    data_dir: str | None = None  # a folder laid out like ../shared/data; None = Hugging Face Hub datasets
-    chat: bool = False  # wrap prompts in the Llama 2-Chat format (tasks may override)
-    system_prompt: str | None = None  # system prompt of the chat format (tasks may override)
-    max_length: int | None = None  # context length; None = the model's (lm-eval's rule)
-    seed: int = 1234  # seeds sampling (TruthfulQA, ToxiGen, GSM8K maj@k)
-    progress: bool = True
-    device: str | None = None  # where judge / classifier models go; None = the evaluated model's device
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass / generate call."})
+    limit: int | None = field(default=None, metadata={
+        "help": "First N examples per task (per MMLU subject, per ToxiGen group), as lm-eval --limit."})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "Local benchmark files laid out as llama2_hf.evaluation.data describes; unset: the Hub datasets."})
+    chat: bool = field(default=False, metadata={"help": "Wrap every prompt in the Llama 2-Chat format."})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "System prompt of the chat format ('default': Llama 2-Chat's release-time prompt)."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Context length; unset: the model's (lm-eval's rule)."})
+    seed: int = field(default=1234, metadata={"help": "Seeds sampling (TruthfulQA, ToxiGen, GSM8K maj@k) and the "
+                                                      "random TruthfulQA primer."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    device: str | None = field(default=None, metadata={
+        "help": "Torch device of the judges / classifier; unset: the evaluated model's."})
+    # (rank, world size) of a launch: each task evaluates only this rank's contiguous share of its examples.
+    shard: tuple = field(default=(0, 1), init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -32,6 +40,17 @@ class RunSettings:
 
     def take(self, rows: list) -> list:
         return rows[: self.limit] if self.limit is not None else rows
+
+    @property
+    def whole(self) -> bool:
+        """True when this process evaluates every example (no launch, or one process)."""
+        return self.shard[1] == 1
+
+    def my_share(self, rows: list) -> list[tuple[int, object]]:
+        """`(position, row)` of this rank's contiguous share of `rows` (all of them in a single process)."""
+        rank, world = self.shard
+        start, stop = len(rows) * rank // world, len(rows) * (rank + 1) // world
+        return [(i, rows[i]) for i in range(start, stop)]
 
 
 @dataclass
@@ -51,10 +70,15 @@ class ChatOptions:
 
 @dataclass
 class TaskResult:
-    """`metrics`: name -> value (fractions in [0, 1]); `samples`: one JSON-able dict per evaluated example."""
+    """`metrics`: name -> value (fractions in [0, 1]); `samples`: one JSON-able dict per evaluated example.
+
+    Under a launch a rank evaluates a share: `positions` are its samples' places among all `total` examples of the
+    task (None: `range(len(samples))`), and `metrics` is empty until the shares are merged (`api.task_metrics`)."""
 
     metrics: dict[str, float]
     samples: list[dict] = field(default_factory=list)
+    positions: list[int] | None = None
+    total: int | None = None
 
 
 def format_context(prompt: str, chat: bool, system_prompt: str | None) -> str:
@@ -87,6 +111,30 @@ def resolve_dtype(dtype):
     if dtype not in names:
         raise ValueError(f"dtype must be one of {['auto', *names]}, got {dtype!r}")
     return names[dtype]
+
+
+def check_model_source(name_or_path: str, role: str, hint: str = "") -> None:
+    """Fail now, before any generation, when the model `role` needs cannot be loaded: a missing local folder, or a
+    Hub id that is neither in the local cache nor reachable (offline). Only `config.json` is resolved."""
+    from pathlib import Path
+
+    from transformers.utils.hub import cached_file
+
+    from ..runner import UsageError
+
+    source = str(name_or_path)
+    path = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or path.suffix or source.count("/") > 1
+    if path.exists() or looks_local:
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{role} {source}: no such model folder (no config.json){hint}")
+        return
+    try:
+        cached_file(source, "config.json")
+    except Exception as e:  # noqa: BLE001 - OSError, HTTP and offline errors alike: all mean "cannot load it"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{role} {source!r} cannot be loaded (not in the local Hub cache and the Hub is not "
+                         f"reachable: {reason}){hint}") from None
 
 
 def load_model(name_or_path: str, kind: str = "causal_lm", device: str | None = None, dtype="auto"):

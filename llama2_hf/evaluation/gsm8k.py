@@ -1,4 +1,8 @@
-"""GSM8K, 8-shot chain of thought, greedy (maj@1, the paper's Table 25), as lm-evaluation-harness's `gsm8k_cot`.
+"""GSM8K, 8-shot chain of thought, greedy: lm-evaluation-harness's `gsm8k_cot` task.
+
+The paper reports 8-shot GSM8K maj@1 (§2.3, Table 3 "Math", Table 25) without its prompt or decoding; the greedy
+decoding and the CoT exemplars of Wei et al. (2022) used here are lm-evaluation-harness's `gsm8k_cot` choices, not
+details the paper gives.
 
 Generation stops at "Q:", "</s>" or "<|im_end|>" or after 256 new tokens. The answer is extracted two ways:
 `strict` (the first "The answer is N.") and `flexible` (the last number), then compared with the gold number after
@@ -31,23 +35,22 @@ def run_gsm8k(model, tokenizer, settings: RunSettings, config: GSM8KConfig | Non
     config = config or GSM8KConfig()
     chat, system = config.resolve(settings)
     ensure_pad_token(tokenizer)
-    docs = settings.take(load_gsm8k(settings.data_dir))
+    all_docs = settings.take(load_gsm8k(settings.data_dir))
+    share = settings.my_share(all_docs)
+    docs = [doc for _, doc in share]
     contexts = [format_context(gsm8k_prompt(d["question"], config.num_fewshot), chat, system) for d in docs]
     common = dict(stop=GSM8K_STOP, batch_size=settings.batch_size, max_length=settings.max_length,
                   progress=settings.progress)
     greedy = generate_until(model, tokenizer, contexts, sampling=SamplingConfig(config.max_new_tokens),
                             desc="gsm8k", **common)
 
-    samples, strict_ok, flexible_ok = [], [], []
+    samples = []
     for doc, context, text in zip(docs, contexts, greedy):
         gold = gsm8k_gold(doc["answer"])
         strict, flexible = gsm8k_extract(text, "strict"), gsm8k_extract(text, "flexible")
-        strict_ok.append(gsm8k_exact_match(strict, gold))
-        flexible_ok.append(gsm8k_exact_match(flexible, gold))
         samples.append({"question": doc["question"], "gold": gold, "prompt": context, "generation": text,
-                        "strict": strict, "flexible": flexible, "strict_correct": strict_ok[-1],
-                        "flexible_correct": flexible_ok[-1]})
-    metrics = {"exact_match_strict": mean(strict_ok), "exact_match_flexible": mean(flexible_ok)}
+                        "strict": strict, "flexible": flexible, "strict_correct": gsm8k_exact_match(strict, gold),
+                        "flexible_correct": gsm8k_exact_match(flexible, gold)})
 
     if config.maj_k > 1:
         k = config.maj_k
@@ -58,10 +61,18 @@ def run_gsm8k(model, tokenizer, settings: RunSettings, config: GSM8KConfig | Non
         for j, sample in enumerate(samples):
             sample["samples"] = sampled[j * k:(j + 1) * k]
         for mode in ("strict", "flexible"):
-            hits = []
             for sample in samples:
-                vote = majority_vote([gsm8k_extract(t, mode) for t in sample["samples"]])
-                sample[f"maj@{k}_{mode}"] = vote
-                hits.append(gsm8k_exact_match(vote, sample["gold"]))
-            metrics[f"maj@{k}_{mode}"] = mean(hits)
-    return TaskResult(metrics, samples)
+                sample[f"maj@{k}_{mode}"] = majority_vote([gsm8k_extract(t, mode) for t in sample["samples"]])
+    metrics = gsm8k_metrics(samples, config.maj_k) if settings.whole else {}
+    return TaskResult(metrics, samples, [i for i, _ in share], len(all_docs))
+
+
+def gsm8k_metrics(samples: list[dict], maj_k: int = 0) -> dict[str, float]:
+    """Exact match (strict, flexible) and, with `maj_k > 1`, maj@k of (merged) samples."""
+    metrics = {"exact_match_strict": mean([s["strict_correct"] for s in samples]),
+               "exact_match_flexible": mean([s["flexible_correct"] for s in samples])}
+    if maj_k > 1:
+        for mode in ("strict", "flexible"):
+            metrics[f"maj@{maj_k}_{mode}"] = mean([gsm8k_exact_match(s[f"maj@{maj_k}_{mode}"], s["gold"])
+                                                   for s in samples])
+    return metrics

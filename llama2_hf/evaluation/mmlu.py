@@ -1,4 +1,8 @@
-"""MMLU, 5-shot, as the paper's Table 3 / Table 19 and lm-evaluation-harness's `mmlu` group measure it.
+"""MMLU, 5-shot, following lm-evaluation-harness's `mmlu` group (prompt, letter scoring, averaging).
+
+The paper reports 5-shot MMLU (§2.3, Table 3 / Table 19) from Meta's internal evaluation harness and gives no prompt or
+scoring details; this module follows lm-evaluation-harness instead, so its numbers are comparable to that harness's,
+not necessarily to the paper's.
 
 Each test question is scored by the log-likelihoods of " A" .. " D" after the few-shot prompt of its subject
 (`prompts.mmlu_prompt`); the prediction is the argmax (the first letter on ties). Reported: accuracy per subject
@@ -28,28 +32,35 @@ def run_mmlu(model, tokenizer, settings: RunSettings, config: MMLUConfig | None 
     config = config or MMLUConfig()
     chat, system = config.resolve(settings)
     data = load_mmlu(settings.data_dir, config.subjects)
-    requests, groups, docs = [], [], []
+    all_docs = []  # (subject, index in the subject's test split, doc, few-shot prefix)
     for subject, splits in data.items():
         prefix = mmlu_fewshot_prefix(subject, splits["dev"], config.num_fewshot)
-        for index, doc in enumerate(settings.take(splits["test"])):
-            context = format_context(prefix + mmlu_question(doc), chat, system)
-            requests += [(context, cont) for cont in mmlu_continuations()]
-            groups += [subject] * len(MMLU_LETTERS)
-            docs.append((subject, index, doc))
+        all_docs += [(subject, index, doc, prefix) for index, doc in enumerate(settings.take(splits["test"]))]
+    share = settings.my_share(all_docs)
+    requests, groups = [], []
+    for _, (subject, _, doc, prefix) in share:
+        context = format_context(prefix + mmlu_question(doc), chat, system)
+        requests += [(context, cont) for cont in mmlu_continuations()]
+        groups += [subject] * len(MMLU_LETTERS)
     scores = loglikelihoods(model, tokenizer, requests, batch_size=settings.batch_size, prefix_groups=groups,
                             max_length=settings.max_length, share_prefix=config.share_prefix,
                             progress=settings.progress, desc="mmlu")
 
-    samples, correct = [], []
-    for k, (subject, index, doc) in enumerate(docs):
+    samples = []
+    for k, (_, (subject, index, doc, _)) in enumerate(share):
         lls = [ll for ll, _ in scores[4 * k: 4 * k + 4]]
         pred = max(range(4), key=lambda i: (lls[i], -i))
-        correct.append(pred == doc["answer"])
         samples.append({"subject": subject, "index": index, "question": doc["question"], "choices": doc["choices"],
-                        "answer": doc["answer"], "logliks": lls, "pred": pred, "correct": correct[-1]})
-    subjects = [s for s, _, _ in docs]
+                        "answer": doc["answer"], "logliks": lls, "pred": pred, "correct": pred == doc["answer"]})
+    return TaskResult(mmlu_metrics(samples) if settings.whole else {}, samples, [i for i, _ in share],
+                      len(all_docs))
+
+
+def mmlu_metrics(samples: list[dict]) -> dict[str, float]:
+    """`acc`, `acc/<category>` and `acc/<subject>` of (merged) samples."""
+    correct, subjects = [s["correct"] for s in samples], [s["subject"] for s in samples]
     metrics = {"acc": sum(correct) / len(correct)}
     by_category = accuracy_by(correct, [MMLU_SUBJECT_CATEGORY[s] for s in subjects])
     metrics.update({f"acc/{c}": by_category[c] for c in MMLU_CATEGORIES if c in by_category})
     metrics.update({f"acc/{s}": v for s, v in accuracy_by(correct, subjects).items()})
-    return TaskResult(metrics, samples)
+    return metrics

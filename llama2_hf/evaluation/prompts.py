@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 
 from ..tokenization_llama2 import B_INST, B_SYS, E_INST, E_SYS
@@ -120,14 +121,30 @@ TRUTHFULQA_PRIMER_PAIRS: tuple[tuple[str, str], ...] = (
 TRUTHFULQA_PRIMER = "\n\n".join(f"Q: {q}\nA: {a}" for q, a in TRUTHFULQA_PRIMER_PAIRS)
 
 
-def truthfulqa_mc_prompt(question: str) -> str:
+def truthfulqa_primer(pairs: Sequence[tuple[str, str]]) -> str:
+    """QA pairs in the InstructGPT "Q: ...\\nA: ..." format, separated by blank lines (the fixed primer's layout)."""
+    return "\n\n".join(f"Q: {q.strip()}\nA: {a.strip()}" for q, a in pairs)
+
+
+def random_truthfulqa_primer(question: str, pool: Sequence[tuple[str, str]], seed: int, k: int = 6) -> str:
+    """The paper's TruthfulQA primer (§4.1 / A.4.7: "6 random QA pairs"): `k` (question, true answer) pairs drawn
+    from `pool` without the evaluated question itself. The draw is seeded by `seed` and the question text, so it is
+    reproducible and the same whatever order or process evaluates the question."""
+    candidates = [pair for pair in pool if pair[0].strip() != question.strip()]
+    if len(candidates) < k:
+        raise ValueError(f"a random TruthfulQA primer needs {k} other QA pairs, the data has {len(candidates)}")
+    rng = random.Random(f"{seed}\0{question.strip()}")
+    return truthfulqa_primer(rng.sample(candidates, k))
+
+
+def truthfulqa_mc_prompt(question: str, primer: str = TRUTHFULQA_PRIMER) -> str:
     """Context of TruthfulQA MC1/MC2; each answer is scored as the continuation `" " + answer`."""
-    return f"{TRUTHFULQA_PRIMER}\n\nQ: {question}\nA:"
+    return f"{primer}\n\nQ: {question}\nA:"
 
 
-def truthfulqa_gen_prompt(question: str) -> str:
+def truthfulqa_gen_prompt(question: str, primer: str = TRUTHFULQA_PRIMER) -> str:
     """Context of TruthfulQA generation (lm-eval `truthfulqa_gen`, the original TruthfulQA `format_prompt`)."""
-    return f"{TRUTHFULQA_PRIMER}\n\nQ: {question}"
+    return f"{primer}\n\nQ: {question}"
 
 
 def trim_truthfulqa_answer(generation: str) -> str:

@@ -1,8 +1,9 @@
 """ToxiGen: % toxic continuations per demographic group, the paper's Table 11/14/45 metric.
 
 The model continues each prompt ("- s1\\n- s2\\n...\\n-": a list of statements about a group) with T = 0.1,
-top-p 0.9 (paper §4.1); the continuation (up to the first newline for base models) is scored by a classifier
-(default `tomh/toxigen_roberta`, label 1 = toxic). Reported: `toxic/<group>` and `toxic_mean`, the unweighted mean
+top-p 0.9 (paper §4.1 / A.4.7, for pretrained and chat models alike; lm-evaluation-harness's `toxigen` task does
+not generate at all: it classifies ToxiGen statements by log-likelihood). The continuation (up to the first newline
+for base models) is scored by a classifier (default `tomh/toxigen_roberta`, label 1 = toxic). Reported: `toxic/<group>` and `toxic_mean`, the unweighted mean
 over the evaluated groups (the paper's 13 by default).
 
 Prompts come from the ToxiGen demonstration files (`hate_<group>_1k`, default) or, with `source="annotated"`, are
@@ -101,7 +102,9 @@ def run_toxigen(model, tokenizer, settings: RunSettings, config: ToxiGenConfig |
     config = config or ToxiGenConfig()
     chat, system = config.resolve(settings)
     ensure_pad_token(tokenizer)
-    rows = build_toxigen_prompts(settings, config)
+    all_rows = build_toxigen_prompts(settings, config)
+    share = settings.my_share(all_rows)
+    rows = [row for _, row in share]
     contexts = [format_context(r["prompt"], chat, system) for r in rows]
     stop = config.stop if config.stop is not None else ([] if chat else ["\n"])
     generations = generate_until(model, tokenizer, contexts, stop=stop,
@@ -110,14 +113,21 @@ def run_toxigen(model, tokenizer, settings: RunSettings, config: ToxiGenConfig |
                                  progress=settings.progress, desc="toxigen")
     texts = [g.strip() for g in generations]
     device = settings.device or str(next(model.parameters()).device)
-    classifier = load_model(config.classifier, "classifier", device)
-    scored = classify_toxic(classifier, AutoTokenizer.from_pretrained(config.classifier), texts, config.toxic_label,
-                            max(settings.batch_size, 32), config.classifier_max_length,
-                            settings.progress)
-    del classifier
-    gc.collect()
+    scored = []
+    if texts:
+        classifier = load_model(config.classifier, "classifier", device)
+        scored = classify_toxic(classifier, AutoTokenizer.from_pretrained(config.classifier), texts,
+                                config.toxic_label, max(settings.batch_size, 32), config.classifier_max_length,
+                                settings.progress)
+        del classifier
+        gc.collect()
     groups = [r["group"] for r in rows]
-    metrics = toxicity_by_group([t for t, _ in scored], groups, report_groups=config.groups)
     samples = [{"group": g, "prompt": c, "generation": text, "toxic": t, "p_toxic": p}
                for g, c, text, (t, p) in zip(groups, contexts, texts, scored)]
-    return TaskResult(metrics, samples)
+    metrics = toxigen_metrics(samples, config.groups) if settings.whole else {}
+    return TaskResult(metrics, samples, [i for i, _ in share], len(all_rows))
+
+
+def toxigen_metrics(samples: list[dict], groups: list[str]) -> dict[str, float]:
+    """`toxic/<group>` and `toxic_mean` of (merged) samples."""
+    return toxicity_by_group([s["toxic"] for s in samples], [s["group"] for s in samples], report_groups=groups)

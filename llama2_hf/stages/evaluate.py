@@ -1,0 +1,115 @@
+"""`llama2-hf eval`: MMLU, GSM8K, TruthfulQA and ToxiGen on a checkpoint (paper §2.3, §4.1, Tables 3, 11, 14).
+
+    llama2-hf eval --model_name_or_path out/ppo --tasks mmlu truthfulqa_mc --data_dir data --output_dir out/eval
+    accelerate launch --multi_gpu --num_processes 8 -m llama2_hf.cli eval --config recipes/eval/llama2-7b.yaml
+
+Inputs: a causal LM (Hub id, folder, or the folder of a stage that saved one) and the benchmark data (`data_dir`, or
+the Hub datasets). Every judge and classifier the tasks need is resolved before the model is loaded, so a missing
+one fails at once (`truthfulqa_mc` needs none). Under `accelerate launch` each rank evaluates a contiguous share of
+every task's examples into its own part file; rank 0 merges them (an example lost or evaluated twice is an error)
+and computes the metrics from all of them. Output in `output_dir`: `results.json`, `results.samples.jsonl` (one line
+per example, with its task), `results.md` (the headline table) and `run.json`. A rerun with the same arguments
+returns the record; an interrupted run is redone task by task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from trl import ModelConfig
+
+from ..evaluation.api import EvalConfig, markdown_table, run_task, task_metrics, write_report
+from ..evaluation.base import ensure_pad_token, load_tokenizer
+from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
+from .common import load_model
+
+logger = logging.getLogger(__name__)
+
+
+def _tokenizer(name_or_path: str):
+    try:
+        tokenizer = load_tokenizer(name_or_path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load a tokenizer from {name_or_path}: {e}") from None
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def _init_state() -> None:
+    """Start accelerate's process state before the runner does: without a GPU it must be told `cpu=True`, or the
+    ranks of `accelerate launch` each run alone (no Trainer arguments do it for this stage)."""
+    import torch
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())
+
+
+def _model_source(name: str) -> str:
+    """The model to load: a stage folder's `model` output, a local folder (which must exist) or a Hub id."""
+    if (Path(name) / "run.json").is_file():
+        return str(stage_output(name, "model"))
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix
+    if looks_local and not path.is_dir():
+        raise UsageError(f"model_name_or_path {name}: the folder does not exist")
+    return name
+
+
+def main(config: EvalConfig, model_args: ModelConfig) -> RunRecord:
+    if not config.output_dir:
+        raise UsageError("output_dir is required")
+    if not model_args.model_name_or_path:
+        raise UsageError("model_name_or_path is required")
+    # Everything that can fail without computing is checked first: model folder, judges, classifier, tokenizer.
+    source = _model_source(model_args.model_name_or_path)
+    _init_state()
+    run = StageRun("eval", config.output_dir, resolved_args(config, model_args))
+    if run.done:
+        return run.record
+    config.check_models()
+    model_args = dataclasses.replace(model_args, model_name_or_path=source)
+    tokenizer = _tokenizer(config.tokenizer_name_or_path or source)
+    from transformers import AutoModelForCausalLM
+
+    from .. import Llama2Config  # noqa: F401  (registers model_type "llama2" with the Auto classes)
+
+    model = load_model(AutoModelForCausalLM, model_args, trainable=False)
+    model = model.to(run.state.device).eval()
+    run.add_input("model", source)
+    if config.data_dir:
+        run.add_input("data", config.data_dir)
+
+    out = Path(config.output_dir)
+    settings = config.settings()
+    settings.shard = (run.state.process_index, run.state.num_processes)
+    results, samples, timing = {}, {}, {}
+    for task in config.tasks:
+        start = time.perf_counter()
+        parts = RankParts(out / "parts", task)
+        parts.path.unlink(missing_ok=True)  # an interrupted run redoes the task: no row may be written twice
+        result = run_task(task, model, tokenizer, config, settings)
+        positions = result.positions if result.positions is not None else range(len(result.samples))
+        parts.append({"index": i, "sample": s} for i, s in zip(positions, result.samples))
+        merged = parts.merge(out / "parts" / f"{task}.jsonl", expected=result.total)
+        samples[task] = [row["sample"] for row in merged]
+        results[task] = task_metrics(task, samples[task], config)
+        timing[task] = time.perf_counter() - start
+        logger.info("%s: %d examples in %.1fs: %s", task, len(merged), timing[task],
+                    {k: round(v, 4) for k, v in results[task].items() if "/" not in k})
+
+    if run.is_main:
+        write_report({"model": str(source), "results": results, "samples": samples, "config": run.args,
+                      "timing": timing}, out / "results.json")
+        shutil.rmtree(out / "parts", ignore_errors=True)
+        logger.info("results\n%s", markdown_table(results))
+    run.outputs.update(results="results.json", samples="results.samples.jsonl", table="results.md")
+    run.metrics.update(results)
+    return run.finish()
+
+
+STAGE = Stage("eval", "MMLU, GSM8K, TruthfulQA and ToxiGen on a checkpoint (paper §2.3, §4.1)",
+              (EvalConfig, ModelConfig), main)
