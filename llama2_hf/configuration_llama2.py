@@ -97,6 +97,9 @@ class Llama2Config(PreTrainedConfig):
     attention_bias: bool = False
     mlp_bias: bool = False
     pretraining_tp: int | None = 1  # accepted for compatibility with Hub configs; has no effect on the maths
+    # Training forwards with labels compute the LM loss in chunks (`fused_linear_ce`) and return no logits; the
+    # loss and its gradients are those of the full-logits loss. False restores the logits (and their memory).
+    fused_lm_loss: bool = True
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:

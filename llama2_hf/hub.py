@@ -366,7 +366,7 @@ def remote_code_fixes(folder: str | os.PathLike) -> dict[str, bytes]:
             auto_map.update({k: LLAMA2_AUTO_MAP[k] for k in missing})
             fixes["config.json"] = (json.dumps({**config, "auto_map": auto_map}, indent=2) + "\n").encode()
             logger.info("config.json: adding auto_map entries %s in the uploaded copy", missing)
-        needed |= {"configuration_llama2.py", "modeling_llama2.py"}
+        needed |= {"configuration_llama2.py", "modeling_llama2.py", "fused_linear_ce.py"}
     if tok_config is not None:
         tok_map = dict(tok_config.get("auto_map") or {})
         if "AutoTokenizer" not in tok_map:

@@ -5,8 +5,8 @@ no biases, untied output projection), written in transformers' rotate-half RoPE 
 tensors of a `meta-llama/Llama-2-*-hf` checkpoint load unchanged. Attention kernels (eager / sdpa / flex / flash),
 masks (causal, padding, packed rows), the KV cache and `generate()` are transformers' own, plugged in by name.
 
-This file is copied next to the weights by `save_pretrained`: it imports only torch, transformers and
-`configuration_llama2` (relative import).
+This file is copied next to the weights by `save_pretrained`: it imports only torch, transformers and its siblings
+`configuration_llama2` and `fused_linear_ce` (relative imports, which `save_pretrained` copies along).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_llama2 import Llama2Config
+from .fused_linear_ce import causal_lm_loss
 
 logger = logging.get_logger(__name__)
 
@@ -305,21 +306,44 @@ class Llama2ForCausalLM(Llama2PreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                **kwargs) -> CausalLMOutputWithPast:
-        """`labels` are the input ids with -100 where no loss is taken; they are shifted inside the loss.
-        `logits_to_keep=k` computes logits for the last k positions only (1 during generation)."""
+                fused_loss: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+        """`labels` are the input ids with -100 where no loss is taken; they are shifted inside the loss
+        (`shift_labels`, `num_items_in_batch` and `ignore_index` are taken as transformers' `ForCausalLMLoss` takes
+        them). `logits_to_keep=k` computes logits for the last k positions only (1 during generation).
+
+        With labels, `fused_loss` (default: `config.fused_lm_loss` in training mode, off in eval mode) computes the
+        loss chunk by chunk without the (B, T, V) logits: the output's `logits` is then None."""
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])  # (B, T_keep, V)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if fused_loss is None:
+            fused_loss = self.config.fused_lm_loss and self.training
+        logits = loss = None
+        if labels is not None and fused_loss and self._head_is_plain_linear():
+            loss = causal_lm_loss(hidden_states[:, keep, :], self.lm_head.weight, labels,
+                                  num_items_in_batch=kwargs.get("num_items_in_batch"),
+                                  ignore_index=kwargs.get("ignore_index", -100),
+                                  shift_labels=kwargs.get("shift_labels"))
+        else:
+            logits = self.lm_head(hidden_states[:, keep, :])  # (B, T_keep, V)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    def _head_is_plain_linear(self) -> bool:
+        """Whether `lm_head.weight` is the whole projection. A PEFT-wrapped, quantised or tensor-parallel (DTensor)
+        head is only correct through its own forward, so the loss then falls back to the full logits."""
+        weight = getattr(self.lm_head, "weight", None)
+        plain = type(self.lm_head) is nn.Linear and type(weight) in (nn.Parameter, torch.Tensor)
+        if not plain and not getattr(self, "_warned_unfused_head", False):
+            self._warned_unfused_head = True
+            logger.warning("lm_head is %s (weight %s): the LM loss is computed from the full logits, not in chunks",
+                           type(self.lm_head).__name__, type(weight).__name__)
+        return plain
 
 
 def last_token_index(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,

@@ -188,3 +188,25 @@ def test_num_parameters_of_released_sizes_without_allocating():
     assert count(Llama2Config.from_preset("70b")) == 68_976_648_192
     with torch.device("meta"):
         assert Llama2ForCausalLM(Llama2Config.from_preset("7b")).num_parameters() == 6_738_415_616
+
+
+def test_fused_training_loss_matches_transformers_with_ignored_labels_and_num_items():
+    """In training mode the loss is computed in chunks without logits; it and every gradient equal transformers'."""
+    torch.manual_seed(5)
+    cfg = Llama2Config.from_preset("tiny")
+    ours = Llama2ForCausalLM._from_config(cfg, attn_implementation="sdpa").train()
+    ref = reference_copy(ours, "sdpa").train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, 12:] = -100
+    n_items = torch.tensor(25)
+    out = ours(ids, labels=labels, num_items_in_batch=n_items)
+    assert out.logits is None
+    out.loss.backward()
+    ref_loss = ref(ids, labels=labels, num_items_in_batch=n_items).loss
+    ref_loss.backward()
+    assert torch.allclose(out.loss, ref_loss, atol=1e-6)
+    grads = dict(ref.named_parameters())
+    for n, p in ours.named_parameters():
+        assert torch.allclose(p.grad, grads[n].grad, atol=1e-6), n
