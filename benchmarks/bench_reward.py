@@ -1,6 +1,6 @@
 """Reward-model training (Llama2RewardTrainer) against TRL's RewardTrainer, pairs per second on the same pairs.
 
-Data: real preference pairs with their natural length mix, Anthropic HH-RLHF harmless-base test (../shared/data),
+Data: real preference pairs with their natural length mix, Anthropic HH-RLHF harmless-base test ($LLAMA2_HF_DATA),
 tokenized once as full Llama 2-Chat dialogs; both trainers get the same `chosen_ids` / `rejected_ids`. Model: the
 ~5M-parameter Llama 2 of bench_sft.py with a scalar head. Both use the same batch: `--batch-size` pairs per micro-step
 and `--accumulation` micro-steps per optimizer step (the paper's 512-pair batches are reached by accumulation). Ours

@@ -1,7 +1,7 @@
 """Packed SFT (Llama2SFTTrainer) against TRL's SFTTrainer with padding, on the same examples.
 
 Data: real multi-turn dialogs with their natural length mix, the chosen transcripts of Anthropic HH-RLHF
-(harmless-base test split from ../shared/data), tokenized once in the Llama 2-Chat format with answer-only labels; both
+(harmless-base test split from $LLAMA2_HF_DATA), tokenized once in the Llama 2-Chat format with answer-only labels; both
 trainers get the same token ids and labels. Model: a ~5M-parameter Llama 2 (4 layers, width 256, 4k vocabulary from a
 tokenizer trained on the same texts). Each round trains one epoch over the examples with each trainer, fresh model from
 the same seed, and times `trainer.train()`. Measured: non-pad tokens per second (the same tokens for both) and the
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-HH_TEST = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+HH_TEST = Path(os.environ.get("LLAMA2_HF_DATA", "data")) / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no",
            disable_tqdm=True, logging_steps=10_000, seed=0, learning_rate=1e-4)
 

@@ -13,9 +13,12 @@ Preferences (paper §3.2.1):
   - `chosen`, `rejected`: the two final assistant responses (text);
   - `rating`: `significantly_better`, `better`, `slightly_better`, `negligibly_better` or `unsure` (pooled with
     `negligibly_better`), or null for data without a strength label (open-source sets: margin 0, counted in overall
-    accuracy only);
+    accuracy only; files are read with `load_preference_files`, which accepts unrated pairs only with
+    `allow_unrated`);
   - optional `safety_label`: `chosen_safe_rejected_unsafe`, `both_safe`, `both_unsafe` (or null);
-  - optional `is_safety_prompt`: bool (or null).
+  - optional `is_safety_prompt`: bool (or null);
+  - annotation bookkeeping columns (`ANNOTATION_COLUMNS`: `id`, `annotator`, `version`, `source`, `annotated_at`)
+    are accepted and ignored; any other column is an error.
 
 Bad input (missing fields, unknown rating, identical chosen/rejected, empty responses, non-alternating roles, texts
 over `max_length`) raises a `ValueError` that names the row and the field, unless a policy asks otherwise:
@@ -506,11 +509,89 @@ def standardize_preferences(dataset: Dataset) -> Dataset:
     return dataset.cast(PREFERENCE_FEATURES)
 
 
+PREFERENCE_COLUMNS = frozenset(PREFERENCE_FEATURES)
+"""The columns of the preference schema (module docstring)."""
+
+ANNOTATION_COLUMNS = frozenset({"id", "annotator", "version", "source", "annotated_at"})
+"""Bookkeeping columns that annotation tools write beside the schema columns; accepted and not used for training."""
+
+UNRATED_HINT = ("set allow_unrated: true to train unrated pairs (margin 0, overall accuracy only), e.g. open-source "
+                "sets such as HH-RLHF")
+
+
+def _unrated_rows(dataset: Dataset, path: str, on_invalid: str) -> tuple[Dataset, DataReport]:
+    """Rows without a `prompt` column: HH-RLHF transcripts, or TRL's implicit-prompt conversations."""
+    first = dataset[0]
+    adapter = from_hh_rlhf if isinstance(first.get("chosen"), str) and first["chosen"].startswith("\n\nHuman:") \
+        else from_trl_preference
+    try:
+        return adapter(dataset, on_invalid=on_invalid, name=str(path))
+    except InvalidExample as err:
+        raise InvalidDataFile(f"{path}, line {err.row + 1}, field {err.field!r}: {err.detail}") from None
+
+
+def load_preference_files(paths: str | os.PathLike | Sequence[str | os.PathLike], on_invalid: str = "error",
+                          allow_unrated: bool = False) -> tuple[Dataset, DataReport]:
+    """The preference rows of one or more files (or Hub names), checked before any work and brought to
+    `PREFERENCE_FEATURES`.
+
+    Each file may carry only the schema columns and `ANNOTATION_COLUMNS`: any other column is an error naming it and
+    the closest valid name (a misspelt `ratng` would otherwise train every pair at margin 0). Every row needs a
+    `rating` from Table 27 (or `unsure`); a missing or null rating, or a file of unrated pairs (HH-RLHF transcripts,
+    TRL's implicit-prompt conversations, without a `prompt` column), is refused unless `allow_unrated` is set.
+    Errors name the file, the 1-based line and the field. `on_invalid="drop"` drops invalid rows instead, counted in
+    the returned report and logged as a warning.
+    """
+    check_policies(on_invalid, "error")
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    known = PREFERENCE_COLUMNS | ANNOTATION_COLUMNS
+    parts, report = [], DataReport(name=", ".join(map(str, paths)))
+    for path in paths:
+        raw = load_data_files([path], known_columns=known)
+        if "prompt" not in raw.column_names:
+            if not allow_unrated:
+                raise InvalidDataFile(f"{path}: no 'prompt' and no 'rating' column: unrated pairs (HH-RLHF or TRL "
+                                      f"conversations); {UNRATED_HINT}")
+            converted, sub = _unrated_rows(raw, path, on_invalid)
+            logger.warning("%s: %d unrated pairs (margin 0), as allow_unrated asks", path, len(converted))
+            report.total += sub.total
+            report.dropped.update(sub.dropped)
+            parts.append(converted)
+            continue
+        kept, unrated = [], 0
+        for n, row in enumerate(raw.to_list(), 1):
+            report.total += 1
+            if row.get("rating") is None:
+                if not allow_unrated:
+                    raise InvalidDataFile(f"{path}, line {n}, field 'rating': missing; every pair needs one of "
+                                          f"{list(RATINGS)} or 'unsure' ({UNRATED_HINT})")
+                row["rating"], unrated = None, unrated + 1
+            try:
+                validate_preference(row, n)
+            except InvalidExample as err:
+                if on_invalid == "error":
+                    raise InvalidDataFile(f"{path}, line {n}, field {err.field!r}: {err.detail}") from None
+                report.dropped[err.reason] += 1
+                continue
+            kept.append(row)
+        if unrated:
+            logger.warning("%s: %d unrated pairs (margin 0), as allow_unrated asks", path, unrated)
+        if kept:
+            parts.append(standardize_preferences(Dataset.from_list(kept)))
+    report.kept = sum(len(p) for p in parts)
+    report.log()
+    if not parts:
+        return Dataset.from_dict({k: [] for k in PREFERENCE_FEATURES}, features=PREFERENCE_FEATURES), report
+    return concatenate_datasets(parts), report
+
+
 def load_preference_data(path_or_name: str, split: str = "train", data_format: str = "auto",
                          data_dir: str | None = None, on_invalid: str = "error") -> tuple[Dataset, DataReport | None]:
-    """Load a preference set from a local `.json`/`.jsonl`(`.gz`)/`.parquet` file or a Hub dataset name and bring it
-    to the preference schema. `data_format`: `auto` (ours if `rating` is a column, HH-RLHF if `chosen` is a
-    `\\n\\nHuman:` transcript, else TRL), `llama2`, `hh-rlhf` or `trl`."""
+    """Load a preference set from a local `.json`/`.jsonl`(`.gz`)/`.parquet` file or a Hub dataset name (with its
+    `split` / `data_dir`) and bring it to the preference schema. `data_format`: `auto` (ours if `rating` is a column,
+    HH-RLHF if `chosen` is a `\\n\\nHuman:` transcript, else TRL; a set read as unrated is logged as a warning),
+    `llama2`, `hh-rlhf` or `trl`. The stages read files with `load_preference_files`, which refuses unrated data
+    unless asked."""
     dataset = load_any(path_or_name, split=split, data_dir=data_dir)
     if data_format == "auto":
         first = dataset[0] if len(dataset) else {}
@@ -520,6 +601,9 @@ def load_preference_data(path_or_name: str, split: str = "train", data_format: s
             data_format = "hh-rlhf"
         else:
             data_format = "trl"
+        if data_format != "llama2":
+            logger.warning("%s has no 'rating' column: read as %s pairs without ratings (margin 0)", path_or_name,
+                           data_format)
     if data_format == "llama2":
         return dataset, None
     if data_format == "hh-rlhf":

@@ -11,8 +11,6 @@ mean/std and, for pairs with safety labels, the unsafe-response recall and preci
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 from collections.abc import Mapping
@@ -22,8 +20,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from .collators import DataCollatorForRatedPreference
-from .data import ON_INVALID, ON_OVERLENGTH, SAFETY_LABELS, load_preference_data, prepare_preference_dataset, \
-    response_safety
+from .data import SAFETY_LABELS, prepare_preference_dataset, response_safety
 from .losses import RATINGS
 
 logger = logging.getLogger(__name__)
@@ -126,51 +123,3 @@ def evaluate_reward_model(model, tokenizer, dataset: Dataset, batch_size: int = 
     scores = score_pairs(model, dataset, pad_id, batch_size)
     return preference_metrics(scores["chosen"], scores["rejected"], scores["rating_id"], scores["safety_bin"],
                               unsafe_threshold)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# CLI: llama2-hf eval-rm
-# ---------------------------------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama2-hf eval-rm",
-                                description="Reward-model accuracy by preference rating (paper Table 8 layout).")
-    p.add_argument("--model", required=True, help="reward model directory or Hub id")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path if not saved with the model")
-    p.add_argument("--data", required=True, help="held-out preferences: .jsonl/.json(.gz)/.parquet or Hub name")
-    p.add_argument("--split", default="test", help="split when --data is a Hub name")
-    p.add_argument("--data-dir", default=None, help="subset folder of a Hub dataset (e.g. harmless-base)")
-    p.add_argument("--format", choices=["auto", "llama2", "hh-rlhf", "trl"], default="auto", help="data format")
-    p.add_argument("--name", default=None, help="row label in the table (default: model and data names)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
-    p.add_argument("--max-length", type=int, default=4096, help="longest dialog in tokens")
-    p.add_argument("--on-invalid", choices=ON_INVALID, default="error", help="invalid rows: error or drop")
-    p.add_argument("--on-overlength", choices=ON_OVERLENGTH, default="error",
-                   help="dialogs over --max-length: error, truncate (keep the end) or drop")
-    p.add_argument("--unsafe-threshold", type=float, default=0.5,
-                   help="sigmoid(reward) below this flags a response unsafe (paper Table 29: 0.5)")
-    p.add_argument("--output", default=None, help="also write the metrics and the Table 8 row to this JSON file")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .modeling_llama2 import Llama2ForRewardModel
-    from .tokenization_llama2 import Llama2Tokenizer
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    model = Llama2ForRewardModel.from_pretrained(args.model)
-    tokenizer = Llama2Tokenizer.from_pretrained(args.tokenizer or args.model)
-    dataset, _ = load_preference_data(args.data, split=args.split, data_format=args.format, data_dir=args.data_dir,
-                                      on_invalid=args.on_invalid)
-    metrics = evaluate_reward_model(model, tokenizer, dataset, batch_size=args.batch_size, max_length=args.max_length,
-                                    unsafe_threshold=args.unsafe_threshold, on_invalid=args.on_invalid,
-                                    on_overlength=args.on_overlength)
-    name = args.name or f"{args.model} / {args.data}"
-    row = table8_row(metrics)
-    print(format_table8({name: row}))
-    print(json.dumps({"name": name, "table8": row, "metrics": metrics}))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"name": name, "table8": row, "metrics": metrics}, f, indent=2)
-    return 0

@@ -1,4 +1,5 @@
-"""Schemas, validation and bad-input policies, HH-RLHF / TRL adapters (real HH data), RM data mixing."""
+"""Schemas, validation and bad-input policies, preference files (unknown columns, unrated data), HH-RLHF / TRL
+adapters (real HH data), RM data mixing."""
 
 import logging
 
@@ -8,9 +9,12 @@ from datasets import Dataset
 
 from llama2_hf.data import (
     SAFETY_LABELS,
+    InvalidDataFile,
     from_hh_rlhf,
     from_trl_preference,
     load_any,
+    load_preference_data,
+    load_preference_files,
     mix_helpfulness_rm_data,
     mix_safety_rm_data,
     parse_hh_transcript,
@@ -247,3 +251,62 @@ def test_safety_rm_mix_is_90_10(caplog):
     with caplog.at_level(logging.WARNING, logger="llama2_hf.data"):
         small = mix_safety_rm_data({"s": _prefs(180, "s")}, {"h": _prefs(5, "h")})
     assert len(small) == 185 and "asked for 20 rows but the pool has 5" in caplog.text
+
+
+# ------------------------------------------------------------------------------- preference files (issue 14 item 3)
+
+def jsonl(tmp_path, name, rows):
+    import json
+
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_preference_file_unknown_column_names_the_closest(tmp_path):
+    path = jsonl(tmp_path, "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "ratng": "better"}])
+    with pytest.raises(InvalidDataFile, match=r"line 1: unknown column\(s\) 'ratng' \(did you mean 'rating'\?\)"):
+        load_preference_files(path)
+
+
+def test_preference_file_annotation_columns_are_accepted(tmp_path):
+    row = pref(id="a1", annotator="ann-3", version=2, source="meta_helpful", annotated_at="2026-11-30T10:00:00Z")
+    prefs, report = load_preference_files(jsonl(tmp_path, "p.jsonl", [row]))
+    assert prefs[0]["rating"] == "better" and prefs[0]["prompt"] == [msg(U, "What is 2 plus 3?")]
+    assert (report.total, report.kept) == (1, 1)
+
+
+def test_missing_rating_is_refused_unless_unrated_is_allowed(tmp_path, caplog):
+    path = jsonl(tmp_path, "p.jsonl", [pref(), {k: v for k, v in pref().items() if k != "rating"}, pref(rating=None)])
+    with pytest.raises(InvalidDataFile, match=rf"{path}, line 2, field 'rating': missing.*allow_unrated"):
+        load_preference_files(path)
+    with caplog.at_level(logging.WARNING, logger="llama2_hf.data"):
+        prefs, _ = load_preference_files(path, allow_unrated=True)
+    assert prefs["rating"] == ["better", None, None] and "2 unrated pairs" in caplog.text
+
+
+def test_unrated_file_formats_need_allow_unrated(tmp_path):
+    hh = jsonl(tmp_path, "hh.jsonl", [{"chosen": "\n\nHuman: hi\n\nAssistant: hello",
+                                      "rejected": "\n\nHuman: hi\n\nAssistant: go away"}])
+    with pytest.raises(InvalidDataFile, match="no 'prompt' and no 'rating' column.*allow_unrated"):
+        load_preference_files(hh)
+    prefs, _ = load_preference_files(hh, allow_unrated=True)
+    assert prefs[0]["prompt"] == [msg(U, "hi")] and prefs[0]["rejected"] == "go away" and prefs[0]["rating"] is None
+    trl = jsonl(tmp_path, "trl.jsonl", [{"chosen": [msg(U, "hi"), msg(A, "hello")],
+                                        "rejected": [msg(U, "hi"), msg(A, "bye")]}])
+    assert load_preference_files(trl, allow_unrated=True)[0][0]["chosen"] == "hello"
+
+
+def test_preference_file_drop_policy_counts_and_bad_rows_name_the_line(tmp_path):
+    path = jsonl(tmp_path, "p.jsonl", [pref(), pref(rejected="5"), pref(rating="much_better")])
+    with pytest.raises(InvalidDataFile, match=rf"{path}, line 2, field 'rejected'"):
+        load_preference_files(path)
+    prefs, report = load_preference_files(path, on_invalid="drop")
+    assert len(prefs) == 1 and dict(report.dropped) == {"identical_responses": 1, "unknown_rating": 1}
+
+
+def test_auto_detected_unrated_set_is_a_warning(tmp_path, caplog):
+    trl = jsonl(tmp_path, "trl.jsonl", [{"prompt": "hi", "chosen": "hello", "rejected": "bye"}])
+    with caplog.at_level(logging.INFO, logger="llama2_hf.data"):
+        load_preference_data(str(trl))
+    assert any(r.levelno == logging.WARNING and "no 'rating' column" in r.message for r in caplog.records)

@@ -1,5 +1,6 @@
 """Llama2RewardTrainer and rm_eval: paper defaults, the margin loss through TRL, RM initialisation, a learnable
-synthetic preference set (>= 90% held-out accuracy, rising with rating strength), margin presets, metrics, CLIs."""
+synthetic preference set (>= 90% held-out accuracy, rising with rating strength), margin presets, metrics,
+gradient-accumulation invariance. The `train-rm` / `eval-rm` commands are tested in test_stage_reward.py."""
 
 import json
 import math
@@ -14,9 +15,7 @@ from llama2_hf.collators import DataCollatorForRatedPreference
 from llama2_hf.data import prepare_preference_dataset, response_safety
 from llama2_hf.losses import RATINGS, margin_ranking_loss, safety_auxiliary_loss
 from llama2_hf.rm_eval import format_table8, preference_metrics, score_pairs, table8_row
-from llama2_hf.rm_eval import main as eval_rm_main
 from llama2_hf.trainers.reward import Llama2RewardConfig, Llama2RewardTrainer, reward_model_from_causal_lm
-from llama2_hf.trainers.reward import main as train_rm_main
 
 CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no",
            disable_tqdm=True)
@@ -220,36 +219,27 @@ def test_train_metrics_are_logged_per_rating(trained):
     assert logged and {"reward_std", "accuracy_significantly_better"} <= set(logged[-1])
 
 
-# ----------------------------------------------------------------------------------------------------------- CLIs
+# ----------------------------------------------------------------------------------------- gradient accumulation
 
-def test_eval_rm_cli(trained, tmp_path, tiny_tokenizer, capsys):
-    trainer, metrics, _ = trained["large"]
-    trainer.save_model(tmp_path / "rm")
-    tiny_tokenizer.save_pretrained(tmp_path / "rm")
-    data = tmp_path / "test.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in trained["test"].to_list()))
-    assert eval_rm_main(["--model", str(tmp_path / "rm"), "--data", str(data), "--batch-size", "32",
-                         "--output", str(tmp_path / "eval.json")]) == 0
-    printed = capsys.readouterr().out
-    assert "| Significantly Better | Better | Slightly Better | Negligibly Better / Unsure | Avg |" in printed
-    result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["metrics"]["accuracy"] == pytest.approx(metrics["eval_accuracy"])
+def first_step(tmp_path, tokenizer, factory, batch, accumulation, data):
+    trainer = Llama2RewardTrainer(factory(), args=config(tmp_path / f"{batch}x{accumulation}", max_steps=1,
+                                                         per_device_train_batch_size=batch,
+                                                         gradient_accumulation_steps=accumulation, margin="large"),
+                                  train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    log = trainer.state.log_history[0]
+    return log["loss"], log["grad_norm"]
 
 
-def test_train_rm_cli_with_mixing(tmp_path, tiny_tokenizer, tiny_model_factory):
-    tiny_model_factory().save_pretrained(tmp_path / "lm")
-    tiny_tokenizer.save_pretrained(tmp_path / "lm")
-    helpful, other = tmp_path / "helpful.jsonl", tmp_path / "other.jsonl"
-    helpful.write_text("\n".join(json.dumps(r) for r in synthetic_preferences(3, 0, False).to_list()))
-    other.write_text("\n".join(json.dumps(r) for r in synthetic_preferences(6, 1, False).to_list()))
-    out = tmp_path / "rm"
-    assert train_rm_main(["--model", str(tmp_path / "lm"), "--train-file", str(helpful), "--mix", "helpfulness",
-                          "--mix-with", str(other), "--eval-file", str(helpful), "--output-dir", str(out),
-                          "--max-length", "128", "--max-steps", "2", "--global-batch-size", "0", "--margin",
-                          "large", "--cpu"]) == 0
-    run = json.loads((out / "run.json").read_text())
-    assert run["data"]["train"]["total"] == 24 and "eval_accuracy" in run["eval"]  # 12 helpful + 12 sampled
-    assert Llama2ForRewardModel.from_pretrained(out).config.num_labels == 1
+def test_gradient_accumulation_invariance(tmp_path, tiny_tokenizer, tiny_model_factory):
+    """issue 14 item 9: 4 pairs x 1 micro-step == 1 pair x 4 == 2 x 2 on the first step's loss and gradient norm
+    (the pairs have different lengths, so a per-micro-batch mean weighted wrongly would show)."""
+    data = synthetic_preferences(2, seed=3, exact_noise=True)
+    reference = first_step(tmp_path, tiny_tokenizer, tiny_model_factory, 4, 1, data)
+    assert reference[1] > 0
+    for batch, accumulation in ((1, 4), (2, 2)):
+        got = first_step(tmp_path, tiny_tokenizer, tiny_model_factory, batch, accumulation, data)
+        assert got == pytest.approx(reference, rel=1e-5, abs=0), (batch, accumulation)
 
 
 def test_collator_keeps_pair_labels(tiny_tokenizer):

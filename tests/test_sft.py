@@ -1,4 +1,5 @@
-"""Llama2SFTTrainer: paper defaults, answer-only loss, packed == padded, learning, policies, LoRA, the CLI."""
+"""Llama2SFTTrainer: paper defaults, answer-only loss, packed == padded, gradient-accumulation invariance, learning,
+policies, LoRA (the `sft` command: test_stage_sft.py)."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from llama2_hf.trainers.sft import Llama2SFTConfig, Llama2SFTTrainer, main
+from llama2_hf.trainers.sft import Llama2SFTConfig, Llama2SFTTrainer
 
 CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no",
            disable_tqdm=True)
@@ -72,6 +73,27 @@ def test_packed_and_padded_training_match(tmp_path, tiny_tokenizer, tiny_model_f
         torch.testing.assert_close(value, params_padded[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "unpacked"])
+def test_gradient_accumulation_invariance(tmp_path, tiny_tokenizer, tiny_model_factory, packing):
+    """issue 14 item 9: 4 rows x 1 micro-step == 1 row x 4 == 2 x 2 on the first step's loss and gradient norm. The
+    rows have different numbers of answer tokens, so averaging per micro-batch instead of per token would show."""
+    results = {}
+    for batch, accumulation in ((4, 1), (1, 4), (2, 2)):
+        trainer = Llama2SFTTrainer(tiny_model_factory(seed=1).train(),
+                                   args=config(tmp_path / f"{batch}x{accumulation}", packing=packing, max_length=64,
+                                               per_device_train_batch_size=batch, max_steps=1,
+                                               gradient_accumulation_steps=accumulation),
+                                   train_dataset=chats(), processing_class=tiny_tokenizer)
+        assert len(trainer.train_dataset) >= 4
+        trainer.train()
+        log = trainer.state.log_history[0]
+        results[batch, accumulation] = (log["loss"], log["grad_norm"])
+    reference = results[4, 1]
+    assert reference[1] > 0
+    for key in ((1, 4), (2, 2)):
+        assert results[key] == pytest.approx(reference, rel=1e-5, abs=0), key
+
+
 def test_training_lowers_loss_and_updates_every_parameter(tmp_path, tiny_tokenizer, tiny_model_factory):
     model = tiny_model_factory(seed=2).train()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -115,21 +137,6 @@ def test_lora_trains_only_adapters(tmp_path, tiny_tokenizer, tiny_model_factory)
     assert torch.equal(merged.model.embed_tokens.weight, base["model.embed_tokens.weight"])
     q_proj = merged.model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(q_proj, base["model.layers.0.self_attn.q_proj.weight"])
-
-
-def test_cli(tmp_path, tiny_tokenizer, tiny_model_factory, capsys):
-    model_dir, data = tmp_path / "base", tmp_path / "sft.jsonl"
-    tiny_model_factory().save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    data.write_text("\n".join(json.dumps(r) for r in chats(6).to_list()))
-    out = tmp_path / "sft"
-    assert main(["--model", str(model_dir), "--train-file", str(data), "--eval-file", str(data), "--output-dir",
-                 str(out), "--max-length", "128", "--max-steps", "2", "--global-batch-size", "0",
-                 "--per-device-batch-size", "2", "--cpu"]) == 0
-    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    assert "--train-on" in capsys.readouterr().out
 
 
 def test_qlora_from_a_path(tmp_path, tiny_tokenizer, tiny_model_factory):

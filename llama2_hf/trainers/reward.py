@@ -12,16 +12,13 @@ initialisation from a causal-LM checkpoint; the paper's optimiser and schedule a
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from datasets import Dataset, IterableDataset, concatenate_datasets
+from datasets import Dataset, IterableDataset
 from trl import RewardConfig, RewardTrainer
 
 from ..collators import ChunkSortedSampler, DataCollatorForRatedPreference
@@ -30,9 +27,6 @@ from ..data import (
     ON_OVERLENGTH,
     DataReport,
     check_policies,
-    load_preference_data,
-    mix_helpfulness_rm_data,
-    mix_safety_rm_data,
     prepare_preference_dataset,
     response_safety,
 )
@@ -60,7 +54,7 @@ class Llama2RewardConfig(RewardConfig):
                                    metadata={"help": "Cosine decay to lr_scheduler_kwargs.min_lr_rate (§3.2.2)."})
     lr_scheduler_kwargs: dict | str | None = field(
         default_factory=lambda: {"min_lr_rate": 0.1},
-        metadata={"help": "Scheduler options; min_lr_rate 0.1: cosine down to 10% of the peak (§3.2.2)."})
+        metadata={"help": "Scheduler options; min_lr_rate 0.1: cosine down to a tenth of the peak (§3.2.2)."})
     warmup_steps: float = field(default=0.03, metadata={
         "help": "Warmup, as a fraction of the steps if < 1 (0.03: paper §3.2.2), at least min_warmup_steps."})
     min_warmup_steps: int = field(default=5, metadata={"help": "Lower bound of the warmup (5 steps: §3.2.2)."})
@@ -74,7 +68,9 @@ class Llama2RewardConfig(RewardConfig):
     global_batch_size: int | None = field(default=512, metadata={
         "help": "Pairs per optimizer step over all processes (512: paper §3.2.2); sets gradient_accumulation_steps. "
                 "None leaves gradient_accumulation_steps as given."})
-    margin: dict | str = field(default="small", metadata={
+    # Typed `str` for the command line (argparse would run a `dict` type on the string default); a JSON map is
+    # parsed in __post_init__ (`_VALID_DICT_FIELDS`), and Python callers may pass the dict itself.
+    margin: str = field(default="small", metadata={
         "help": "m(rating) of paper Eq. 2: a Table 27 preset ('none', 'small', 'large') or a JSON map "
                 "{rating: margin} for all four ratings."})
     safety_aux_loss_coef: float = field(default=0.0, metadata={
@@ -225,87 +221,3 @@ class Llama2RewardTrainer(RewardTrainer):
             prefix = "eval_" if mode == "eval" else ""
             logs.update({prefix + k: v for k, v in metrics.items()})
         super().log(logs, start_time)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# CLI: llama2-hf train-rm
-# ---------------------------------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama2-hf train-rm", description="Train a helpfulness or safety reward model "
-                                "with the margin ranking loss (paper §3.2.2 defaults).")
-    p.add_argument("--model", required=True, help="causal LM (e.g. the SFT model) or reward model: path or Hub id")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path if not saved with the model")
-    p.add_argument("--train-file", nargs="+", required=True,
-                   help="preference files (.jsonl/.json(.gz)/.parquet) or Hub names; several are concatenated")
-    p.add_argument("--format", choices=["auto", "llama2", "hh-rlhf", "trl"], default="auto",
-                   help="format of the preference files")
-    p.add_argument("--mix", choices=["none", "helpfulness", "safety"], default="none",
-                   help="paper §3.2.2 mixing: helpfulness = train files + as many rows sampled from --mix-with; "
-                        "safety = train files (safety data) + --mix-with (helpfulness) at 90/10")
-    p.add_argument("--mix-with", nargs="*", default=[], help="the data sampled into the mix")
-    p.add_argument("--eval-file", default=None, help="held-out preference file (evaluated after training)")
-    p.add_argument("--output-dir", required=True, help="where the reward model and run.json are written")
-    p.add_argument("--margin", default="small",
-                   help="Table 27 margin preset (none, small, large) or a JSON map {rating: margin}")
-    p.add_argument("--safety-aux-loss-coef", type=float, default=0.0, help="weight of the safety auxiliary loss")
-    p.add_argument("--unsafe-threshold", type=float, default=0.5, help="score threshold for unsafe recall")
-    p.add_argument("--max-length", type=int, default=4096, help="longest dialog in tokens")
-    p.add_argument("--learning-rate", type=float, default=1e-5, help="peak LR (paper: 1e-5; 5e-6 for 70B)")
-    p.add_argument("--epochs", type=float, default=1.0, help="epochs (paper: 1)")
-    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
-    p.add_argument("--global-batch-size", type=int, default=512,
-                   help="pairs per optimizer step (paper: 512); 0 disables and uses --grad-accum")
-    p.add_argument("--per-device-batch-size", type=int, default=8, help="pairs per device per micro-step")
-    p.add_argument("--grad-accum", type=int, default=1, help="accumulation steps when --global-batch-size is 0")
-    p.add_argument("--on-invalid", choices=ON_INVALID, default="error", help="invalid rows: error or drop")
-    p.add_argument("--on-overlength", choices=ON_OVERLENGTH, default="error",
-                   help="dialogs longer than --max-length: error, truncate (keep the end) or drop")
-    p.add_argument("--cpu", action="store_true", help="train on CPU (fp32, no gradient checkpointing)")
-    p.add_argument("--logging-steps", type=int, default=10, help="steps between logs")
-    p.add_argument("--seed", type=int, default=42, help="random seed (also for the data mix)")
-    return p
-
-
-def _load_all(paths: list[str], data_format: str, on_invalid: str) -> Dataset:
-    return concatenate_datasets([load_preference_data(p, data_format=data_format, on_invalid=on_invalid)[0]
-                                 for p in paths])
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    margin = json.loads(args.margin) if args.margin.lstrip().startswith("{") else args.margin
-    if args.mix == "none":
-        train = _load_all(args.train_file, args.format, args.on_invalid)
-    else:
-        if not args.mix_with:
-            raise SystemExit("--mix needs --mix-with")
-        primary = {p: load_preference_data(p, data_format=args.format, on_invalid=args.on_invalid)[0]
-                   for p in args.train_file}
-        others = {p: load_preference_data(p, data_format=args.format, on_invalid=args.on_invalid)[0]
-                  for p in args.mix_with}
-        mix = mix_helpfulness_rm_data if args.mix == "helpfulness" else mix_safety_rm_data
-        train = mix(primary, others, seed=args.seed)
-    cpu = dict(use_cpu=True, bf16=False, gradient_checkpointing=False) if args.cpu else {}
-    config = Llama2RewardConfig(
-        output_dir=args.output_dir, margin=margin, safety_aux_loss_coef=args.safety_aux_loss_coef,
-        unsafe_threshold=args.unsafe_threshold, max_length=args.max_length, learning_rate=args.learning_rate,
-        num_train_epochs=args.epochs, max_steps=args.max_steps, global_batch_size=args.global_batch_size or None,
-        per_device_train_batch_size=args.per_device_batch_size, gradient_accumulation_steps=args.grad_accum,
-        on_invalid=args.on_invalid, on_overlength=args.on_overlength, logging_steps=args.logging_steps,
-        seed=args.seed, report_to=[], **cpu)
-    trainer = Llama2RewardTrainer(model=args.model, args=config, train_dataset=train,
-                                  processing_class=load_tokenizer(args.tokenizer or args.model))
-    trainer.train()
-    trainer.save_model(args.output_dir)
-    trainer.processing_class.save_pretrained(args.output_dir)
-    run = {"stage": "train-rm", "args": vars(args),
-           "data": {k: {"total": r.total, "kept": r.kept, "truncated": r.truncated, "dropped": dict(r.dropped)}
-                    for k, r in trainer.data_reports.items()}}
-    if args.eval_file:
-        eval_set = load_preference_data(args.eval_file, data_format=args.format, on_invalid=args.on_invalid)[0]
-        run["eval"] = trainer.evaluate(eval_set)
-    with open(os.path.join(args.output_dir, "run.json"), "w") as f:
-        json.dump(run, f, indent=2, default=str)
-    return 0
