@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = ROOT.parent / "shared" / "data" / "llama2-tokenizer" / "tokenizer.model"
+DEFAULT_TOKENIZER = Path(os.environ.get("LLAMA2_HF_DATA", "data")) / "llama2-tokenizer" / "tokenizer.model"
 
 
 def _status_mb() -> dict[str, float]:
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--shard-sizes", nargs="+", default=["100MB", "1GB"],
                         help="max_shard_size values to measure (default: 100MB 1GB)")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
-                        help="SentencePiece tokenizer.model (default: ../shared/data/llama2-tokenizer)")
+                        help="SentencePiece tokenizer.model (default: $LLAMA2_HF_DATA/llama2-tokenizer)")
     parser.add_argument("--child", nargs=4, metavar=("MODE", "SRC", "OUT", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -171,13 +171,18 @@ def run_stage(name: str, **values) -> RunRecord:
 
 
 def cli_main(name: str, argv: Sequence[str]) -> int:
-    """`llama2-hf <name> ...`: parse, run, and turn user errors into one line on stderr and exit code 2."""
+    """`llama2-hf <name> ...` for a stage: parse its dataclasses, run its one runner."""
     stage = get_stage(name)
-    debug = _pop_debug(argv)[1]
+    return run_command(name, argv, lambda args: stage.main(*parse_args(stage, args)[0]))
+
+
+def run_command(name: str, argv: Sequence[str], body: Callable[[list[str]], Any]) -> int:
+    """Run `body(argv)` as command `llama2-hf <name>`: logging set up, a user error (see `user_error_message`)
+    printed as one line on stderr with exit code 2, a bare `--debug` showing the traceback instead."""
+    argv, debug = _pop_debug(argv)
+    setup_logging()
     try:
-        instances, debug = parse_args(stage, argv)
-        _setup_logging()
-        stage.main(*instances)
+        body(argv)
     except Exception as e:  # noqa: BLE001 - classified below; anything else is re-raised
         message = user_error_message(e)
         if message is None or debug:
@@ -190,8 +195,10 @@ def cli_main(name: str, argv: Sequence[str]) -> int:
 def user_error_message(error: BaseException) -> str | None:
     """The one-line message of an error the user can fix (bad arguments, files, data), or None for a bug."""
     from .data import InvalidDataFile, InvalidExample
+    from .vllm_engine import VLLMNotInstalled
 
-    if isinstance(error, (UsageError, InvalidDataFile, InvalidExample, FileNotFoundError, json.JSONDecodeError)):
+    if isinstance(error, (UsageError, InvalidDataFile, InvalidExample, FileNotFoundError, json.JSONDecodeError,
+                          VLLMNotInstalled)):
         return str(error)
     try:
         from datasets.exceptions import DatasetGenerationError
@@ -203,7 +210,7 @@ def user_error_message(error: BaseException) -> str | None:
     return None
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     level = os.environ.get("LLAMA2_HF_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=getattr(logging, level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

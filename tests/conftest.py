@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from llama2_hf import Llama2Config, Llama2ForRewardModel  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("LLAMA2_HF_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("LLAMA2_HF_DATA", REPO_ROOT.parent / "shared" / "data"))
 LLAMA2_TOKENIZER_MODEL = SHARED_DATA / "llama2-tokenizer" / "tokenizer.model"
 
 # Tiny models are dominated by per-op overhead: one thread is faster, and several test processes share the cores.

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from ..runner import UsageError, _pop_debug, user_error_message
+from ..runner import UsageError, run_command
 from .page import PAGE
 from .storage import AnswerStore, DuplicateAnswer, InvalidAnswer, load_pairs
 
@@ -155,17 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     A bad pairs or answers file prints one line naming the file, line and field, and exits with code 2."""
     from trl import TrlParser
 
-    argv, debug = _pop_debug(sys.argv[1:] if argv is None else argv)
     parser = TrlParser((AnnotateArguments,), prog="llama2-hf annotate", description=__doc__.split("\n")[0])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        (args,) = parser.parse_args_and_config(argv)
-        serve(**asdict(args))
-    except Exception as e:  # noqa: BLE001 - user errors become one line; anything else is re-raised
-        message = user_error_message(e)
-        if message is None or debug:
-            raise
-        print(f"llama2-hf annotate: error: {message}\n(run with --debug for the traceback)", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("annotate", sys.argv[1:] if argv is None else argv,
+                       lambda args: serve(**asdict(parser.parse_args_and_config(args)[0])))

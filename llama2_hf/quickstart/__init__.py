@@ -6,13 +6,15 @@ and evaluation, on 2 CPU cores in minutes; writes `report.md` with plots. Every 
 
 from __future__ import annotations
 
-import argparse
 import logging
+import sys
 
 from .pipeline import Pipeline, QuickstartConfig
 from .world import World
 
 __all__ = ["Pipeline", "QuickstartConfig", "World", "main", "run_quickstart"]
+
+logger = logging.getLogger(__name__)
 
 
 def run_quickstart(config: QuickstartConfig | None = None) -> dict:
@@ -21,18 +23,18 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = QuickstartConfig()
-    p = argparse.ArgumentParser(prog="llama2-hf quickstart", description=__doc__)
-    p.add_argument("--output-dir", default=d.output_dir, help=f"where every stage writes (default: {d.output_dir})")
-    p.add_argument("--scale", type=float, default=d.scale,
-                   help="multiply every data size and step count (default 1.0; 0.25 is the CI variant)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the world and of training")
-    p.add_argument("--stages", default="", help="comma-separated subset of stages to run (default: all)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = QuickstartConfig(output_dir=args.output_dir, scale=args.scale, seed=args.seed, threads=args.threads,
-                              stages=[s for s in args.stages.split(",") if s])
-    results = run_quickstart(config)
-    print(f"report: {config.output_dir}/report.md ({len(results)} stages)")
-    return 0
+    """`llama2-hf quickstart [--output_dir D] [--scale S] [--seed N] [--stages a b ...]`: the fields of
+    `QuickstartConfig` as flags. A user error (a folder of another configuration, an unknown stage, bad data) is one
+    line on stderr and exit code 2; `--debug` shows the traceback."""
+    from transformers import HfArgumentParser
+
+    from ..runner import run_command
+
+    parser = HfArgumentParser(QuickstartConfig, prog="llama2-hf quickstart", description=__doc__)
+
+    def body(args: list[str]) -> None:
+        (config,) = parser.parse_args_into_dataclasses(args)
+        results = run_quickstart(config)
+        logger.info("report: %s/report.md (%d stages)", config.output_dir, len(results))
+
+    return run_command("quickstart", sys.argv[1:] if argv is None else argv, body)

@@ -1,14 +1,17 @@
 """The whole Llama 2-Chat pipeline on the synthetic world, stage by stage, each resuming from its outputs.
 
-Every stage writes its artefacts under `output_dir/<stage>/` and a `run.json` (`stage`, `config`, `inputs`,
-`metrics`) last, so a stage whose `run.json` exists is skipped on the next run and its metrics are read back.
+The stages that do not depend on the toy tokenizer's training run through the pipeline's one runner
+(`runner.run_stage(name, **fields)`, the function behind `llama2-hf <stage>`): the world's data is written to JSONL
+files under `output_dir/data/` and passed by path, with the toy sizes of `QuickstartConfig`. The quickstart's own
+steps (the tokenizer, the toy pretraining, the evaluations of the toy world) keep the runner's bookkeeping too
+(`StageRun`): a folder whose `run.json` holds the same arguments is reused, other arguments are refused. A run in a
+folder made with another configuration (`--scale`, `--seed`, a size) is refused as a whole.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,45 +19,55 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from ..configuration_llama2 import Llama2Config
 from ..generation import SamplingConfig, generate_text
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
+from ..runner import RunRecord, StageRun, UsageError, run_stage, stage_output, write_json_atomic
 from ..tokenization_llama2 import Llama2Tokenizer, train_llama2_tokenizer
 from .world import PIRATE_INSTRUCTION, PIRATE_PREFIX, World, is_correct, is_refusal, is_violation, parse_prompt
 
 logger = logging.getLogger(__name__)
 
-CPU = dict(use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False, report_to=[], save_strategy="no",
-           disable_tqdm=True, dataloader_num_workers=0)
+# Arguments every Trainer-based stage of the quickstart gets: CPU, no checkpoints, no tracker. `use_cpu` is enough
+# for the precision: the configs' `bf16` default (None) resolves to fp32 without an accelerator.
+TRAINER_DEFAULTS = dict(use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+                        global_batch_size=None, logging_steps=5)
+CONFIG_RECORD = "quickstart.json"
+# QuickstartConfig fields that change how a run is observed or scheduled, not what it computes.
+SCHEDULING_FIELDS = ("output_dir", "threads", "stages")
 
 
 @dataclass
 class QuickstartConfig:
-    """Sizes of the laptop-scale run. `scale` multiplies every data size and step count (CI runs 0.25)."""
+    """Sizes of the laptop-scale run (defined here once). `scale` multiplies every data size and step count (CI runs
+    a reduced scale)."""
 
-    output_dir: str = "quickstart_output"
-    scale: float = 1.0
-    seed: int = 0
-    hidden_size: int = 96
-    num_layers: int = 3
-    vocab_size: int = 400
-    pretrain_docs: int = 1500
-    pretrain_steps: int = 250
-    sft_dialogs: int = 3000
-    sft_epochs: float = 1.0
-    rm_pairs: int = 3000
-    eval_prompts: int = 120
-    rs_prompts: int = 300
-    rs_samples: int = 4
-    rs_temperature: float = 1.0
-    ppo_iterations: int = 12
-    ppo_batch: int = 32
-    gatt_dialogs: int = 200
-    threads: int = 1
-    stages: list[str] = field(default_factory=list)  # empty: all
+    output_dir: str = field(default="quickstart_output", metadata={"help": "Where every stage writes."})
+    scale: float = field(default=1.0, metadata={"help": "Multiplies every data size and step count."})
+    seed: int = field(default=0, metadata={"help": "Seed of the world and of training."})
+    hidden_size: int = field(default=96, metadata={"help": "Width of the toy model."})
+    num_layers: int = field(default=3, metadata={"help": "Decoder layers of the toy model."})
+    vocab_size: int = field(default=400, metadata={"help": "Pieces of the toy tokenizer."})
+    pretrain_docs: int = field(default=1500, metadata={"help": "Pretraining documents."})
+    pretrain_steps: int = field(default=250, metadata={"help": "Pretraining optimizer steps."})
+    sft_dialogs: int = field(default=3000, metadata={"help": "SFT demonstrations."})
+    sft_epochs: float = field(default=1.0, metadata={"help": "Epochs over the SFT demonstrations."})
+    rm_pairs: int = field(default=3000, metadata={"help": "Preference pairs per reward model (plus 400 held out)."})
+    eval_prompts: int = field(default=120, metadata={"help": "Held-out prompts of the policy evaluations."})
+    rs_prompts: int = field(default=300, metadata={"help": "Prompts of rejection sampling."})
+    rs_samples: int = field(default=4, metadata={"help": "Samples per prompt in rejection sampling (K)."})
+    rs_temperature: float = field(default=1.0, metadata={"help": "Temperature of rejection sampling."})
+    ppo_iterations: int = field(default=12, metadata={"help": "PPO iterations."})
+    ppo_batch: int = field(default=32, metadata={"help": "Rollouts per PPO iteration."})
+    gatt_dialogs: int = field(default=200, metadata={"help": "Dialogues of the Ghost Attention data."})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads."})
+    stages: list[str] = field(default_factory=list, metadata={"help": "Subset of stages to run (default: all)."})
 
     def n(self, value: int, minimum: int = 8) -> int:
         return max(minimum, int(round(value * self.scale)))
+
+    def identity(self) -> dict:
+        """What a run folder is made with: every field but the scheduling ones."""
+        return {k: v for k, v in asdict(self).items() if k not in SCHEDULING_FIELDS}
 
 
 class Pipeline:
@@ -65,110 +78,133 @@ class Pipeline:
         self.world = World(seed=config.seed)
         self.results: dict[str, dict] = {}
         torch.set_num_threads(config.threads)
+        self._check_folder()
+
+    def _check_folder(self) -> None:
+        """Refuse a folder made with another configuration (its stages would mix two worlds or two scales)."""
+        path = self.out / CONFIG_RECORD
+        mine = json.loads(json.dumps(self.config.identity()))
+        if path.is_file():
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+            diffs = [f"{k}: {recorded.get(k)!r} -> {mine.get(k)!r}" for k in sorted(recorded.keys() | mine.keys())
+                     if recorded.get(k) != mine.get(k)]
+            if diffs:
+                raise UsageError(f"{self.out} holds a quickstart run with another configuration ({'; '.join(diffs)}): "
+                                 "resume it with the same arguments, or choose another --output_dir")
+        else:
+            write_json_atomic(path, mine)
 
     # -- stage bookkeeping ---------------------------------------------------------------------------------------
 
-    def stage(self, name: str, fn: Callable[[Path], dict], inputs: dict | None = None) -> dict:
-        """Run `fn(stage_dir) -> metrics` unless the stage already finished; record run.json."""
+    def stage(self, name: str, fn: Callable[[Path], dict], **args) -> dict:
+        """One of the quickstart's own steps under the runner's bookkeeping: `fn(stage_dir) -> metrics` runs unless
+        `stage_dir/run.json` holds the same arguments (then its metrics are read back)."""
         stage_dir = self.out / name
-        run_json = stage_dir / "run.json"
-        if run_json.exists():
-            logger.info("stage %s: done already, reading %s", name, run_json)
-            metrics = json.loads(run_json.read_text())["metrics"]
-        else:
+        run = StageRun(f"quickstart-{name}", stage_dir, {"config": self.config.identity(), **args})
+        if not run.done:
             logger.info("stage %s: running", name)
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            start = time.perf_counter()
-            metrics = fn(stage_dir)
-            metrics["seconds"] = round(time.perf_counter() - start, 1)
-            record = {"stage": name, "config": asdict(self.config), "inputs": inputs or {}, "metrics": metrics}
-            tmp = run_json.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=2))
-            tmp.replace(run_json)  # written last and atomically: a crash mid-stage re-runs the stage
-        self.results[name] = metrics
-        return metrics
+            run.metrics.update(fn(stage_dir))
+            run.finish()
+        return {**run.record.metrics, "seconds": run.record.seconds}
+
+    def run_stage(self, name: str, command: str, **fields) -> RunRecord:
+        """A pipeline stage through its one runner, writing into `output_dir/<name>` (its own resume rule)."""
+        logger.info("stage %s: llama2-hf %s", name, command)
+        return run_stage(command, output_dir=str(self.out / name), **fields)
+
+    def write_data(self, name: str, rows: list[dict]) -> str:
+        """The world's rows as a JSONL file under `output_dir/data/` (rewritten identically on a resume)."""
+        path = self.out / "data" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+        return str(path)
 
     def tokenizer(self) -> Llama2Tokenizer:
         tok = Llama2Tokenizer.from_pretrained(self.out / "tokenizer")
         tok.pad_token = tok.unk_token
         return tok
 
-    def load_policy(self, name: str) -> Llama2ForCausalLM:
-        return Llama2ForCausalLM.from_pretrained(self.out / name / "model").eval()
+    def model_dir(self, name: str) -> Path:
+        """The model a stage saved: a runner stage's `model` output, or the `model/` folder of a quickstart step."""
+        folder = self.out / name
+        return stage_output(folder, "model") if (folder / "run.json").is_file() and \
+            "model" in RunRecord.read(folder).outputs else folder / "model"
 
-    def training_args(self, cls, stage_dir: Path, **kwargs):
-        return cls(output_dir=str(stage_dir / "trainer"), seed=self.config.seed, logging_steps=5, **CPU, **kwargs)
+    def load_policy(self, name: str) -> Llama2ForCausalLM:
+        return Llama2ForCausalLM.from_pretrained(self.model_dir(name)).eval()
 
     # -- stages --------------------------------------------------------------------------------------------------
 
     def run_tokenizer(self, stage_dir: Path) -> dict:
         texts = self.world.pretraining_texts(self.config.n(self.config.pretrain_docs))
         texts += [m["content"] for d in self.world.sft_dialogs(500) for m in d]
-        tok = train_llama2_tokenizer(texts, vocab_size=self.config.vocab_size, output_dir=stage_dir.parent / "tokenizer")
+        tok = train_llama2_tokenizer(texts, vocab_size=self.config.vocab_size,
+                                     output_dir=stage_dir.parent / "tokenizer")
         return {"vocab_size": len(tok), "training_texts": len(texts)}
 
-    def run_pretrain(self, stage_dir: Path) -> dict:
-        from ..pretrain import Llama2PretrainConfig, pretrain
-
+    def run_pretrain(self) -> dict:
         c = self.config
-        tok = self.tokenizer()
-        torch.manual_seed(c.seed)
-        model = Llama2ForCausalLM(Llama2Config.from_preset(
-            "tiny", vocab_size=len(tok), hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
-            num_attention_heads=4, num_key_value_heads=2, intermediate_size=256, max_position_embeddings=512))
-        args = self.training_args(Llama2PretrainConfig, stage_dir, max_steps=c.n(c.pretrain_steps, 20),
-                                  per_device_train_batch_size=16, block_size=128, learning_rate=3e-3,
-                                  warmup_steps=10)
-        trainer = pretrain(model, tok, self.world.pretraining_texts(c.n(c.pretrain_docs)), args)
-        model.save_pretrained(stage_dir / "model")
-        tok.save_pretrained(stage_dir / "model")
-        return {"loss_curve": _losses(trainer), "parameters": model.num_parameters()}
+        docs = self.world.pretraining_texts(c.n(c.pretrain_docs))
+        texts = self.write_data("pretrain", [{"text": t} for t in docs])
+        record = self.run_stage("pretrain", "pretrain", train_file=[texts],
+                                tokenizer_name_or_path=str(self.out / "tokenizer"),
+                                model_preset="tiny", hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+                                num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+                                max_position_embeddings=512, max_length=128, max_steps=c.n(c.pretrain_steps, 20),
+                                per_device_train_batch_size=16, learning_rate=3e-3, warmup_steps=10, seed=c.seed,
+                                **TRAINER_DEFAULTS)
+        return {"loss_curve": _losses(record),
+                "parameters": Llama2ForCausalLM.from_pretrained(self.model_dir("pretrain")).num_parameters(),
+                "seconds": record.seconds}
 
-    def run_sft(self, stage_dir: Path) -> dict:
-        from ..trainers.sft import Llama2SFTConfig, Llama2SFTTrainer
-
+    def run_sft(self) -> dict:
         c = self.config
-        tok = self.tokenizer()
-        model = self.load_policy("pretrain").train()
-        data = Dataset.from_list([{"messages": d} for d in self.world.sft_dialogs(c.n(c.sft_dialogs))])
-        args = self.training_args(Llama2SFTConfig, stage_dir, max_length=256, num_train_epochs=c.sft_epochs,
-                                  learning_rate=2e-3, per_device_train_batch_size=8, global_batch_size=None,
-                                  warmup_steps=5)
-        trainer = Llama2SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
-        trainer.train()
-        model.save_pretrained(stage_dir / "model")
-        tok.save_pretrained(stage_dir / "model")
-        return {"loss_curve": _losses(trainer), "examples": len(data)}
+        train = self.write_data("sft", [{"messages": d} for d in self.world.sft_dialogs(c.n(c.sft_dialogs))])
+        record = self.run_stage("sft", "sft", model_name_or_path=str(self.model_dir("pretrain")), train_file=[train],
+                                seed=c.seed, max_length=256, num_train_epochs=c.sft_epochs, learning_rate=2e-3,
+                                per_device_train_batch_size=8, warmup_steps=5, **TRAINER_DEFAULTS)
+        return {"loss_curve": _losses(record), "examples": record.metrics["data"]["train"]["kept"],
+                "seconds": record.seconds}
 
-    def run_reward_model(self, kind: str, stage_dir: Path) -> dict:
+    def run_reward_model(self, kind: str) -> dict:
+        """`train-rm` on the world's preferences; the held-out accuracy before and after training (Table 8 layout)
+        is the quickstart's own measurement, kept in its own folder `eval_rm_<kind>`."""
         from ..rm_eval import evaluate_reward_model, table8_row
-        from ..trainers.reward import Llama2RewardConfig, Llama2RewardTrainer
 
         c = self.config
-        tok = self.tokenizer()
+        name = f"rm_{kind}"
         rows = self.world.preferences(kind, c.n(c.rm_pairs) + 400)
-        train, held_out = Dataset.from_list(rows[400:]), Dataset.from_list(rows[:400])
-        rm = Llama2ForRewardModel.from_pretrained(self.out / "sft" / "model")
-        before = evaluate_reward_model(rm, tok, held_out, batch_size=32)
+        train, held_out = self.write_data(f"{kind}_train", rows[400:]), rows[:400]
         # The safety RM gets the auxiliary loss (paper A.3.4): it calibrates sigmoid(R_s), which the 0.15 gate reads.
-        args = self.training_args(Llama2RewardConfig, stage_dir, max_length=256, learning_rate=1e-3,
-                                  per_device_train_batch_size=16, global_batch_size=None, margin="small",
-                                  safety_aux_loss_coef=1.0 if kind == "safety" else 0.0)
-        trainer = Llama2RewardTrainer(model=rm, args=args, train_dataset=train, processing_class=tok)
-        trainer.train()
-        after = evaluate_reward_model(rm.eval(), tok, held_out, batch_size=32)
-        rm.save_pretrained(stage_dir / "model")
-        tok.save_pretrained(stage_dir / "model")
-        return {"loss_curve": _losses(trainer), "held_out_before": before, "held_out": after,
-                "table8": table8_row(after)}
+        record = self.run_stage(name, "train-rm", model_name_or_path=str(self.model_dir("sft")), train_file=[train],
+                                seed=c.seed, max_length=256, learning_rate=1e-3, per_device_train_batch_size=16,
+                                margin="small", safety_aux_loss_coef=1.0 if kind == "safety" else 0.0,
+                                **TRAINER_DEFAULTS)
+
+        def measure(_: Path) -> dict:
+            tok = self.tokenizer()
+            torch.manual_seed(c.seed)  # the new scalar head of the untrained RM
+            before = evaluate_reward_model(Llama2ForRewardModel.from_pretrained(self.model_dir("sft")), tok,
+                                           Dataset.from_list(held_out), batch_size=32)
+            rm = Llama2ForRewardModel.from_pretrained(self.model_dir(name)).eval()
+            after = evaluate_reward_model(rm, tok, Dataset.from_list(held_out), batch_size=32)
+            return {"held_out_before": before, "held_out": after, "table8": table8_row(after)}
+
+        measured = self.stage(f"eval_rm_{kind}", measure, reward_model=record.inputs.get("model", {}),
+                              trained_seconds=record.seconds)
+        return {"loss_curve": _losses(record), **measured, "seconds": record.seconds + measured["seconds"]}
 
     def reward(self):
         """The paper's reward: helpfulness RM gated by the safety RM (threshold 0.15), LOGIT then WHITEN."""
         from ..rewards import RewardModelScorer, SafetyGatedReward
 
         tok = self.tokenizer()
-        helpful = Llama2ForRewardModel.from_pretrained(self.out / "rm_helpfulness" / "model")
-        safety = Llama2ForRewardModel.from_pretrained(self.out / "rm_safety" / "model")
+        helpful = Llama2ForRewardModel.from_pretrained(self.model_dir("rm_helpfulness"))
+        safety = Llama2ForRewardModel.from_pretrained(self.model_dir("rm_safety"))
         return SafetyGatedReward(RewardModelScorer(helpful, tok, batch_size=64),
                                  RewardModelScorer(safety, tok, batch_size=64))
 
@@ -199,75 +235,65 @@ class Pipeline:
     def run_policy_eval(self, name: str, stage_dir: Path) -> dict:
         return self.policy_metrics(name, stage_dir)
 
-    def run_rejection_sampling(self, stage_dir: Path) -> dict:
-        from ..rejection_sampling import RejectionSampler, RejectionSamplingConfig, max_median_curves, plot_max_median
-        from ..trainers.sft import Llama2SFTConfig
+    def reward_fields(self) -> dict:
+        return {"helpfulness_reward_model": str(self.out / "rm_helpfulness"),
+                "safety_reward_model": str(self.out / "rm_safety"), "reward_batch_size": 64}
 
+    def run_rejection_sampling(self) -> dict:
         c = self.config
-        tok = self.tokenizer()
-        model = self.load_policy("sft")
-        prompts = self.world.rl_prompts(c.n(c.rs_prompts), salt="rs")
-        rs_config = RejectionSamplingConfig(num_samples=c.rs_samples, temperature=c.rs_temperature,
-                                            max_new_tokens=40, prompt_batch_size=32, seed=c.seed)
-        sampler = RejectionSampler(model, tok, self.reward(), stage_dir / "samples", rs_config)
-        sft = self.training_args(Llama2SFTConfig, stage_dir, max_length=256, num_train_epochs=2,
-                                 learning_rate=1e-3, per_device_train_batch_size=8, global_batch_size=None)
-        summary = sampler.run_iteration(prompts, iteration=1, sft_config=sft, progress=False)
-        model.save_pretrained(stage_dir / "model")
-        tok.save_pretrained(stage_dir / "model")
-        scores = [rec["scores"] for rec in sampler.log.records.values()]
-        curves = max_median_curves([[s for s in row if s is not None] for row in scores])
-        plot_max_median(curves, stage_dir / "figure7_max_vs_median.png", title="Reward of N samples (SFT policy)")
-        return {"summary": summary, "max_vs_median": curves}
+        prompts = self.write_data("rs_prompts", self.world.rl_prompts(c.n(c.rs_prompts), salt="rs"))
+        record = self.run_stage("rejection_sampling", "rejection-sample", model_name_or_path=str(self.out / "sft"),
+                                prompts_file=[prompts], num_samples=c.rs_samples, temperature=c.rs_temperature,
+                                max_new_tokens=40, prompt_batch_size=32, seed=c.seed, max_length=256,
+                                num_train_epochs=2, learning_rate=1e-3, per_device_train_batch_size=8,
+                                **self.reward_fields(), **TRAINER_DEFAULTS)
+        report = json.loads(record.output("report", self.out / "rejection_sampling").read_text(encoding="utf-8"))
+        return {"summary": {k: v for k, v in report.items() if k != "figure7"}, "max_vs_median": report["figure7"],
+                "seconds": record.seconds}
 
-    def run_ppo(self, stage_dir: Path) -> dict:
-        from ..trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer
-
+    def run_ppo(self) -> dict:
         c = self.config
-        tok = self.tokenizer()
-        policy = self.load_policy("rejection_sampling")
-        rows = self.world.rl_prompts(c.n(c.ppo_iterations * c.ppo_batch, 32), salt="ppo")
+        prompts = self.write_data("ppo_prompts",
+                                  self.world.rl_prompts(c.n(c.ppo_iterations * c.ppo_batch, 32), salt="ppo"))
         # The critic starts from the helpfulness RM (the trainer's default, value_model_init="reward_model").
-        args = Llama2PPOConfig(output_dir=str(stage_dir / "trainer"), batch_size=c.ppo_batch, mini_batch_size=8,
-                               num_iterations=c.n(c.ppo_iterations, 3), learning_rate=5e-5, kl_coef=0.01,
-                               max_new_tokens=40, temperature=1.0, generation_batch_size=64, seed=c.seed,
-                               save_steps=0)
-        trainer = Llama2PPOTrainer(args=args, model=policy, processing_class=tok, reward=self.reward(),
-                                   train_dataset=rows)
-        history = trainer.train()
-        policy.save_pretrained(stage_dir / "model")
-        tok.save_pretrained(stage_dir / "model")
+        record = self.run_stage("ppo", "ppo", model_name_or_path=str(self.out / "rejection_sampling"),
+                                prompts_file=[prompts], batch_size=c.ppo_batch, mini_batch_size=8,
+                                num_iterations=c.n(c.ppo_iterations, 3), learning_rate=5e-5, kl_coef=0.01,
+                                max_new_tokens=40, temperature=1.0, generation_batch_size=64, seed=c.seed,
+                                save_steps=0, use_cpu=True, report_to=[], disable_tqdm=True, **self.reward_fields())
+        history = [json.loads(line) for line in record.output("metrics", self.out / "ppo").read_text(
+            encoding="utf-8").splitlines() if line.strip()]
         keys = ("iteration", "reward/raw_mean", "objective/kl", "objective/entropy", "value/loss", "policy/clipfrac",
                 "response/length_mean", "time/generation", "time/scoring", "time/training")
-        return {"history": [{k: h[k] for k in keys if k in h} for h in history]}
+        return {"history": [{k: h[k] for k in keys if k in h} for h in history], "seconds": record.seconds}
 
-    def run_gatt(self, stage_dir: Path) -> dict:
-        """Ghost Attention on the pirate persona: sample multi-turn answers with the instruction on every user turn,
-        keep it on the first turn only, train on the last answer; adherence ("Arr!") by turn before and after."""
-        from ..gatt import ChatSampler, GAttDataConfig, make_gatt_data
-        from ..trainers.sft import Llama2SFTConfig, Llama2SFTTrainer
-
+    def run_gatt(self) -> dict:
+        """Ghost Attention on the pirate persona: `gatt` samples multi-turn answers with the instruction on every user
+        turn and keeps it on the first turn only; `sft` trains on the last answer (`train_on: last`). Adherence
+        ("Arr!") by turn before and after is the quickstart's own measurement."""
         c = self.config
-        tok = self.tokenizer()
-        model = self.load_policy("ppo" if (self.out / "ppo" / "model").exists() else "rejection_sampling")
-        before = self.persona_adherence(model, tok)
-        dialogues = [{"messages": d} for d in self.world.gatt_dialogs(c.n(c.gatt_dialogs), turns=3)]
-        sampler = ChatSampler(model, tok, SamplingConfig(max_new_tokens=40, temperature=0.0, prompt_batch_size=64))
-        rows, stats = make_gatt_data(dialogues, sampler,
-                                     config=GAttDataConfig(instructions=(PIRATE_INSTRUCTION,), seed=c.seed))
-        Dataset.from_list(rows).to_json(stage_dir / "gatt_data.jsonl")
-        # Sampled answers can be empty (EOS first): such rows are dropped, counted in the trainer's data report.
-        args = self.training_args(Llama2SFTConfig, stage_dir, max_length=256, num_train_epochs=2, train_on="last",
-                                  learning_rate=1e-3, per_device_train_batch_size=8, global_batch_size=None,
-                                  on_invalid="drop")
-        trainer = Llama2SFTTrainer(model=model.train(), args=args, train_dataset=Dataset.from_list(rows),
-                                   processing_class=tok)
-        trainer.train()
-        model.eval().save_pretrained(stage_dir / "model")
-        tok.save_pretrained(stage_dir / "model")
-        report = trainer.data_reports["train"]
-        return {"adherence_before": before, "adherence_after": self.persona_adherence(model, tok),
-                "examples": report.kept, "dropped": dict(report.dropped), "generation": stats}
+        base = "ppo" if (self.out / "ppo" / "run.json").exists() else "rejection_sampling"
+        dialogues = self.write_data("gatt_dialogues",
+                                    [{"messages": d} for d in self.world.gatt_dialogs(c.n(c.gatt_dialogs), turns=3)])
+        data = self.run_stage("gatt_data", "gatt", model_name_or_path=str(self.out / base), dialogues_file=[dialogues],
+                              instructions=[PIRATE_INSTRUCTION], max_new_tokens=40, temperature=0.0,
+                              prompt_batch_size=64, seed=c.seed)
+        # Sampled answers can be empty (EOS first): such rows are dropped, counted in the stage's data report.
+        tuned = self.run_stage("gatt", "sft", model_name_or_path=str(self.model_dir(base)),
+                               train_file=[str(self.out / "gatt_data")], train_on="last", on_invalid="drop",
+                               max_length=256, num_train_epochs=2, learning_rate=1e-3, per_device_train_batch_size=8,
+                               seed=c.seed, **TRAINER_DEFAULTS)
+
+        def measure(_: Path) -> dict:
+            tok = self.tokenizer()
+            return {"adherence_before": self.persona_adherence(self.load_policy(base), tok),
+                    "adherence_after": self.persona_adherence(self.load_policy("gatt"), tok)}
+
+        adherence = self.stage("eval_gatt", measure, base=base, trained=tuned.args)
+        report = tuned.metrics["data"]["train"]
+        return {**adherence, "examples": report["kept"], "dropped": report["dropped"],
+                "generation": {k: v for k, v in data.metrics.items() if not isinstance(v, (dict, list))},
+                "seconds": data.seconds + tuned.seconds + adherence["seconds"]}
 
     def persona_adherence(self, model, tok, turns: int = 4, n: int = 24) -> dict[str, float]:
         """Fraction of dialogs whose answer at turn t starts with "Arr!", the system prompt given at turn 1 only."""
@@ -287,31 +313,45 @@ class Pipeline:
     # -- the whole run -------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        plan: list[tuple[str, Callable[[Path], dict]]] = [
+        # (name, the quickstart's own step); None: a pipeline stage run through its runner (runner_stages)
+        own: list[tuple[str, Callable[[Path], dict] | None]] = [
             ("tokenizer", self.run_tokenizer),
-            ("pretrain", self.run_pretrain),
-            ("sft", self.run_sft),
-            ("rm_helpfulness", lambda d: self.run_reward_model("helpfulness", d)),
-            ("rm_safety", lambda d: self.run_reward_model("safety", d)),
+            ("pretrain", None),
+            ("sft", None),
+            ("rm_helpfulness", None),
+            ("rm_safety", None),
             ("eval_sft", lambda d: self.run_policy_eval("sft", d)),
-            ("rejection_sampling", self.run_rejection_sampling),
+            ("rejection_sampling", None),
             ("eval_rejection_sampling", lambda d: self.run_policy_eval("rejection_sampling", d)),
-            ("ppo", self.run_ppo),
+            ("ppo", None),
             ("eval_ppo", lambda d: self.run_policy_eval("ppo", d)),
-            ("gatt", self.run_gatt),
+            ("gatt", None),
         ]
+        runner_stages = {"pretrain": self.run_pretrain, "sft": self.run_sft,
+                         "rm_helpfulness": lambda: self.run_reward_model("helpfulness"),
+                         "rm_safety": lambda: self.run_reward_model("safety"),
+                         "rejection_sampling": self.run_rejection_sampling, "ppo": self.run_ppo, "gatt": self.run_gatt}
         wanted = set(self.config.stages)
-        for name, fn in plan:
-            if not wanted or name in wanted:
-                self.stage(name, fn)
+        unknown = wanted - {name for name, _ in own}
+        if unknown:
+            raise UsageError(f"unknown quickstart stages {sorted(unknown)}; expected some of {[n for n, _ in own]}")
+        for name, fn in own:
+            if wanted and name not in wanted:
+                continue
+            if name in runner_stages:
+                self.results[name] = runner_stages[name]()
+            else:
+                self.results[name] = self.stage(name, fn)
         from .report import write_report
 
         write_report(self.out, self.results)
         return self.results
 
 
-def _losses(trainer) -> list[list[float]]:
-    return [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]
+def _losses(source) -> list[list[float]]:
+    """[step, loss] pairs of a Trainer's log, or of a stage's run record (`metrics.log_history`)."""
+    history = source.metrics.get("log_history", []) if isinstance(source, RunRecord) else source.state.log_history
+    return [[h["step"], h["loss"]] for h in history if "loss" in h]
 
 
 def _mean(values) -> float:

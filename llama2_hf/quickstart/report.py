@@ -144,7 +144,7 @@ def write_report(out: Path, results: dict) -> Path:
         lines += ["## Rejection sampling", "",
                   f"Mean reward of all samples {s['mean_score']:.3f}, of the best of each prompt "
                   f"{s['mean_best_score']:.3f}.", "",
-                  "![max vs median](rejection_sampling/figure7_max_vs_median.png)", ""]
+                  "![max vs median](rejection_sampling/figure7.png)", ""]
     if "ppo" in results:
         plot_ppo(results, out / "ppo.png")
         h = results["ppo"]["history"]
