@@ -31,10 +31,10 @@ STAGE_HELP = {
     "ppo": "PPO against the safety-gated reward with a KL penalty",
     "gatt": "Ghost Attention training data (multi-turn sampling with the instruction on every turn)",
     "gatt-eval": "Ghost Attention adherence by turn (paper Table 30 / Figure 28)",
-    "gatt-lists": "constraint value lists (hobbies, public figures) written by a chat model, as the paper's",
+    "gatt-lists": "constraint value lists (hobbies, public figures) written by a chat model, as the paper's (§3.3)",
     "distill": "targeted safety context distillation",
     "refusals": "false-refusal rates on helpfulness prompts and a borderline set",
-    "eval": "MMLU, GSM8K, TruthfulQA and ToxiGen as the paper measures them",
+    "eval": "MMLU, GSM8K, TruthfulQA and ToxiGen (lm-evaluation-harness prompts; the paper's decoding for chat models)",
     "push": "upload a model, tokenizer or reward model to the Hub with a model card",
 }
 COMMANDS = {**{name: STAGE_HELP[name] for name in STAGES}, **{k: v[1] for k, v in OTHER_COMMANDS.items()}}

@@ -179,7 +179,8 @@ class Pipeline:
         name = f"rm_{kind}"
         rows = self.world.preferences(kind, c.n(c.rm_pairs) + 400)
         train, held_out = self.write_data(f"{kind}_train", rows[400:]), rows[:400]
-        # The safety RM gets the auxiliary loss (paper A.3.4): it calibrates sigmoid(R_s), which the 0.15 gate reads.
+        # The safety RM gets an auxiliary loss (the paper adds one, §A.3.4; its form and weight are ours): it
+        # calibrates sigmoid(R_s), which the 0.15 gate reads.
         record = self.run_stage(name, "train-rm", model_name_or_path=str(self.model_dir("sft")), train_file=[train],
                                 seed=c.seed, max_length=256, learning_rate=1e-3, per_device_train_batch_size=16,
                                 margin="small", safety_aux_loss_coef=1.0 if kind == "safety" else 0.0,

@@ -1,6 +1,6 @@
 """What several stages load the same way: the tokenizer, a model from TRL's `ModelConfig`, the precision policy.
 
-Precision (paper §2.2 trains in bf16 with fp32 master weights): a model that an optimizer updates is loaded in
+Precision (our policy; the paper does not state its training precision): a model that an optimizer updates is loaded in
 float32 (`ModelConfig.dtype`, TRL's default) and low precision is compute only (`bf16: true` in a Trainer config
 -> autocast; PPO's `mixed_precision`). Loading trainable weights in bf16 is refused: at the paper's PPO learning
 rate 1e-6 most bf16 parameter updates round to nothing. Frozen models (reference, reward models, evaluation) may be
