@@ -36,6 +36,8 @@ STAGE_HELP = {
     "refusals": "false-refusal rates on helpfulness prompts and a borderline set",
     "eval": "MMLU, GSM8K, TruthfulQA and ToxiGen (lm-evaluation-harness prompts; the paper's decoding for chat models)",
     "push": "upload a model, tokenizer or reward model to the Hub with a model card",
+    "iterate": "iterative RLHF: fresh preferences, both reward models retrained on all data, pooled rejection "
+               "sampling, PPO (paper §3.2)",
 }
 COMMANDS = {**{name: STAGE_HELP[name] for name in STAGES}, **{k: v[1] for k, v in OTHER_COMMANDS.items()}}
 

@@ -164,7 +164,7 @@ def get_stage(name: str) -> Stage:
     return load_stage(name)
 
 
-def run_stage(name: str, **values) -> RunRecord:
+def run_stage(name: str, /, **values) -> RunRecord:
     """Run stage `name` in this process with the given field values (the quickstart's and the tests' entry)."""
     stage = get_stage(name)
     return stage.main(*build(stage, **values))

@@ -26,6 +26,7 @@ STAGES: dict[str, str] = {
     "refusals": "llama2_hf.stages.refusals",
     "eval": "llama2_hf.stages.evaluate",
     "push": "llama2_hf.stages.push",
+    "iterate": "llama2_hf.stages.iterate",
 }
 
 
