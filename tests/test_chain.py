@@ -87,6 +87,6 @@ def test_recipe_chain_on_two_processes(stage_inputs, shared_data, tmp_path):
         _launch("push", "push/llama2-7b.yaml", "--model_name_or_path", out / "chat", "--repo_id", "alice/tiny-chat",
                 "--private", "false", "--output_dir", out / "push", env=env)
         files = hub.files("alice/tiny-chat")
-    assert {"config.json", "model.safetensors", "tokenizer.model", "README.md"} <= set(files)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(files)
     card = files["README.md"].decode()
     assert "sft" in card and RunRecord.read(out / "push").stage == "push"
