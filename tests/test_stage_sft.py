@@ -80,3 +80,21 @@ def test_sft_ddp_two_processes(stage_inputs, tmp_path):
     record = RunRecord.read(out)
     assert record.world_size == 2 and record.args["gradient_accumulation_steps"] == 2  # 8 = 2 per device x 2 x 2
     assert (out / "model.safetensors").is_file()
+
+
+def test_bad_line_in_second_file_names_that_file_and_its_line(stage_inputs, tmp_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "hi", "answer": "hello"}] * 3)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "hi", "answer": "hello"}\n{"prompt": "hi", "answer": \n')
+    code = cli(["sft", "--model_name_or_path", str(stage_inputs["policy"]), "--train_file", str(good), str(broken),
+                "--output_dir", str(tmp_path / "o"), "--use_cpu", "true"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{broken}, line 2: not valid JSON" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_debug_shows_the_traceback(stage_inputs, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(Exception, match="line 1, field 'messages'"):
+        cli(["sft", "--model_name_or_path", str(stage_inputs["policy"]), "--train_file", str(bad),
+             "--output_dir", str(tmp_path / "o"), "--use_cpu", "true", "--debug"])
