@@ -3,7 +3,8 @@
 Packing (paper §3.1: prompts and answers are concatenated to fill the 4096-token sequences) puts several tokenized
 examples in one row. `DataCollatorForPackedLM` returns `position_ids` that restart at 0 for every example and no
 `attention_mask`: from those, transformers builds a block-diagonal causal mask (with `use_cache=False`), so packed
-examples never attend to each other, and each example sees the same positions as when it is alone in a row. Labels of
+examples never attend to each other (our choice: the paper does not say how attention treats packed samples), and
+each example sees the same positions as when it is alone in a row. Labels of
 the first token of every example are -100, so no token is trained to predict across a boundary. Packed and padded
 batches of the same examples therefore give the same loss.
 

@@ -63,7 +63,7 @@ _IGNORED_KEYS = frozenset({"rope.freqs"})  # RoPE table stored by some releases;
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
-# Meta sampling defaults of `Llama.text_completion` / `chat_completion` (LLAMA2_FACTS §11).
+# Meta's sampling defaults of `Llama.text_completion` / `chat_completion` (meta-llama/llama `llama/generation.py`).
 _META_TEMPERATURE = 0.6
 _META_TOP_P = 0.9
 

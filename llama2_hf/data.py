@@ -45,7 +45,7 @@ import torch
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_dataset
 
 from .losses import RATINGS, canonical_rating, margins_for
-from .tokenization_llama2 import encode_chat_with_mask, validate_messages
+from .tokenization_llama2 import encode_chat_with_mask, separator_token_id, validate_messages
 
 logger = logging.getLogger(__name__)
 
@@ -288,8 +288,9 @@ def _apply_policies(dataset: Dataset, row_fn, empty: dict, name: str, on_invalid
 
 def prepare_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, train_on: str = "all",
                         on_invalid: str = "error", on_overlength: str = "error", num_proc: int | None = None,
-                        name: str = "sft") -> tuple[Dataset, DataReport]:
-    """Tokenize SFT rows in the Llama 2-Chat format with answer-only labels.
+                        name: str = "sft", separator_token: str | None = None) -> tuple[Dataset, DataReport]:
+    """Tokenize SFT rows in the Llama 2-Chat format (or, with `separator_token`, prompt and answer split by that
+    token: see `encode_chat_with_mask`) with answer-only labels.
 
     Returns a dataset with `input_ids` and `labels` (the ids on answer tokens and their EOS, -100 elsewhere;
     `train_on="last"` keeps only the final answer, as Ghost Attention needs) and the report. Rows that already have
@@ -298,6 +299,8 @@ def prepare_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, tra
     dropped (reason `no_answer_after_truncation`).
     """
     check_policies(on_invalid, on_overlength)
+    if separator_token is not None:
+        separator_token_id(tokenizer, separator_token)  # a missing token is a setup error, not a bad row
 
     def row_fn(example, row):
         if example.get("input_ids") is not None:
@@ -313,7 +316,8 @@ def prepare_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, tra
             if len(labels) != len(ids):
                 raise InvalidExample(row, "labels", "bad_type", f"{len(labels)} labels for {len(ids)} input_ids")
         else:
-            enc = encode_chat_with_mask(tokenizer, sft_messages(example, row), train_on=train_on)
+            enc = encode_chat_with_mask(tokenizer, sft_messages(example, row), train_on=train_on,
+                                        separator_token=separator_token)
             ids = enc.input_ids
             labels = [t if m else -100 for t, m in zip(ids, enc.assistant_mask)]
         status = "ok"
@@ -732,7 +736,7 @@ def mix_safety_rm_data(safety: Mapping[str, Dataset], helpfulness: Mapping[str, 
                        safety_fraction: float = 0.9, seed: int = 0) -> Dataset:
     """Training data of the Safety RM: all safety data (Meta Safety + Anthropic Harmless) mixed with helpfulness data
     (Meta Helpfulness + open-source helpfulness) sampled uniformly so that safety is `safety_fraction` of the mix
-    (0.9: the paper's 90/10). Rows keep a `source` column; the result is shuffled."""
+    (0.9: the paper's 90/10, §3.2.2). Rows keep a `source` column; the result is shuffled."""
     if not 0.0 < safety_fraction <= 1.0:
         raise ValueError(f"safety_fraction must be in (0, 1], got {safety_fraction}")
     primary = _concat_named(safety)

@@ -238,7 +238,7 @@ def margins_for(ratings, margins: str | dict[str, float] = "small") -> torch.Ten
 
 
 def safety_auxiliary_loss(rewards: torch.Tensor, safe_labels: torch.Tensor) -> torch.Tensor:
-    """Optional safety auxiliary term for the Safety RM (paper §A.3.4, Table 29; its formula is not published).
+    """Optional safety auxiliary term for the Safety RM (paper §A.3.4, Table 29: neither its form nor weight given).
 
     Our choice: binary cross-entropy that reads `sigmoid(reward)` as P(response is safe), i.e. `-log sigmoid(r)` on
     responses labelled safe and `-log sigmoid(-r)` on responses labelled unsafe, averaged over labelled responses.

@@ -214,8 +214,8 @@ def false_refusal_rates(sampler: Sampler, prompt_sets: Mapping[str, Sequence[Pro
 
     Prompts are texts, message lists ending with a user turn, or `PromptRow`s. `sampler(conversations) ->
     responses` answers a batch of chat conversations (see `generation.ChatSampler`); `system_prompt` is added to
-    every conversation when given (the paper's measurement used none by default). Returns the stats and the
-    responses, per set name.
+    every conversation when given (none by default: the paper does not say whether its measurement used one). Returns
+    the stats and the responses, per set name.
     """
     stats, responses = {}, {}
     for name, prompts in prompt_sets.items():

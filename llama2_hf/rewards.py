@@ -202,8 +202,8 @@ class SafetyGatedReward:
     LOGIT(sigmoid(r)) = r is taken exactly, without the saturation of computing the sigmoid first
     (`rm_outputs="probabilities"` is for scorers that return sigmoid scores).
 
-    The helpfulness RM is only run on the rows that use it (the paper's RMs are as large as the policy); its
-    component is NaN on the others.
+    The helpfulness RM is only run on the rows that use it (RMs start from chat checkpoints, §3.2.2, so they can be as
+    large as the policy); its component is NaN on the others.
 
     Whitening (the paper does not say which statistics): "batch" (default) standardises with the mean and population
     variance of the scored batch, which for PPO is the rollout batch (512 in the paper), enough for stable

@@ -72,7 +72,7 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 def table8_row(metrics: Mapping[str, float]) -> dict[str, float | None]:
     """The Table 8 columns (accuracy in %, None where the test set has no pair of that rating); "Avg" is the accuracy
-    over all pairs, as in the paper."""
+    over all pairs (our reading: the paper does not define its "Avg", which is not the mean of the rating columns)."""
     row = {title: (100.0 * metrics[f"accuracy_{r}"] if f"accuracy_{r}" in metrics else None)
            for r, title in TABLE8_COLUMNS.items()}
     row["Avg"] = 100.0 * metrics["accuracy"]

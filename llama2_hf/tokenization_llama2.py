@@ -253,7 +253,8 @@ def _bare(tokenizer, text: str) -> list[int]:
 
 
 def encode_chat_with_mask(tokenizer, messages: Sequence[dict], train_on: str = "all",
-                          continue_final_message: bool = False, reject_special_tags: bool = False) -> ChatEncoding:
+                          continue_final_message: bool = False, reject_special_tags: bool = False,
+                          separator_token: str | None = None) -> ChatEncoding:
     """Meta's `chat_completion` token ids for `messages`, with the assistant-answer mask.
 
     - each completed (user, assistant) pair: `[BOS] + enc("[INST] {u} [/INST] {a} ") + [EOS]`, u and a stripped;
@@ -263,11 +264,20 @@ def encode_chat_with_mask(tokenizer, messages: Sequence[dict], train_on: str = "
 
     The answer tokens are those after the tokens of the turn's own prompt; the prompt's ids are a prefix of the
     turn's ids because no SentencePiece piece spans "]" and the following "▁".
+
+    `separator_token` (a token already in the tokenizer's vocabulary, e.g. an added "<sep>") selects the paper's
+    variant instead (§3.1: "a special token is utilized to separate the prompt and answer segments"; the paper names
+    neither the token nor the rest of the layout, so this layout is ours): each pair is
+    `[BOS] + enc(u) + [SEP] + enc(a) + [EOS]` and a final user turn `[BOS] + enc(u) + [SEP]`, with no `[INST]` tags;
+    a system prompt is prepended to the first user turn followed by a blank line. Prompt and answer are encoded
+    separately, so the mask boundary is exact for any tokenizer.
     """
     if train_on not in ("all", "last"):
         raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
     if reject_special_tags and (bad := find_special_tags(messages)):
         raise ValueError(f"messages{bad} contain a chat tag {SPECIAL_TAGS}: {SPECIAL_TAGS_ERROR}")
+    if separator_token is not None:
+        return _encode_with_separator(tokenizer, messages, train_on, continue_final_message, separator_token)
     turns = _turns(messages)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if continue_final_message and turns[-1]["role"] != "assistant":
@@ -289,6 +299,48 @@ def encode_chat_with_mask(tokenizer, messages: Sequence[dict], train_on: str = "
         mask += [0] * len(prompt) + [int(trained)] * (len(full) - len(prompt))
     if len(turns) % 2:  # final user turn: the generation prompt
         prompt = [bos] + _bare(tokenizer, f"{B_INST} {turns[-1]['content'].strip()} {E_INST}")
+        ids += prompt
+        mask += [0] * len(prompt)
+    return ChatEncoding(input_ids=ids, assistant_mask=mask)
+
+
+def separator_token_id(tokenizer, separator_token: str) -> int:
+    """The id of `separator_token`, which must be a token of its own (added to the vocabulary), not BOS/EOS/UNK/pad."""
+    ids = tokenizer.convert_tokens_to_ids([separator_token])
+    sep = ids[0] if ids else None
+    reserved = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id}
+    if sep is None or sep in reserved or tokenizer.convert_ids_to_tokens(sep) != separator_token:
+        raise ValueError(f"separator_token {separator_token!r} is not a token of its own in this tokenizer (add it "
+                         "first, e.g. tokenizer.add_tokens([AddedToken(..., special=True)], special_tokens=True), "
+                         "and resize the model's embeddings); it must differ from BOS, EOS, UNK and pad")
+    return sep
+
+
+def _encode_with_separator(tokenizer, messages: Sequence[dict], train_on: str, continue_final_message: bool,
+                           separator_token: str) -> ChatEncoding:
+    """The separator-token layout of `encode_chat_with_mask` (see its docstring)."""
+    validate_messages(messages)
+    sep = separator_token_id(tokenizer, separator_token)
+    turns = list(messages)
+    if turns[0]["role"] == "system":
+        turns = [{"role": "user", "content": f"{turns[0]['content'].strip()}\n\n{turns[1]['content'].strip()}"},
+                 *turns[2:]]
+    if continue_final_message and turns[-1]["role"] != "assistant":
+        raise ValueError("continue_final_message=True needs a dialog that ends with an assistant message")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    ids: list[int] = []
+    mask: list[int] = []
+    n_pairs = len(turns) // 2
+    for k in range(n_pairs):
+        prompt = [bos] + _bare(tokenizer, turns[2 * k]["content"].strip()) + [sep]
+        answer = _bare(tokenizer, turns[2 * k + 1]["content"].strip())
+        if not (continue_final_message and k == n_pairs - 1):
+            answer.append(eos)
+        trained = train_on == "all" or k == n_pairs - 1
+        ids += prompt + answer
+        mask += [0] * len(prompt) + [int(trained)] * len(answer)
+    if len(turns) % 2:  # final user turn: the generation prompt ends with the separator
+        prompt = [bos] + _bare(tokenizer, turns[-1]["content"].strip()) + [sep]
         ids += prompt
         mask += [0] * len(prompt)
     return ChatEncoding(input_ids=ids, assistant_mask=mask)
@@ -361,6 +413,6 @@ def train_llama2_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: st
 __all__ = [
     "B_INST", "E_INST", "B_SYS", "E_SYS", "SPECIAL_TAGS", "SPECIAL_TAGS_ERROR", "DEFAULT_SYSTEM_PROMPT",
     "LLAMA2_CHAT_TEMPLATE", "ChatEncoding", "Llama2Tokenizer", "build_backend_from_sentencepiece",
-    "encode_chat_with_mask", "encode_dialog", "find_special_tags", "render_dialog", "train_llama2_tokenizer",
-    "validate_messages",
+    "encode_chat_with_mask", "encode_dialog", "find_special_tags", "render_dialog", "separator_token_id",
+    "train_llama2_tokenizer", "validate_messages",
 ]

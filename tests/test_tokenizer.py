@@ -17,6 +17,7 @@ from llama2_hf.tokenization_llama2 import (
     encode_chat_with_mask,
     encode_dialog,
     find_special_tags,
+    separator_token_id,
     validate_messages,
 )
 
@@ -142,6 +143,40 @@ def test_assistant_mask_at_exact_positions(llama2_tokenizer):
     # A final user turn is a generation prompt: nothing to learn there.
     assert sum(encode_chat_with_mask(tok, DIALOGS[2]).assistant_mask) > 0
     assert encode_chat_with_mask(tok, DIALOGS[2]).assistant_mask[-5:] == [0] * 5
+
+
+def test_separator_token_layout_and_mask(llama2_tokenizer, llama2_tokenizer_model):
+    """The paper's §3.1 variant: `<s> prompt <sep> answer </s>` per pair, mask on the answer and its EOS only."""
+    from tokenizers import AddedToken
+
+    tok = Llama2Tokenizer.from_sentencepiece(llama2_tokenizer_model)  # a fresh copy: the token is added in place
+    with pytest.raises(ValueError, match="not a token of its own"):
+        encode_chat_with_mask(tok, DIALOGS[3], separator_token="<sep>")
+    with pytest.raises(ValueError, match="not a token of its own"):
+        separator_token_id(tok, "</s>")
+    tok.add_tokens([AddedToken("<sep>", special=True, normalized=False)], special_tokens=True)
+    assert separator_token_id(tok, "<sep>") == 32000 == len(tok) - 1
+    dialog = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi <sep>"},
+              {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "4"}]
+    enc = encode_chat_with_mask(tok, dialog, separator_token="<sep>")
+    bare = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    prompt1, answer1 = [1] + bare("Be brief.\n\nHi <sep>") + [32000], bare("Hello!") + [2]
+    prompt2, answer2 = [1] + bare("2+2?") + [32000], bare("4") + [2]
+    assert enc.input_ids == prompt1 + answer1 + prompt2 + answer2
+    assert enc.input_ids.count(32000) == 2  # "<sep>" typed in a message stays plain text
+    assert "[" not in tok.decode(enc.input_ids)  # no [INST] tags in this layout
+    assert enc.assistant_mask == [0] * len(prompt1) + [1] * len(answer1) + [0] * len(prompt2) + [1] * len(answer2)
+    # The first trained position is the one right after the separator.
+    first = enc.assistant_mask.index(1)
+    assert enc.input_ids[first - 1] == 32000 and tok.decode(enc.input_ids[first:first + 2]) == "Hello!"
+    last = encode_chat_with_mask(tok, dialog, train_on="last", separator_token="<sep>")
+    assert last.assistant_mask == [0] * (len(prompt1) + len(answer1) + len(prompt2)) + [1] * len(answer2)
+    prompt = encode_chat_with_mask(tok, dialog[:4], separator_token="<sep>")  # ends with the user: generation prompt
+    assert prompt.input_ids == prompt1 + answer1 + prompt2 and prompt.input_ids[-1] == 32000
+    assert sum(prompt.assistant_mask) == len(answer1)
+    # Without separator_token the ids stay Meta's, added token or not.
+    assert encode_dialog(tok, DIALOGS[3]) == encode_dialog(llama2_tokenizer, DIALOGS[3])
 
 
 def test_continue_final_message_and_batches(llama2_tokenizer):

@@ -1,4 +1,4 @@
-"""ToxiGen: fraction of toxic generations per demographic group and their unweighted mean (the paper's number).
+"""ToxiGen: fraction of toxic generations per demographic group and their unweighted mean over groups.
 
 Load offline with `evaluate.load("<path to this folder>")`. The maths lives in `llama2_hf.evaluation.scoring`.
 """
@@ -9,7 +9,8 @@ import evaluate
 from llama2_hf.evaluation.scoring import toxicity_by_group
 
 _DESCRIPTION = """Aggregates a toxicity classifier's verdicts on generations: the fraction judged toxic within each
-target group, and the unweighted mean over groups (Llama 2 reports the mean over 13 groups, Table 11/14/45)."""
+target group, and the unweighted mean over groups. Llama 2 reports one percentage of toxic generations over 13 groups
+(Tables 11 and 14) without saying how groups are averaged: the unweighted mean is our reading."""
 
 _KWARGS_DESCRIPTION = """
 Args:
