@@ -156,3 +156,39 @@ def test_qlora_from_a_path(tmp_path, tiny_tokenizer, tiny_model_factory):
     trainer.train()
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
     assert not torch.equal(q_proj.lora_B["default"].weight, lora_b)
+
+
+def test_separator_token_format_trains_with_exact_answer_labels(tmp_path, tiny_tokenizer, tiny_model_factory):
+    """sft_format='separator_token' (paper §3.1): the token is added to the tokenizer, the embeddings grow by one row,
+    labels are -100 up to and including the separator and the answer ids + EOS after it; training runs and the
+    separator survives a save/load round trip. The default stays Meta's format."""
+    import copy
+
+    from llama2_hf import Llama2ForCausalLM, Llama2Tokenizer
+
+    assert Llama2SFTConfig(output_dir=str(tmp_path), **CPU).sft_format == "llama2_chat"
+    tok = copy.deepcopy(tiny_tokenizer)  # the session tokenizer must keep its vocabulary
+    n_vocab = len(tok)
+    model = tiny_model_factory(seed=4).train()
+    trainer = Llama2SFTTrainer(model, args=config(tmp_path, packing=False, max_steps=3, sft_format="separator_token"),
+                               train_dataset=chats(3), processing_class=tok)
+    sep = tok.convert_tokens_to_ids("<sep>")
+    assert (sep, len(tok), model.get_input_embeddings().num_embeddings) == (n_vocab, n_vocab + 1, n_vocab + 1)
+    assert model.lm_head.weight.shape[0] == n_vocab + 1
+    row = trainer.train_dataset[1]  # "What is 1 plus 2?" -> "1 plus 2 equals 3. yes"
+    bare = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    prompt, answer = [tok.bos_token_id] + bare("What is 1 plus 2?") + [sep], bare("1 plus 2 equals 3. yes") + [2]
+    assert row["input_ids"] == prompt + answer
+    assert row["labels"] == [-100] * len(prompt) + answer
+    before = model.get_input_embeddings().weight[sep].detach().clone()
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert not torch.equal(model.get_input_embeddings().weight[sep], before)  # the separator's embedding is trained
+    trainer.save_model(str(tmp_path / "saved"))
+    tok.save_pretrained(str(tmp_path / "saved"))
+    reloaded = Llama2Tokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert reloaded.convert_tokens_to_ids("<sep>") == sep
+    assert Llama2ForCausalLM.from_pretrained(str(tmp_path / "saved")).config.vocab_size == n_vocab + 1
+    with pytest.raises(ValueError, match="sft_format must be"):
+        Llama2SFTConfig(output_dir=str(tmp_path), sft_format="sep", **CPU)

@@ -19,7 +19,8 @@ def last_checkpoint(output_dir: str) -> str | None:
 
 def finish_training(run: StageRun, trainer, tokenizer, train_output) -> RunRecord:
     """Save the trained model and tokenizer into the stage folder (every rank takes part: FSDP gathers the full
-    state dict), then write the record with the train metrics and the data reports."""
+    state dict), then write the record with the train metrics, the data reports and how the model was distributed
+    (`metrics["distributed"]`: sharding mode, world size, parameter bytes of the whole model and of each rank)."""
     output_dir = trainer.args.output_dir
     trainer.save_model(output_dir)
     if run.is_main:
@@ -27,6 +28,8 @@ def finish_training(run: StageRun, trainer, tokenizer, train_output) -> RunRecor
     run.outputs["model"] = "."
     run.metrics.update({k: v for k, v in train_output.metrics.items()})
     run.metrics["log_history"] = [h for h in trainer.state.log_history if "loss" in h]
+    if hasattr(trainer, "parameter_memory"):  # sharding mode and parameter bytes per rank, as PPO records them
+        run.metrics["distributed"] = trainer.parameter_memory()
     reports = getattr(trainer, "data_reports", {})
     run.metrics["data"] = {name: {"total": r.total, "kept": r.kept, "truncated": r.truncated,
                                   "dropped": dict(r.dropped)} for name, r in reports.items()}

@@ -3,8 +3,10 @@
 What it adds to TRL: preference rows in our schema (`llama2_hf.data`) tokenized as full Llama 2-Chat dialogs ending
 with EOS (the reward is read at that last token); the Table 27 margin m(rating) fed through TRL's `margin` column
 (TRL's loss is `-log sigmoid(r_c - r_r - m)`, i.e. `llama2_hf.losses.margin_ranking_loss`); an optional safety
-auxiliary loss; metrics per rating (Table 8 layout), per safety bin, reward mean/std and unsafe-response recall;
-initialisation from a causal-LM checkpoint; the paper's optimiser and schedule as defaults.
+auxiliary loss (the paper, §A.3.4 and Table 29, reports adding one to the Safety RM but gives neither its form nor its
+weight: both are ours, see `safety_aux_loss_coef`); metrics per rating (Table 8 layout), per safety bin, reward
+mean/std and unsafe-response recall; initialisation from a causal-LM checkpoint; the paper's optimiser and schedule as
+defaults.
 
     trainer = Llama2RewardTrainer(model=sft_model_or_path, args=Llama2RewardConfig(output_dir="rm"),
                                   train_dataset=preferences, processing_class=tokenizer)
@@ -30,6 +32,7 @@ from ..data import (
     prepare_preference_dataset,
     response_safety,
 )
+from ..distributed import FullyShardedTrainerMixin
 from ..losses import resolve_margins, safety_auxiliary_loss
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
 from ..rm_eval import preference_metrics
@@ -43,8 +46,11 @@ class Llama2RewardConfig(RewardConfig):
     """`RewardConfig` with the paper's RM recipe as defaults (§3.2.2, optimiser as pretraining §2.2).
 
     The paper does not say which Table 27 margin the final RMs used (default here: `small`, the best average in
-    Table 28), nor the form of the safety auxiliary loss (see `llama2_hf.losses.safety_auxiliary_loss`; off by
-    default). Use `Llama2RewardConfig.for_model_size("70b", ...)` for the 70B learning rate.
+    Table 28). For the safety auxiliary loss it states only that one was added to the Safety RM (§A.3.4) and its
+    effect in Table 29 (Meta Safety average accuracy 63.7 -> 64.5, unsafe-response recall 73.0 -> 90.4 at score
+    0.5); the form (`llama2_hf.losses.safety_auxiliary_loss`) and the weight (`safety_aux_loss_coef`, off by default,
+    1.0 in the safety recipes) are our choices.
+    Use `Llama2RewardConfig.for_model_size("70b", ...)` for the 70B learning rate.
     """
 
     _VALID_DICT_FIELDS = RewardConfig._VALID_DICT_FIELDS + ["margin"]
@@ -74,8 +80,10 @@ class Llama2RewardConfig(RewardConfig):
         "help": "m(rating) of paper Eq. 2: a Table 27 preset ('none', 'small', 'large') or a JSON map "
                 "{rating: margin} for all four ratings."})
     safety_aux_loss_coef: float = field(default=0.0, metadata={
-        "help": "Weight of the safety auxiliary loss on responses with a safety label (0: off). Its form is our "
-                "choice (paper §A.3.4 gives none): binary cross-entropy of sigmoid(reward) against 'safe'."})
+        "help": "Weight of the safety auxiliary loss on responses with a safety label (0: off). The paper (§A.3.4, "
+                "Table 29) says a safety auxiliary loss was added to the Safety RM but gives neither its form nor "
+                "its weight: both are ours (binary cross-entropy of sigmoid(reward) against the response's "
+                "safe/unsafe label, added to the ranking loss with this weight)."})
     sort_microbatches_by_length: bool = field(default=True, metadata={
         "help": "Order the pairs of each optimizer step longest first, so micro-batches pad less (same random set "
                 "per step and the same loss: our choice, the paper does not discuss batching)."})
@@ -108,7 +116,7 @@ class Llama2RewardConfig(RewardConfig):
 
 
 def reward_model_from_causal_lm(causal_lm: Llama2ForCausalLM) -> Llama2ForRewardModel:
-    """A reward model whose decoder is a copy of the causal LM's (paper: RMs start from chat checkpoints); the
+    """A reward model whose decoder is a copy of the causal LM's (§3.2.2: RMs start from chat checkpoints); the
     next-token head is replaced by a freshly initialised scalar head `score`."""
     config = copy.deepcopy(causal_lm.config)
     config.num_labels = 1
@@ -119,7 +127,7 @@ def reward_model_from_causal_lm(causal_lm: Llama2ForCausalLM) -> Llama2ForReward
     return reward_model.to(device=param.device, dtype=param.dtype)
 
 
-class Llama2RewardTrainer(RewardTrainer):
+class Llama2RewardTrainer(FullyShardedTrainerMixin, RewardTrainer):
     """TRL's `RewardTrainer` for the paper's helpfulness / safety reward models.
 
     `model`: a `Llama2ForRewardModel`; a `Llama2ForCausalLM` (converted with `reward_model_from_causal_lm`); or a
@@ -127,7 +135,8 @@ class Llama2RewardTrainer(RewardTrainer):
     `llama2_hf.data` (or are already prepared by `prepare_preference_dataset`). Preparation reports are in
     `trainer.data_reports[name]`. Logged metrics add `accuracy_<rating>`, `accuracy_<safety bin>`, `reward_std`,
     `unsafe_recall` / `unsafe_precision` (pairs with safety labels) and `safety_aux_loss` (when enabled); the
-    `accuracy` key is the exact accuracy over the pairs of the logging window (or of the whole eval set).
+    `accuracy` key is the exact accuracy over the pairs of the logging window (or of the whole eval set). Under an
+    FSDP accelerate config on CPU the model is sharded with FSDP2 (`llama2_hf.distributed.FullyShardedTrainerMixin`).
     """
 
     _tag_names = ["trl", "reward-trainer", "llama2_hf"]
@@ -158,6 +167,7 @@ class Llama2RewardTrainer(RewardTrainer):
         self._pairs: dict[str, list[torch.Tensor]] = defaultdict(list)
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        self._shard_for_launch()
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Tokenize preference rows as full dialogs, with the margin of each pair's rating (policies applied)."""

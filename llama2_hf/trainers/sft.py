@@ -1,7 +1,8 @@
 """Supervised fine-tuning of Llama 2-Chat (paper §3.1) as a thin subclass of TRL's `SFTTrainer`.
 
-What it adds to TRL: the Llama 2-Chat token format from `llama2_hf.tokenization_llama2` (never a Jinja template), the
-loss on answer tokens only (every assistant turn, or only the last one for Ghost Attention), packing of whole examples
+What it adds to TRL: Meta's released Llama 2-Chat token format from `llama2_hf.tokenization_llama2` (never a Jinja
+template; `sft_format="separator_token"` gives the paper's §3.1 prompt/answer separator token instead), the loss on
+answer tokens only (every assistant turn, or only the last one for Ghost Attention), packing of whole examples
 into fixed-length rows with no attention across examples (`llama2_hf.collators`), explicit bad-input policies, and the
 paper's hyperparameters as defaults. LoRA / QLoRA go through TRL's `peft_config` / `quantization_config`.
 
@@ -17,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 
 from datasets import Dataset, IterableDataset
+from tokenizers import AddedToken
 from trl import SFTConfig, SFTTrainer
 
 from accelerate.utils import is_peft_model
@@ -29,6 +31,7 @@ from ..collators import (
     use_packed_sdpa,
 )
 from ..data import ON_INVALID, ON_OVERLENGTH, DataReport, check_policies, prepare_sft_dataset
+from ..distributed import FullyShardedTrainerMixin
 from ..tokenization_llama2 import Llama2Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -70,8 +73,8 @@ class Llama2SFTConfig(SFTConfig):
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs (2: paper §3.1)."})
     max_length: int | None = field(default=4096, metadata={"help": "Row length in tokens (4096: paper §3.1)."})
     packing: bool = field(default=True, metadata={
-        "help": "Pack whole examples into rows of max_length tokens, with no attention across examples (paper §3.1 "
-                "packs prompts and answers to fill the sequences)."})
+        "help": "Pack whole examples into rows of max_length tokens (paper §3.1 concatenates prompts and answers to "
+                "fill the sequences), with no attention across examples (our choice: the paper does not say)."})
     packing_strategy: str = field(default="bfd_rows", metadata={
         "help": "bfd_rows (best-fit decreasing: fewest rows) or ordered_rows (next-fit in dataset order).",
         "choices": list(PACKING_STRATEGIES)})
@@ -85,6 +88,17 @@ class Llama2SFTConfig(SFTConfig):
     train_on: str = field(default="all", metadata={
         "help": "Answer tokens that carry the loss: 'all' assistant turns or only the 'last' (Ghost Attention).",
         "choices": ["all", "last"]})
+    sft_format: str = field(default="llama2_chat", metadata={
+        "help": "How prompt and answer are laid out. 'llama2_chat': Meta's released chat format (`<s>[INST] prompt "
+                "[/INST] answer </s>`, the format Llama 2-Chat was released with and every other stage uses). "
+                "'separator_token': the paper's description (§3.1: 'a special token is utilized to separate the "
+                "prompt and answer segments', token not named): `<s>prompt<sep>answer</s>` with separator_token added "
+                "to the tokenizer as a special token and the model's embeddings resized (the new row starts at the "
+                "mean embedding; under LoRA it stays there unless the embeddings are trained).",
+        "choices": ["llama2_chat", "separator_token"]})
+    separator_token: str = field(default="<sep>", metadata={
+        "help": "The separator's text when sft_format='separator_token' (our choice; the paper does not name it). "
+                "Only the added token id separates: the same characters inside a message stay plain text."})
     on_invalid: str = field(default="error", metadata={
         "help": "Invalid rows (missing fields, bad roles, empty answers): 'error' or 'drop' (counted and logged).",
         "choices": list(ON_INVALID)})
@@ -100,6 +114,10 @@ class Llama2SFTConfig(SFTConfig):
             raise ValueError(f"packed_attention must be 'auto', 'segmented' or 'model', got {self.packed_attention!r}")
         if self.train_on not in ("all", "last"):
             raise ValueError(f"train_on must be 'all' or 'last', got {self.train_on!r}")
+        if self.sft_format not in ("llama2_chat", "separator_token"):
+            raise ValueError(f"sft_format must be 'llama2_chat' or 'separator_token', got {self.sft_format!r}")
+        if self.sft_format == "separator_token" and not (self.separator_token or "").strip():
+            raise ValueError("sft_format='separator_token' needs a non-empty separator_token")
         check_policies(self.on_invalid, self.on_overlength)
         if self.assistant_only_loss or self.completion_only_loss is False:
             raise ValueError("Llama2SFTTrainer always takes the loss on answer tokens only; choose which with "
@@ -120,13 +138,14 @@ def load_tokenizer(model) -> Llama2Tokenizer:
     return Llama2Tokenizer.from_pretrained(source)
 
 
-class Llama2SFTTrainer(SFTTrainer):
+class Llama2SFTTrainer(FullyShardedTrainerMixin, SFTTrainer):
     """TRL's `SFTTrainer` on Llama 2-Chat data (see the module docstring and `llama2_hf.data` for the schema).
 
     `model`: a `Llama2ForCausalLM`, a PEFT model, or a path/id (loaded by TRL with `args.model_init_kwargs`,
     `quantization_config` for QLoRA). `processing_class` defaults to the tokenizer saved with the model; without a pad
     token, `unk` is used for padding (its label is -100 and it is never attended to).
-    Preparation reports (rows kept / dropped / truncated) are in `trainer.data_reports[name]`.
+    Preparation reports (rows kept / dropped / truncated) are in `trainer.data_reports[name]`. Under an FSDP
+    accelerate config on CPU the model is sharded with FSDP2 (`llama2_hf.distributed.FullyShardedTrainerMixin`).
     """
 
     _tag_names = ["trl", "sft", "llama2_hf"]
@@ -145,6 +164,11 @@ class Llama2SFTTrainer(SFTTrainer):
             processing_class = load_tokenizer(model)
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.unk_token
+        if args.sft_format == "separator_token":
+            # Added in place, so the tokenizer saved with the model carries the separator; the datasets are
+            # tokenized inside super().__init__ and need its id, the embeddings are resized once TRL has the model.
+            processing_class.add_tokens([AddedToken(args.separator_token, special=True, normalized=False)],
+                                        special_tokens=True)
         if data_collator is None:
             collator_cls = DataCollatorForPackedLM if args.packing else DataCollatorForAnswerOnlyLM
             data_collator = collator_cls(processing_class.pad_token_id, args.pad_to_multiple_of)
@@ -152,10 +176,15 @@ class Llama2SFTTrainer(SFTTrainer):
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        n_vocab = len(processing_class)
+        if args.sft_format == "separator_token" and base.get_input_embeddings().num_embeddings < n_vocab:
+            base.resize_token_embeddings(n_vocab)  # new rows: the mean embedding (transformers)
+            logger.info("resized the embeddings to %d tokens for separator_token %r", n_vocab, args.separator_token)
         if args.packing and (args.packed_attention == "segmented" or (
                 args.packed_attention == "auto" and args.device.type == "cpu"
                 and base.config._attn_implementation == "sdpa")):
             use_packed_sdpa(base)
+        self._shard_for_launch()
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """Tokenize in the Llama 2-Chat format with answer-only labels (policies applied), then pack into rows."""
@@ -166,7 +195,8 @@ class Llama2SFTTrainer(SFTTrainer):
         dataset, report = prepare_sft_dataset(
             dataset, processing_class, max_length=args.max_length, train_on=args.train_on,
             on_invalid=args.on_invalid, on_overlength=args.on_overlength, num_proc=args.dataset_num_proc,
-            name=dataset_name)
+            name=dataset_name,
+            separator_token=args.separator_token if args.sft_format == "separator_token" else None)
         self.data_reports[dataset_name] = report
         if packing:
             n_examples = len(dataset)
