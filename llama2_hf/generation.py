@@ -132,7 +132,22 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def is_engine(model) -> bool:
+    """True for a generation engine (`VLLMEngine`) rather than a PyTorch model: it samples with per-prompt seeds."""
+    return callable(getattr(model, "generate_output", None))
+
+
+def engine_seeds(generator: torch.Generator | None, n: int) -> list[int] | None:
+    """Per-prompt seeds for an engine, drawn from the caller's seeded generator: a stage that reseeds its generator
+    per chunk of work gets the same samples for the same rows on either backend's resume. None: unseeded."""
+    if generator is None:
+        return None
+    return torch.randint(0, 2 ** 62, (n,), generator=generator, device=generator.device).tolist()
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
+    if is_engine(model):  # an engine runs in its own process; the caller's tensors stay on the CPU
+        return torch.device("cpu")
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -208,23 +223,30 @@ def _generate_batch(model, prompts: list[list[int]], config: SamplingConfig, eos
 
 def generate(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig | None = None, *,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, progress: bool = False) -> GenerationOutput:
+             generator: torch.Generator | None = None, progress: bool = False,
+             seeds: Sequence[int] | None = None) -> GenerationOutput:
     """Sample `config.num_samples` responses for every prompt.
 
     Args:
         model: a causal LM returning `.logits` and `.past_key_values` (any transformers decoder, a peft model).
-            Put it in eval mode yourself if it has dropout; its device is used for every tensor.
+            Put it in eval mode yourself if it has dropout; its device is used for every tensor. Or a running
+            `VLLMEngine`: the prompts go to vLLM, seeded per prompt (`seeds`, else drawn from `generator`).
         prompt_ids: token ids of each prompt, e.g. `encode_dialog(tokenizer, messages)` (ends after `[/INST]`).
         config: sampling settings (`SamplingConfig()` if None).
         eos_token_id: id(s) that end a sample; default `model.config.eos_token_id`.
         pad_token_id: id used for padding rows; default `model.config.pad_token_id`, else 0.
         generator: a `torch.Generator` on the model's device, for reproducible sampling.
         progress: show a progress bar over prompt batches.
+        seeds: engine only: one seed per prompt (its K samples use seed, seed+1, ... inside vLLM).
 
     Prompts are processed in batches of `config.prompt_batch_size`, longest first (less padding), and returned in
     the input order. A prompt longer than the model's context raises ValueError; generation stops at the context.
     """
     config = config or SamplingConfig()
+    if is_engine(model):
+        if seeds is None:
+            seeds = engine_seeds(generator, len(prompt_ids))
+        return model.generate_output(prompt_ids, config, seeds=seeds, eos_token_id=eos_token_id)
     eos_ids, pad_id = _generation_ids(model, eos_token_id, pad_token_id)
     max_context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     prompts = [list(p) for p in prompt_ids]
@@ -322,7 +344,7 @@ class ChatSampler:
         if self.config.num_samples != 1:
             raise ValueError(f"ChatSampler answers once per conversation: num_samples must be 1, got "
                              f"{self.config.num_samples}")
-        self.model = model.eval()
+        self.model = model if is_engine(model) else model.eval()  # an engine: see `generate`
         self.tokenizer = tokenizer
         self.max_length = getattr(model.config, "max_position_embeddings", None)
         self.generator = None
@@ -403,7 +425,7 @@ def sampler_limits(sampler, max_length: int | None, token_counter):
 
 
 __all__ = [
-    "SamplingConfig", "GenerationOutput", "as_messages", "sample_top_p", "sample_next_token", "generate",
+    "SamplingConfig", "GenerationOutput", "as_messages", "is_engine", "engine_seeds", "sample_top_p", "sample_next_token", "generate",
     "generate_text", "full_weights_for_generation", "ChatSamplingArguments", "ChatSampler", "Sampler", "rollout",
     "sampler_limits",
 ]

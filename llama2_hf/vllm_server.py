@@ -15,12 +15,13 @@ Prompts are token ids (Meta's chat format is built by the caller's tokenizer), s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
 
 
 def build_engine(args):
@@ -99,16 +100,24 @@ def serve(args) -> None:
     server.serve_forever()
 
 
+SETTINGS = {"model": None, "port": None, "dtype": "float32", "seed": 0, "max_model_len": None,
+            "tensor_parallel_size": 1, "enforce_eager": False}
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--enforce-eager", action="store_true")
-    serve(p.parse_args(argv))
+    """`python vllm_server.py '<JSON settings>'`: the keys of SETTINGS (model and port required). One JSON argument
+    written by `VLLMEngine.start`, so this script needs no parser of its own."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(f"usage: {Path(__file__).name} '<JSON settings: {sorted(SETTINGS)}>'", file=sys.stderr)
+        return 2
+    given = json.loads(argv[0])
+    unknown = set(given) - set(SETTINGS)
+    missing = {k for k in ("model", "port") if given.get(k) is None}
+    if unknown or missing:
+        print(f"unknown settings {sorted(unknown)}, missing {sorted(missing)}", file=sys.stderr)
+        return 2
+    serve(SimpleNamespace(**{**SETTINGS, **given}))
     return 0
 
 

@@ -135,7 +135,8 @@ def run_truthfulqa_gen(model, tokenizer, settings: RunSettings, config: Truthful
     sampling = SamplingConfig(config.max_new_tokens, 0.0 if config.greedy else config.temperature, config.top_p)
     generations = generate_until(model, tokenizer, contexts, stop=["\n\n"], sampling=sampling,
                                  batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed,
-                                 progress=settings.progress, desc="truthfulqa generation")
+                                 progress=settings.progress, desc="truthfulqa generation",
+                                 engine=settings.engine)
     answers = [trim_truthfulqa_answer(g) for g in generations]
     questions = [d["question"] for d in docs]
     device = settings.device or str(next(model.parameters()).device)

@@ -12,6 +12,9 @@ the preprompt, what `sft` trains on), `candidates.jsonl` (one record per prompt 
 
 Under `accelerate launch` each rank answers and scores its own contiguous share of the prompts into a part file,
 chunk by chunk (resumable); rank 0 merges the parts, checking that no row is lost or repeated.
+
+`generation_backend: vllm` (`VLLMArguments`) samples with a vLLM engine, one per process, started after every input
+is checked; each chunk's prompts are seeded from the chunk's seed as on the PyTorch backend.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from ..generation import ChatSamplingArguments
 from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
 from ..safety_distill import DistillConfig, SafetyPreprompts, as_prompt_row, distill_records, summarize
 from .common import RewardArguments, load_reward
-from .sampling import chat_sampler, chunks, init_distributed, write_jsonl_atomic
+from ..vllm_engine import VLLMArguments
+from .sampling import chat_sampling, chunks, init_distributed, write_jsonl_atomic
 
 
 @dataclass
@@ -52,10 +56,11 @@ def safety_scorer(reward_args: RewardArguments, tokenizer, device):
 
 
 def main(script_args: DistillArguments, config: DistillConfig, sampling: ChatSamplingArguments,
-         reward_args: RewardArguments, model_args: ModelConfig) -> RunRecord:
+         reward_args: RewardArguments, model_args: ModelConfig, vllm_args: VLLMArguments | None = None) -> RunRecord:
     init_distributed()
+    vllm_args = vllm_args or VLLMArguments()
     run = StageRun("distill", script_args.output_dir,
-                   resolved_args(script_args, config, sampling, reward_args, model_args))
+                   resolved_args(script_args, config, sampling, reward_args, model_args, vllm_args))
     if run.done:
         return run.record
     if not script_args.prompts_file:
@@ -81,6 +86,7 @@ def main(script_args: DistillArguments, config: DistillConfig, sampling: ChatSam
                 raise UsageError(f"prompt row {n}, field {config.category_field!r}: unknown risk category "
                                  f"{label!r}; known: {sorted(preprompts.categories)} (or set "
                                  "unknown_category: generic)")
+    vllm_args.check_installed()
     for i, p in enumerate(paths):
         run.add_input(f"prompts_{i}", p)
     run.add_input("model", model_args.model_name_or_path)
@@ -90,11 +96,14 @@ def main(script_args: DistillArguments, config: DistillConfig, sampling: ChatSam
     done = parts.done_indices()
     todo = [(i, row) for i, row in parts.my_share(prompts) if i not in done]
     if todo:
-        sampler = chat_sampler(model_args, script_args.tokenizer_name_or_path, sampling, config.seed)
-        reward = safety_scorer(reward_args, sampler.tokenizer, sampler.model.device)
-        for chunk in chunks(todo, sampling.prompt_batch_size):
-            sampler.reseed(config.seed + chunk[0][0])
-            parts.append(distill_records(chunk, sampler, reward, preprompts, config))
+        from accelerate import PartialState
+
+        with chat_sampling(model_args, script_args.tokenizer_name_or_path, sampling, config.seed,
+                           vllm_args) as sampler:
+            reward = safety_scorer(reward_args, sampler.tokenizer, PartialState().device)
+            for chunk in chunks(todo, sampling.prompt_batch_size):
+                sampler.reseed(config.seed + chunk[0][0])
+                parts.append(distill_records(chunk, sampler, reward, preprompts, config))
     records = parts.merge(run.dir / "candidates.jsonl", expected=len(prompts))
     kept, _, report = summarize(records)
     if run.is_main:
@@ -105,4 +114,5 @@ def main(script_args: DistillArguments, config: DistillConfig, sampling: ChatSam
 
 
 STAGE = Stage("distill", "targeted safety context distillation (paper §4.2.4)",
-              (DistillArguments, DistillConfig, ChatSamplingArguments, RewardArguments, ModelConfig), main)
+              (DistillArguments, DistillConfig, ChatSamplingArguments, RewardArguments, ModelConfig, VLLMArguments),
+              main)

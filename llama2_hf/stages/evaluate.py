@@ -10,10 +10,14 @@ every task's examples into its own part file; rank 0 merges them (an example los
 and computes the metrics from all of them. Output in `output_dir`: `results.json`, `results.samples.jsonl` (one line
 per example, with its task), `results.md` (the headline table) and `run.json`. A rerun with the same arguments
 returns the record; an interrupted run is redone task by task.
+
+`generation_backend: vllm` (`VLLMArguments`): GSM8K, TruthfulQA generation and ToxiGen generate with a vLLM engine
+per process (context i seeded with seed + i); MMLU and TruthfulQA MC stay log-likelihoods of the PyTorch model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -25,6 +29,7 @@ from trl import ModelConfig
 from ..evaluation.api import EvalConfig, markdown_table, run_task, task_metrics, write_report
 from ..evaluation.base import ensure_pad_token, load_tokenizer
 from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
+from ..vllm_engine import VLLMArguments, generation_engine
 from .common import load_model
 
 logger = logging.getLogger(__name__)
@@ -59,7 +64,8 @@ def _model_source(name: str) -> str:
     return name
 
 
-def main(config: EvalConfig, model_args: ModelConfig) -> RunRecord:
+def main(config: EvalConfig, model_args: ModelConfig, vllm_args: VLLMArguments | None = None) -> RunRecord:
+    vllm_args = vllm_args or VLLMArguments()
     if not config.output_dir:
         raise UsageError("output_dir is required")
     if not model_args.model_name_or_path:
@@ -67,10 +73,11 @@ def main(config: EvalConfig, model_args: ModelConfig) -> RunRecord:
     # Everything that can fail without computing is checked first: model folder, judges, classifier, tokenizer.
     source = _model_source(model_args.model_name_or_path)
     _init_state()
-    run = StageRun("eval", config.output_dir, resolved_args(config, model_args))
+    run = StageRun("eval", config.output_dir, resolved_args(config, model_args, vllm_args))
     if run.done:
         return run.record
     config.check_models()
+    vllm_args.check_installed()
     model_args = dataclasses.replace(model_args, model_name_or_path=source)
     tokenizer = _tokenizer(config.tokenizer_name_or_path or source)
     from transformers import AutoModelForCausalLM
@@ -87,6 +94,28 @@ def main(config: EvalConfig, model_args: ModelConfig) -> RunRecord:
     settings = config.settings()
     settings.shard = (run.state.process_index, run.state.num_processes)
     results, samples, timing = {}, {}, {}
+    # generation_backend=vllm: GSM8K, TruthfulQA generation and ToxiGen sample with this process's engine (started
+    # only when one of them runs); MMLU and the log-likelihood tasks keep the PyTorch model.
+    generative = {"gsm8k", "toxigen", "truthfulqa", "truthfulqa_gen"} & set(config.tasks)
+    engines = contextlib.ExitStack()
+    if generative and vllm_args.use_vllm:
+        settings.engine = engines.enter_context(generation_engine(model, vllm_args, seed=config.seed))
+    with engines:
+        _run_tasks(config, model, tokenizer, settings, out, results, samples, timing)
+
+    if run.is_main:
+        write_report({"model": str(source), "results": results, "samples": samples, "config": run.args,
+                      "timing": timing}, out / "results.json")
+        shutil.rmtree(out / "parts", ignore_errors=True)
+        logger.info("results\n%s", markdown_table(results))
+    run.outputs.update(results="results.json", samples="results.samples.jsonl", table="results.md")
+    run.metrics.update(results)
+    return run.finish()
+
+
+def _run_tasks(config: EvalConfig, model, tokenizer, settings, out: Path, results: dict, samples: dict,
+               timing: dict) -> None:
+    """Each task on this process's share, its samples merged over processes (`RankParts`)."""
     for task in config.tasks:
         start = time.perf_counter()
         parts = RankParts(out / "parts", task)
@@ -101,15 +130,6 @@ def main(config: EvalConfig, model_args: ModelConfig) -> RunRecord:
         logger.info("%s: %d examples in %.1fs: %s", task, len(merged), timing[task],
                     {k: round(v, 4) for k, v in results[task].items() if "/" not in k})
 
-    if run.is_main:
-        write_report({"model": str(source), "results": results, "samples": samples, "config": run.args,
-                      "timing": timing}, out / "results.json")
-        shutil.rmtree(out / "parts", ignore_errors=True)
-        logger.info("results\n%s", markdown_table(results))
-    run.outputs.update(results="results.json", samples="results.samples.jsonl", table="results.md")
-    run.metrics.update(results)
-    return run.finish()
-
 
 STAGE = Stage("eval", "MMLU, GSM8K, TruthfulQA and ToxiGen on a checkpoint (paper §2.3, §4.1)",
-              (EvalConfig, ModelConfig), main)
+              (EvalConfig, ModelConfig, VLLMArguments), main)

@@ -15,6 +15,10 @@ compute. Distribution: under `accelerate launch` every rank rolls out its share 
 config shards the policy, critic and reference with FSDP2 per decoder layer (on CPU too), other configs replicate
 them and average gradients; the reward models are replicated (see `Llama2PPOTrainer`).
 
+Generation backend: `generation_backend: vllm` (`VLLMArguments`) rolls out with a vLLM engine, one per process,
+started after every input is checked; before each rollout the policy's current weights (LoRA merged, FSDP shards
+gathered) are pushed to it, so rollouts never come from stale weights (`time/weight_sync` in the metrics).
+
 Restart: a folder whose run finished with the same arguments returns its record; an interrupted run with the same
 arguments resumes from its newest complete checkpoint (same number of processes) and cuts `metrics.jsonl` back to
 it; other arguments are refused, naming the differences.
@@ -33,6 +37,7 @@ from ..data import load_prompts
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
 from ..runner import RUN_ARGS, RUN_RECORD, RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
 from ..trainers.ppo import METRICS_FILE, Llama2PPOConfig, Llama2PPOTrainer, latest_checkpoint
+from ..vllm_engine import VLLMArguments, generation_engine
 from .common import RewardArguments, load_model, load_reward, load_tokenizer, peft_config
 
 logger = logging.getLogger(__name__)
@@ -68,13 +73,15 @@ def _device(config: Llama2PPOConfig) -> torch.device:
 
 
 def main(script_args: PPOArguments, config: Llama2PPOConfig, model_args: ModelConfig,
-         reward_args: RewardArguments) -> RunRecord:
+         reward_args: RewardArguments, vllm_args: VLLMArguments | None = None) -> RunRecord:
+    vllm_args = vllm_args or VLLMArguments()
     _refuse_foreign_folder(Path(config.output_dir))
-    run = StageRun("ppo", config.output_dir, resolved_args(script_args, config, model_args, reward_args))
+    run = StageRun("ppo", config.output_dir, resolved_args(script_args, config, model_args, reward_args, vllm_args))
     if run.done:
         return run.record
     if not script_args.prompts_file:
         raise UsageError("prompts_file is required")
+    vllm_args.check_installed()
     # Every input is read and checked before a model is loaded (a bad prompt row must not cost a model load).
     prompt_paths = [stage_output(p, "data") for p in script_args.prompts_file]
     prompts = load_prompts(prompt_paths)
@@ -99,10 +106,14 @@ def main(script_args: PPOArguments, config: Llama2PPOConfig, model_args: ModelCo
         value_model = Llama2ForRewardModel.from_pretrained(str(critic_path), num_labels=1,
                                                            dtype=torch.float32).to(device)
         run.add_input("value_model", critic_path)
-    trainer = Llama2PPOTrainer(config, policy, tokenizer, reward, prompts, value_model=value_model,
-                               peft_config=peft_config(model_args))
     resume = latest_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
-    history = trainer.train(resume_from_checkpoint=resume or None)
+    # generation_backend=vllm: this process's engine; the trainer pushes the policy's weights to it before every
+    # rollout (so it may start from the initial weights even on a resume).
+    with generation_engine(policy, vllm_args, seed=config.seed) as generator:
+        trainer = Llama2PPOTrainer(config, policy, tokenizer, reward, prompts, value_model=value_model,
+                                   peft_config=peft_config(model_args),
+                                   engine=generator if generator is not policy else None)
+        history = trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model(config.output_dir)
     run.outputs.update({"model": ".", "value_model": "value_model", "metrics": METRICS_FILE})
     run.metrics.update(history[-1] if history else {})
@@ -112,4 +123,4 @@ def main(script_args: PPOArguments, config: Llama2PPOConfig, model_args: ModelCo
 
 
 STAGE = Stage("ppo", "PPO against the safety-gated reward with a KL penalty to the initial policy (paper §3.2.3)",
-              (PPOArguments, Llama2PPOConfig, ModelConfig, RewardArguments), main)
+              (PPOArguments, Llama2PPOConfig, ModelConfig, RewardArguments, VLLMArguments), main)

@@ -11,6 +11,9 @@ refusal per prompt), `refusals.json` (rate per set and the refused answers) and 
 
 Under `accelerate launch` each rank answers its own contiguous share of all prompts into a part file, chunk by
 chunk (resumable); rank 0 merges the parts (nothing lost or repeated) and computes the rates.
+
+`generation_backend: vllm` (`VLLMArguments`) samples with a vLLM engine, one per process, started after every input
+is checked; each chunk's prompts are seeded from the chunk's seed as on the PyTorch backend.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from ..refusals import (
     with_system_prompt,
 )
 from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output, write_json_atomic
-from .sampling import chat_sampler, chunks, init_distributed
+from ..vllm_engine import VLLMArguments
+from .sampling import chat_sampling, chunks, init_distributed
 
 
 @dataclass
@@ -78,9 +82,11 @@ def _detector(args: RefusalArguments):
         raise UsageError(f"refusal classifier {args.classifier}: {err}") from None
 
 
-def main(args: RefusalArguments, sampling: RefusalSampling, model_args: ModelConfig) -> RunRecord:
+def main(args: RefusalArguments, sampling: RefusalSampling, model_args: ModelConfig,
+         vllm_args: VLLMArguments | None = None) -> RunRecord:
     init_distributed()
-    run = StageRun("refusals", args.output_dir, resolved_args(args, sampling, model_args))
+    vllm_args = vllm_args or VLLMArguments()
+    run = StageRun("refusals", args.output_dir, resolved_args(args, sampling, model_args, vllm_args))
     if run.done:
         return run.record
     sets: dict[str, Path] = {}
@@ -96,6 +102,7 @@ def main(args: RefusalArguments, sampling: RefusalSampling, model_args: ModelCon
     # All prompt files are parsed before the model is loaded; items keep (set, row) in a fixed order for the ranks.
     items = [(name, row) for name, path in sets.items() for row in load_prompts(path)]
     detector = _detector(args)
+    vllm_args.check_installed()
     for name, path in sets.items():
         run.add_input(f"prompts_{name}", path)
     run.add_input("model", model_args.model_name_or_path)
@@ -104,15 +111,16 @@ def main(args: RefusalArguments, sampling: RefusalSampling, model_args: ModelCon
     done = parts.done_indices()
     todo = [(i, item) for i, item in parts.my_share(items) if i not in done]
     if todo:
-        sampler = chat_sampler(model_args, args.tokenizer_name_or_path, sampling, args.seed)
-        for chunk in chunks(todo, sampling.prompt_batch_size):
-            sampler.reseed(args.seed + chunk[0][0])
-            conversations = [with_system_prompt(row, args.system_prompt) for _, (_, row) in chunk]
-            answers = sampler(conversations)
-            texts = [c[-1]["content"] for c in conversations]
-            flags = refusal_rate(texts, answers, detector).flags
-            parts.append({"index": i, "set": name, "id": row.id, "prompt": text, "response": answer, "refusal": flag}
-                         for (i, (name, row)), text, answer, flag in zip(chunk, texts, answers, flags))
+        with chat_sampling(model_args, args.tokenizer_name_or_path, sampling, args.seed, vllm_args) as sampler:
+            for chunk in chunks(todo, sampling.prompt_batch_size):
+                sampler.reseed(args.seed + chunk[0][0])
+                conversations = [with_system_prompt(row, args.system_prompt) for _, (_, row) in chunk]
+                answers = sampler(conversations)
+                texts = [c[-1]["content"] for c in conversations]
+                flags = refusal_rate(texts, answers, detector).flags
+                parts.append({"index": i, "set": name, "id": row.id, "prompt": text, "response": answer,
+                              "refusal": flag}
+                             for (i, (name, row)), text, answer, flag in zip(chunk, texts, answers, flags))
     records = parts.merge(run.dir / "responses.jsonl", expected=len(items))
     report = {}
     for name in sets:
@@ -128,4 +136,4 @@ def main(args: RefusalArguments, sampling: RefusalSampling, model_args: ModelCon
 
 
 STAGE = Stage("refusals", "false-refusal rates on helpfulness prompts and a borderline set (paper §4.2.3)",
-              (RefusalArguments, RefusalSampling, ModelConfig), main)
+              (RefusalArguments, RefusalSampling, ModelConfig, VLLMArguments), main)

@@ -20,10 +20,16 @@ only the prompts it had not written; process 0 then merges the parts into `candi
 prompt is lost or duplicated), every process selects from the merged file, and the fine-tuning runs as one
 distributed Trainer. Every batch is seeded from its first prompt, so the samples do not depend on the number of
 processes. A resume with other arguments (another `num_samples`, `temperature`, ...) is refused.
+
+`generation_backend: vllm` (`VLLMArguments`) samples with a vLLM engine instead: each process starts one engine
+over the policy's weights (before any sampling, after every input is checked), samples its share with per-prompt
+seeds derived from (seed, iteration, prompt id), and stops it before the fine-tuning. Without vLLM's environment
+the stage stops before loading a model and names the command that builds it (`llama2-hf setup-vllm`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -60,6 +66,7 @@ from ..runner import (
 )
 from .common import RewardArguments, load_model, load_reward, load_tokenizer, peft_config
 from .sampling import write_jsonl_atomic
+from ..vllm_engine import VLLMArguments, generation_engine
 from .training import finish_training, last_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -146,13 +153,14 @@ def sample_phase(sampler: RejectionSampler, prompts: Sequence[PromptRow], name: 
     """Sample this process's share of the prompt batches (resuming its part file), then merge every process's part
     into `<output_dir>/<name>.jsonl`; every process returns the merged records."""
     parts = RankParts(output_dir / "parts", name)
-    done = _done_indices(parts, sampler.config.signature(iteration, temperature), prompts)
+    done = _done_indices(parts, sampler.config.signature(iteration, temperature, sampler.backend), prompts)
     mine = [batch for _, batch in parts.my_share(prompt_batches(prompts, sampler.config.prompt_batch_size))]
     share = sum(len(batch) for batch in mine)
     if done:
         logger.info("%s: resuming, %d of this process's %d prompts already sampled", name, len(done), share)
-    # Under FSDP2 the full weights are gathered once for the whole phase, not once per decoding step.
-    with full_weights_for_generation(sampler.model):
+    # Under FSDP2 the full weights are gathered once for the whole phase, not once per decoding step (an engine
+    # holds its own copy of them).
+    with contextlib.nullcontext() if sampler.engine is not None else full_weights_for_generation(sampler.model):
         sampler.sample_batches(mine, iteration, earlier, done, parts.append, temperature)
     return parts.merge(output_dir / f"{name}.jsonl", expected=len(prompts))
 
@@ -185,8 +193,10 @@ def _looks_local(source: str) -> bool:
 
 
 def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfig, reward_args: RewardArguments,
-         model_args: ModelConfig) -> RunRecord:
-    run = StageRun(STAGE_NAME, config.output_dir, resolved_args(script_args, config, reward_args, model_args))
+         model_args: ModelConfig, vllm_args: VLLMArguments | None = None) -> RunRecord:
+    vllm_args = vllm_args or VLLMArguments()
+    run = StageRun(STAGE_NAME, config.output_dir,
+                   resolved_args(script_args, config, reward_args, model_args, vllm_args))
     if run.done:
         return run.record
     if not script_args.prompts_file:
@@ -195,6 +205,7 @@ def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfi
         raise UsageError(f"iteration counts from 1, got {script_args.iteration}")
     if script_args.pool_dirs and (config.pool != "all" or config.temperature_sweep):
         raise UsageError("pool_dirs is read only by an iteration with pool=all (it would be ignored here)")
+    vllm_args.check_installed()
     start = config.finetune_model_name_or_path
     if config.finetune and start and _looks_local(start) and not Path(start).expanduser().exists():
         raise UsageError(f"finetune_model_name_or_path {start}: no such folder")
@@ -217,10 +228,13 @@ def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfi
         policy = policy.to(config.device)
     sampler = RejectionSampler(policy, tokenizer, load_reward(reward_args, tokenizer, config.device), config)
     out = Path(config.output_dir)
-    if config.temperature_sweep:
-        return temperature_sweep(run, sampler, prompts, out, script_args.iteration)
-
-    records = sample_phase(sampler, prompts, "candidates", out, script_args.iteration, earlier)
+    # The engine (generation_backend=vllm) lives for the sampling only: it is stopped before the fine-tuning.
+    with generation_engine(policy, vllm_args, seed=config.seed) as generator:
+        sampler.engine = generator if generator is not policy else None
+        if config.temperature_sweep:
+            return temperature_sweep(run, sampler, prompts, out, script_args.iteration)
+        records = sample_phase(sampler, prompts, "candidates", out, script_args.iteration, earlier)
+    sampler.engine = None
     selection = select(records, earlier, config.pool)
     summary = {"iteration": script_args.iteration, **report(records, selection)}
     run.outputs.update(candidates="candidates.jsonl", data="selected.jsonl", report="report.json")
@@ -250,5 +264,5 @@ def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfi
 
 
 STAGE = Stage(STAGE_NAME, "best-of-K rejection sampling scored by the reward models, then SFT on the best "
-              "(paper §3.2.3)", (RejectionSamplingArguments, RejectionSamplingConfig, RewardArguments, ModelConfig),
-              main)
+              "(paper §3.2.3)", (RejectionSamplingArguments, RejectionSamplingConfig, RewardArguments, ModelConfig,
+                                  VLLMArguments), main)

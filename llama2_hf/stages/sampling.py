@@ -1,8 +1,10 @@
 """What the chat-sampling stages (`gatt`, `gatt-eval`, `gatt-lists`, `distill`, `refusals`) share: the sampler built
-from TRL's `ModelConfig`, work chunks, and the atomic JSONL writer of their filtered outputs."""
+from TRL's `ModelConfig` on the chosen generation backend (`VLLMArguments`), work chunks, and the atomic JSONL
+writer of their filtered outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -39,6 +41,25 @@ def chat_sampler(model_args, tokenizer_name_or_path: str | None, sampling: ChatS
     model = load_model(Llama2ForCausalLM, model_args, source, trainable=False)
     model.to(PartialState().device)
     return ChatSampler(model, tokenizer, sampling.sampling_config(), seed=seed)
+
+
+@contextlib.contextmanager
+def chat_sampling(model_args, tokenizer_name_or_path: str | None, sampling: ChatSamplingArguments, seed: int,
+                  vllm_args=None) -> Iterator[ChatSampler]:
+    """`chat_sampler` on the backend of `vllm_args`: with `generation_backend: vllm` the model's weights go to this
+    process's vLLM engine (stopped on exit) and the PyTorch copy is freed. Either way the stage reseeds the sampler
+    per chunk (`ChatSampler.reseed`): the engine then gets per-prompt seeds drawn from that seed, so a resumed or
+    rank-split run redraws the same answers for the same rows."""
+    from ..vllm_engine import generation_engine
+
+    sampler = chat_sampler(model_args, tokenizer_name_or_path, sampling, seed)
+    if vllm_args is None or not vllm_args.use_vllm:
+        yield sampler
+        return
+    with generation_engine(sampler.model, vllm_args, seed=seed) as engine:
+        tokenizer = sampler.tokenizer
+        del sampler  # the engine holds the weights now
+        yield ChatSampler(engine, tokenizer, sampling.sampling_config(), seed=seed)
 
 
 def stage_model(path: str | None) -> str | None:

@@ -51,6 +51,7 @@ from torch import nn
 from transformers import TrainingArguments
 
 from ..data import SAFETY_TAG, PromptRow, prompt_row
+from ..distributed import fsdp_plugin, full_state_dict, is_sharded, own_class, parameter_bytes, shard_model
 from ..generation import SamplingConfig, full_weights_for_generation, generate
 from ..losses import (
     KL_ESTIMATORS,
@@ -283,6 +284,9 @@ class Llama2PPOTrainer:
             `args.value_model_init` (a copy of the helpfulness RM by default).
         ref_model: the frozen reference pi_0; None uses the disabled adapter of a peft policy, else a frozen copy.
         peft_config: wrap a plain policy with this LoRA config first (the reference is then its disabled adapter).
+        engine: a running `VLLMEngine` (`generation_backend: vllm`) that generates the rollouts. Before every
+            rollout the policy's current weights (LoRA merged, FSDP shards gathered) are pushed to it
+            (`engine.load_weights`), so no rollout comes from stale weights; each rank drives its own engine.
 
     Distribution (under `accelerate launch`, read through `Accelerator`): each rank rolls out its contiguous share
     of the global batch. With an FSDP accelerate config (`distributed_type: FSDP` / `--use_fsdp`) the policy, the
@@ -299,7 +303,7 @@ class Llama2PPOTrainer:
 
     def __init__(self, args: Llama2PPOConfig, model: nn.Module, processing_class, reward: Callable,
                  train_dataset: Iterable[Mapping], value_model: nn.Module | None = None,
-                 ref_model: nn.Module | None = None, peft_config=None):
+                 ref_model: nn.Module | None = None, peft_config=None, engine=None):
         from accelerate import Accelerator
 
         self.args = args
@@ -315,6 +319,7 @@ class Llama2PPOTrainer:
 
             model = get_peft_model(model, peft_config)
         self.policy = model
+        self.engine = engine
         self.device = next(model.parameters()).device
         if ref_model is None and not is_peft_model(model):
             ref_model = copy.deepcopy(model)
@@ -358,71 +363,26 @@ class Llama2PPOTrainer:
 
     # -- distribution --------------------------------------------------------------------------------------------
 
-    def _fsdp_plugin(self):
-        """accelerate's FSDP settings of this launch, or None. On accelerators `Accelerator` builds the plugin; on
-        CPU accelerate falls back to plain data parallelism and drops it, so it is rebuilt from the `FSDP_*`
-        environment that `accelerate launch --config_file fsdp.yaml` (or `--use_fsdp ...`) sets."""
-        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-        if self.world_size == 1:
-            return None
-        if self.accelerator.state.distributed_type == DistributedType.FSDP:
-            return self.accelerator.state.fsdp_plugin
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-            return FullyShardedDataParallelPlugin()
-        return None
-
     def _shard_models(self) -> str:
         """Apply the launch's FSDP config to the policy, critic and reference (see the class docstring)."""
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        if any(isinstance(m, FSDPModule) for m in self.policy.modules()):
+        if is_sharded(self.policy):
             return "fsdp2"  # sharded by the caller
-        plugin = self._fsdp_plugin()
+        plugin = fsdp_plugin(self.accelerator)
         if plugin is None:
             return "replicated" if self.world_size > 1 else "none"
         if is_peft_model(self.policy):
             raise ValueError("a LoRA policy is not sharded: launch it with a DDP config (its base weights are "
                              "frozen and its adapter is small)")
-        if getattr(plugin, "fsdp_version", 2) != 2:
-            logger.warning("FSDP version %s requested: PPO shards with FSDP2 (fully_shard)", plugin.fsdp_version)
-        names = plugin.transformer_cls_names_to_wrap
-        names = set([names] if isinstance(names, str) else names or [])
-        reshard = plugin.reshard_after_forward
-        reshard = reshard if isinstance(reshard, bool) else reshard in (1, "FULL_SHARD", "1")
-        for model in (self.policy, self.value_model, self.ref_model):
-            if model is None:
-                continue
-            layer_names = names or set(getattr(model, "_no_split_modules", None) or [])
-            layers = [m for m in model.modules() if type(m).__name__ in layer_names]
-            if not layers:
-                raise ValueError(f"FSDP: no module of {sorted(layer_names)} in {type(model).__name__} to shard "
-                                 "(fsdp_transformer_layer_cls_to_wrap)")
-            for layer in layers:
-                fully_shard(layer, reshard_after_forward=reshard)
-            # The root keeps its own parameters (embeddings, final norm, head) after forward (torch's default for
-            # a root, None): `token_values` applies the critic's head outside the model's forward.
-            fully_shard(model, reshard_after_forward=None if reshard else False)
+        units = [shard_model(model, plugin) for model in (self.policy, self.value_model, self.ref_model)
+                 if model is not None]
         logger.info("FSDP2: policy, critic and reference sharded over %d ranks (%d units each)", self.world_size,
-                    len(layers))
+                    units[0])
         return "fsdp2"
 
     def _parameter_bytes(self) -> dict:
         """Parameter bytes of the trained models (policy + critic): the whole models and what each rank holds."""
-        from torch.distributed.tensor import DTensor
-
-        full = local = 0
-        for model in (self.policy, self.value_model):
-            for p in model.parameters():
-                full += p.numel() * p.element_size()
-                local += (p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
-        per_rank = [local]
-        if self.world_size > 1:
-            mine = torch.zeros(self.world_size, dtype=torch.float64, device=self.accelerator.device)
-            mine[self.rank] = local
-            per_rank = [int(x) for x in self.accelerator.reduce(mine, "sum").tolist()]
-        return {"sharding": self.sharding, "world_size": self.world_size, "param_bytes_full": full,
-                "param_bytes_per_rank": per_rank}
+        return {"sharding": self.sharding, "world_size": self.world_size,
+                **parameter_bytes((self.policy, self.value_model), self.accelerator)}
 
     def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
@@ -515,6 +475,13 @@ class Llama2PPOTrainer:
         size = self.args.generation_batch_size
         for start in range(0, len(prompt_ids), size):
             seed = (self.args.seed * 1_000_003 + self.iteration * 65_537 + offset + start) % (2 ** 63)
+            if self.engine is not None:  # vLLM seeds per prompt: the prompt's global position in the same formula
+                out = generate(self.engine, prompt_ids[start: start + size], self.sampling,
+                               eos_token_id=self.tokenizer.eos_token_id,
+                               seeds=[seed + j for j in range(len(prompt_ids[start: start + size]))])
+                responses += [r[0] for r in out.response_ids]
+                finished += [f[0] for f in out.finished]
+                continue
             generator = torch.Generator(device=self.device).manual_seed(seed)
             with self._autocast():
                 out = generate(self.policy, prompt_ids[start: start + size], self.sampling,
@@ -533,8 +500,15 @@ class Llama2PPOTrainer:
         start = time.perf_counter()
         prompt_ids = [encode_dialog(self.tokenizer, p.messages) for p in prompts]
         self.policy.eval()
-        with full_weights_for_generation(self.policy):
+        if self.engine is not None:
+            # The engine samples from the weights of the previous update, pushed now (a collective under FSDP:
+            # every rank gathers the full weights for its own engine).
+            self.engine.load_weights(self.policy)
+            timings["time/weight_sync"] = time.perf_counter() - start
             responses, finished = self._generate(prompt_ids, offset)
+        else:
+            with full_weights_for_generation(self.policy):
+                responses, finished = self._generate(prompt_ids, offset)
         finished = torch.tensor(finished)
         timings["time/generation"] = time.perf_counter() - start
 
@@ -765,16 +739,9 @@ class Llama2PPOTrainer:
 
     def _full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
         """Full (gathered) model state and optimizer state on rank 0, sharded or not; every rank must call it."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(model, options=options)
-        optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
-        return weights, optim
+        if optimizer is None:
+            return full_state_dict(model), None
+        return full_state_dict(model, optimizer)
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
         """The policy (and tokenizer) in `output_dir`, the critic in `output_dir/value_model`: full weights,
@@ -793,7 +760,8 @@ class Llama2PPOTrainer:
         if is_peft_model(model):
             model.save_pretrained(out)  # replicated (a LoRA policy is never sharded): its own adapter weights
         else:
-            model.save_pretrained(out, state_dict=state)
+            with own_class(model):
+                model.save_pretrained(out, state_dict=state)
 
     def save_checkpoint(self) -> Path:
         """`checkpoint-{iteration}/`: policy and critic weights, both optimizers, iteration, data position, RNG

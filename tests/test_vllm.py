@@ -1,0 +1,253 @@
+"""The vLLM generation backend (`generation_backend: vllm`): the same continuations as the PyTorch backend, the
+rejection-sampling stage's outputs from a recipe, PPO rollouts from the current weights, the backend chosen from a
+recipe for every sampling stage.
+
+vLLM runs in its own environment (`llama2-hf setup-vllm`); without it these tests are skipped. Its CPU attention
+needs head_dim >= 64, hence the 2-head width-128 test model below. Starting an engine takes a minute or two on a
+small CPU machine, so one engine serves the whole module (`engine`), and only the stage test starts its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from llama2_hf import Llama2Config, Llama2ForCausalLM, Llama2ForRewardModel
+from llama2_hf.generation import ChatSampler, SamplingConfig, generate
+from llama2_hf.tokenization_llama2 import encode_dialog
+from llama2_hf.vllm_engine import VLLMArguments, VLLMEngine, VLLMNotInstalled, vllm_python
+from tests.conftest import TargetTokenReward, write_jsonl
+
+try:
+    vllm_python()
+    HAVE_VLLM = True
+except VLLMNotInstalled:
+    HAVE_VLLM = False
+
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM's environment is not built (llama2-hf setup-vllm)")
+
+MESSAGES = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a primary colour."}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me a joke about cats, please."}],
+    [{"role": "user", "content": "How many legs does a spider have?"}],
+    [{"role": "user", "content": "Translate 'good morning' into German."}],
+]
+
+
+def vllm_config(vocab_size: int, **overrides) -> Llama2Config:
+    """Tiny but vLLM-CPU compatible: head_dim 64 (2 heads of width 128)."""
+    return Llama2Config.from_preset("tiny", vocab_size=vocab_size, hidden_size=128, num_attention_heads=2,
+                                    num_key_value_heads=2, **overrides)
+
+
+def make_policy(tokenizer, seed: int = 0) -> Llama2ForCausalLM:
+    torch.manual_seed(seed)
+    return Llama2ForCausalLM(vllm_config(len(tokenizer))).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(llama2_tokenizer):
+    if not HAVE_VLLM:
+        pytest.skip("vLLM's environment is not built (llama2-hf setup-vllm)")
+    with VLLMEngine.start_for_model(make_policy(llama2_tokenizer), VLLMArguments(generation_backend="vllm")) as e:
+        yield e
+
+
+def chat_ids(tokenizer) -> list[list[int]]:
+    return [encode_dialog(tokenizer, m) for m in MESSAGES]
+
+
+@needs_vllm
+def test_greedy_continuations_equal_the_torch_backend(engine, llama2_tokenizer):
+    policy = make_policy(llama2_tokenizer)
+    engine.load_weights(policy)  # the module's engine may hold another test's weights
+    prompts = chat_ids(llama2_tokenizer)
+    config = SamplingConfig(max_new_tokens=24, temperature=0.0, num_samples=1, prompt_batch_size=4)
+    ours = generate(policy, prompts, config, eos_token_id=llama2_tokenizer.eos_token_id)
+    theirs = generate(engine, prompts, config, eos_token_id=llama2_tokenizer.eos_token_id)
+    assert theirs.response_ids == ours.response_ids
+    assert theirs.finished == ours.finished
+    assert all(len(r[0]) == 24 for r in ours.response_ids)  # a random model never says EOS: 24 real tokens each
+
+    # Sampling: per-prompt seeds make it reproducible and independent of batching; the K samples differ.
+    sampled = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, num_samples=4)
+    a = generate(engine, prompts, sampled, eos_token_id=llama2_tokenizer.eos_token_id, seeds=range(10, 16))
+    b = generate(engine, prompts[2:3], sampled, eos_token_id=llama2_tokenizer.eos_token_id, seeds=[12])
+    assert b.response_ids[0] == a.response_ids[2]
+    assert len({tuple(s) for s in a.response_ids[0]}) > 1
+    c = generate(engine, prompts, sampled, eos_token_id=llama2_tokenizer.eos_token_id, seeds=range(20, 26))
+    assert c.response_ids != a.response_ids
+
+
+@needs_vllm
+def test_chat_sampler_over_the_engine_answers_as_the_torch_model(engine, llama2_tokenizer):
+    policy = make_policy(llama2_tokenizer)
+    engine.load_weights(policy)
+    config = SamplingConfig(max_new_tokens=10, temperature=0.0, num_samples=1)
+    expected = ChatSampler(policy, llama2_tokenizer, config, seed=0)(MESSAGES[:3])
+    sampler = ChatSampler(engine, llama2_tokenizer, config, seed=0)
+    assert sampler.max_length == policy.config.max_position_embeddings
+    assert sampler(MESSAGES[:3]) == expected
+
+
+@needs_vllm
+def test_evaluation_generation_with_the_engine_equals_the_torch_model(engine, llama2_tokenizer):
+    from llama2_hf.evaluation.base import ensure_pad_token
+    from llama2_hf.evaluation.engine import SamplingConfig as EvalSampling
+    from llama2_hf.evaluation.engine import generate_until
+
+    tokenizer = copy.deepcopy(llama2_tokenizer)
+    ensure_pad_token(tokenizer)
+    policy = make_policy(tokenizer)
+    engine.load_weights(policy)
+    contexts = ["Question: What is 2 + 3?\nAnswer:", "Q: Name a colour.\nA:", "The capital of France is"]
+    common = dict(stop=["\n", "."], sampling=EvalSampling(max_new_tokens=12), batch_size=2, progress=False)
+    expected = generate_until(policy, tokenizer, contexts, **common)
+    assert generate_until(policy, tokenizer, contexts, engine=engine, **common) == expected
+
+
+@needs_vllm
+def test_ppo_rollouts_come_from_the_weights_after_the_previous_update(engine, llama2_tokenizer, tmp_path):
+    from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer
+
+    prompts = [{"prompt": m[-1]["content"], "is_safety_prompt": False} for m in MESSAGES[:4]]
+    config = Llama2PPOConfig(output_dir=str(tmp_path / "ppo"), num_iterations=2, batch_size=4, mini_batch_size=4,
+                             max_new_tokens=6, temperature=0.0, learning_rate=5e-2, value_model_init="policy",
+                             save_steps=0, use_cpu=True, report_to=[])
+    policy = make_policy(llama2_tokenizer, seed=3)  # the engine starts with other weights: the push must land
+    initial = copy.deepcopy(policy)
+    trainer = Llama2PPOTrainer(config, policy, llama2_tokenizer, TargetTokenReward(llama2_tokenizer), prompts,
+                               engine=engine)
+    rollouts = []
+    generate_output = engine.generate_output
+
+    def recording(prompt_ids, *args, **kwargs):
+        out = generate_output(prompt_ids, *args, **kwargs)
+        rollouts.append((prompt_ids, [r[0] for r in out.response_ids]))
+        return out
+
+    engine.generate_output = recording
+    updates = engine.weight_updates
+    try:
+        trainer.step()
+        after_first = copy.deepcopy(trainer.policy).eval()
+        metrics = trainer.step()
+    finally:
+        del engine.generate_output
+    assert engine.weight_updates == updates + 2 and metrics["time/weight_sync"] > 0
+
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0, num_samples=1)
+
+    def torch_greedy(model, ids):
+        return [r[0] for r in generate(model, ids, greedy, eos_token_id=llama2_tokenizer.eos_token_id).response_ids]
+
+    (first_prompts, first), (second_prompts, second) = rollouts
+    assert first == torch_greedy(initial, first_prompts)
+    assert second == torch_greedy(after_first, second_prompts)
+    # The update changed the greedy answers: an engine with stale weights would give the initial policy's.
+    assert second != torch_greedy(initial, second_prompts)
+
+
+@pytest.fixture(scope="module")
+def rs_inputs(tmp_path_factory, llama2_tokenizer):
+    root = tmp_path_factory.mktemp("vllm_rs")
+    make_policy(llama2_tokenizer).save_pretrained(root / "policy")
+    llama2_tokenizer.save_pretrained(root / "policy")
+    torch.manual_seed(1)
+    Llama2ForRewardModel(Llama2Config.from_preset("tiny", vocab_size=len(llama2_tokenizer))).save_pretrained(
+        root / "rm")
+    rows = [{"id": f"p{i}", "messages": m, "is_safety_prompt": i % 3 == 0} for i, m in enumerate(MESSAGES)]
+    return {"root": root, "policy": root / "policy", "rm": root / "rm",
+            "prompts": write_jsonl(root / "prompts.jsonl", rows)}
+
+
+def rs_recipe(inputs, out, **extra) -> dict:
+    return {"model_name_or_path": str(inputs["policy"]), "helpfulness_reward_model": str(inputs["rm"]),
+            "prompts_file": [str(inputs["prompts"])], "output_dir": str(out), "num_samples": 3,
+            "temperature": 1.0, "max_new_tokens": 8, "prompt_batch_size": 4, "finetune": False, "seed": 7,
+            "use_cpu": True, "report_to": [], **extra}
+
+
+@needs_vllm
+def test_rejection_sampling_stage_with_the_vllm_backend_from_a_recipe(rs_inputs, llama2_tokenizer, engine, tmp_path):
+    from llama2_hf.cli import main as cli
+    from llama2_hf.rejection_sampling import _batch_seed
+    from llama2_hf.runner import RunRecord
+
+    out = tmp_path / "rs"
+    recipe = tmp_path / "rs.yaml"
+    recipe.write_text(yaml.safe_dump(rs_recipe(rs_inputs, out, generation_backend="vllm")))
+    assert cli(["rejection-sample", "--config", str(recipe)]) == 0
+
+    record = RunRecord.read(out)
+    assert record.args["generation_backend"] == "vllm"
+    assert record.outputs["candidates"] == "candidates.jsonl" and record.outputs["data"] == "selected.jsonl"
+    candidates = [json.loads(line) for line in open(out / "candidates.jsonl")]
+    assert [c["prompt_id"] for c in candidates] == [f"p{i}" for i in range(len(MESSAGES))]
+    for c in candidates:
+        assert c["sampling"] == {"iteration": 1, "num_samples": 3, "temperature": 1.0, "top_p": 1.0,
+                                 "max_new_tokens": 8, "prompt_batch_size": 4, "seed": 7,
+                                 "generation_backend": "vllm"}
+        assert len(c["responses"]) == len(c["finished"]) == len(c["scores"]) == len(c["rewards"]) == 3
+        assert all(isinstance(s, float) for s in c["scores"])
+        assert c["is_safety_prompt"] == (int(c["prompt_id"][1:]) % 3 == 0)
+    selected = [json.loads(line) for line in open(out / "selected.jsonl")]
+    for row in selected:  # SFT rows: the prompt's conversation closed by its best finished sample
+        source = next(c for c in candidates if c["messages"] == row["messages"][:-1])
+        assert row["messages"][-1] == {"role": "assistant", "content": source["best"]["response"]}
+
+    # The samples are vLLM's, seeded per prompt from (seed, iteration, prompt id): the module's engine, given the
+    # same weights, draws prompt p2's three samples again.
+    from llama2_hf.stages.common import load_tokenizer
+
+    tokenizer = load_tokenizer(str(rs_inputs["policy"]))  # the stage's own
+    engine.load_weights(Llama2ForCausalLM.from_pretrained(str(rs_inputs["policy"])))
+    config = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1.0, num_samples=3)
+    out = generate(engine, [encode_dialog(tokenizer, MESSAGES[2])], config, eos_token_id=tokenizer.eos_token_id,
+                   seeds=[_batch_seed(7, 1, "p2")])
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out.response_ids[0]]
+    assert candidates[2]["responses"] == texts, out
+    assert candidates[2]["finished"] == out.finished[0]
+
+
+SAMPLING_STAGES = ["rejection-sample", "ppo", "gatt", "gatt-eval", "distill", "refusals", "eval"]
+
+
+@pytest.mark.parametrize("name", SAMPLING_STAGES)
+def test_every_sampling_stage_reads_the_backend_from_a_recipe(name, tmp_path):
+    from llama2_hf.runner import field_names, get_stage, parse_args
+
+    stage = get_stage(name)
+    assert VLLMArguments in stage.dataclass_types
+    values = {"output_dir": str(tmp_path / "out"), "generation_backend": "vllm", "vllm_tensor_parallel_size": 2}
+    if "use_cpu" in field_names(stage):  # Trainer-based stages refuse their bf16 default without a GPU
+        values["use_cpu"] = True
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(values))
+    instances, _ = parse_args(stage, ["--config", str(recipe)])
+    chosen = next(i for i in instances if isinstance(i, VLLMArguments))
+    assert (chosen.generation_backend, chosen.vllm_tensor_parallel_size) == ("vllm", 2)
+    instances, _ = parse_args(stage, ["--config", str(recipe), "--generation_backend", "torch"])
+    assert next(i for i in instances if isinstance(i, VLLMArguments)).generation_backend == "torch"
+
+
+def test_a_missing_vllm_environment_stops_the_stage_before_any_model_load(rs_inputs, tmp_path, capsys):
+    from llama2_hf.cli import main as cli
+
+    args = rs_recipe(rs_inputs, tmp_path / "rs", generation_backend="vllm",
+                     vllm_python=str(tmp_path / "no-env" / "bin" / "python"))
+    argv = ["rejection-sample"]
+    for key, value in args.items():
+        if value != []:
+            argv += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "vLLM's environment is not installed" in err and "llama2-hf setup-vllm" in err
+    assert "Traceback" not in err
