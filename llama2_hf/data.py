@@ -36,7 +36,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -617,24 +617,28 @@ def load_preference_data(path_or_name: str, split: str = "train", data_format: s
     raise ValueError(f"data_format must be 'auto', 'llama2', 'hh-rlhf' or 'trl', got {data_format!r}")
 
 
+def jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, row) of each non-blank line of a JSON-lines file (gzipped when it ends in `.gz`); a
+    line that is not a JSON object is an `InvalidDataFile` naming the file and the line."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidDataFile(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise InvalidDataFile(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+            yield n, row
+
+
 def _local_rows(path: Path) -> list[dict]:
     """Rows of a local data file; a line that is not a JSON object is an error naming the file and its line."""
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        rows = []
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InvalidDataFile(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise InvalidDataFile(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-        return rows
+        return [row for _, row in jsonl_rows(path)]
     if name.endswith((".json", ".json.gz")):
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:

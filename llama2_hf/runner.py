@@ -355,7 +355,7 @@ def describe_mismatch(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> 
 # A stage's run: resume check, single writer, record written last
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _state():
+def distributed_state():
     """accelerate's process state. Without a GPU it must be asked for CPU processes explicitly: a bare
     `PartialState()` under `accelerate launch --multi_gpu` on a CPU machine leaves every rank a single process."""
     import torch
@@ -384,7 +384,7 @@ class StageRun:
         self.outputs: dict[str, str] = {}
         self.metrics: dict[str, Any] = {}
         self.record: RunRecord | None = None
-        self.state = _state()
+        self.state = distributed_state()
         self._start = time.perf_counter()
         self._check_folder()
 
@@ -484,7 +484,7 @@ class RankParts:
     """
 
     def __init__(self, folder: str | os.PathLike, name: str):
-        self.state = _state()
+        self.state = distributed_state()
         self.folder, self.name = Path(folder), name
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / f"{name}.rank{self.state.process_index}-of-{self.state.num_processes}.jsonl"

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import SAFETY_TAG, InvalidDataFile, InvalidExample, prompt_row, validate_preference
+from ..data import SAFETY_TAG, InvalidDataFile, InvalidExample, jsonl_rows, prompt_row, validate_preference
 from ..losses import RATINGS
 
 logger = logging.getLogger(__name__)
@@ -79,21 +79,6 @@ def excluded_path(output_file: str | os.PathLike) -> Path:
     return p.with_name(f"{stem}.excluded.jsonl")
 
 
-def _jsonl_lines(path: Path):
-    """(1-based line number, parsed object) of each non-blank line; a bad line is an error naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InvalidDataFile(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise InvalidDataFile(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
-
-
 def _pair(example: Mapping, n: int) -> Pair:
     unknown = sorted(set(example) - set(PAIR_COLUMNS))
     if unknown:
@@ -128,7 +113,7 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
     if not path.is_file():
         raise InvalidDataFile(f"{path}: no such file")
     pairs, seen = [], {}
-    for n, example in _jsonl_lines(path):
+    for n, example in jsonl_rows(path):
         try:
             pair = _pair(example, n)
         except InvalidExample as err:
@@ -227,7 +212,7 @@ class _AnswerFile:
         os.fsync(self.fd)
 
     def rows(self):
-        yield from _jsonl_lines(self.path)
+        yield from jsonl_rows(self.path)
 
     def append(self, row: dict) -> None:
         append_line(self.fd, row)

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..convert_meta import _DTYPES, check_meta_checkpoint, check_output, write_conversion
-from ..runner import RUN_ARGS, RUN_RECORD, RunRecord, Stage, StageRun, UsageError, replacing_folder, resolved_args
+from ..runner import (
+    RUN_ARGS, RUN_RECORD, RunRecord, Stage, StageRun, UsageError, distributed_state, replacing_folder, resolved_args
+)
 
 
 @dataclass
@@ -42,11 +44,7 @@ class ConvertMetaArguments:
 def main(args: ConvertMetaArguments) -> RunRecord:
     if not args.input_dir or not args.output_dir:
         raise UsageError("input_dir and output_dir are required")
-    import torch
-    from accelerate import PartialState
-
-    # Under a launch one process converts (without a GPU the state must be told cpu=True to see the other ranks).
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = distributed_state()  # under a launch one process converts
     out = Path(args.output_dir)
     values = resolved_args(args)
     max_shard_size = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size

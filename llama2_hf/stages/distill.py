@@ -26,11 +26,11 @@ from trl import ModelConfig
 
 from ..data import InvalidExample, load_prompts
 from ..generation import ChatSamplingArguments
-from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
+from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, stage_output
 from ..safety_distill import DistillConfig, SafetyPreprompts, as_prompt_row, distill_records, summarize
 from .common import RewardArguments, load_reward
 from ..vllm_engine import VLLMArguments
-from .sampling import chat_sampling, chunks, init_distributed, write_jsonl_atomic
+from .sampling import chat_sampling, chunks, write_jsonl_atomic
 
 
 @dataclass
@@ -57,7 +57,7 @@ def safety_scorer(reward_args: RewardArguments, tokenizer, device):
 
 def main(script_args: DistillArguments, config: DistillConfig, sampling: ChatSamplingArguments,
          reward_args: RewardArguments, model_args: ModelConfig, vllm_args: VLLMArguments | None = None) -> RunRecord:
-    init_distributed()
+    distributed_state()  # join the launch's ranks before anything reads them
     vllm_args = vllm_args or VLLMArguments()
     run = StageRun("distill", script_args.output_dir,
                    resolved_args(script_args, config, sampling, reward_args, model_args, vllm_args))

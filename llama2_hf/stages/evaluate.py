@@ -28,7 +28,7 @@ from trl import ModelConfig
 
 from ..evaluation.api import EvalConfig, markdown_table, run_task, task_metrics, write_report
 from ..evaluation.base import ensure_pad_token, load_tokenizer
-from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
+from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, stage_output
 from ..vllm_engine import VLLMArguments, generation_engine
 from .common import load_model
 
@@ -42,15 +42,6 @@ def _tokenizer(name_or_path: str):
         raise UsageError(f"cannot load a tokenizer from {name_or_path}: {e}") from None
     ensure_pad_token(tokenizer)
     return tokenizer
-
-
-def _init_state() -> None:
-    """Start accelerate's process state before the runner does: without a GPU it must be told `cpu=True`, or the
-    ranks of `accelerate launch` each run alone (no Trainer arguments do it for this stage)."""
-    import torch
-    from accelerate import PartialState
-
-    PartialState(cpu=not torch.cuda.is_available())
 
 
 def _model_source(name: str) -> str:
@@ -72,7 +63,7 @@ def main(config: EvalConfig, model_args: ModelConfig, vllm_args: VLLMArguments |
         raise UsageError("model_name_or_path is required")
     # Everything that can fail without computing is checked first: model folder, judges, classifier, tokenizer.
     source = _model_source(model_args.model_name_or_path)
-    _init_state()
+    distributed_state()  # join the launch's ranks before anything reads them
     run = StageRun("eval", config.output_dir, resolved_args(config, model_args, vllm_args))
     if run.done:
         return run.record

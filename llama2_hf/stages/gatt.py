@@ -27,9 +27,9 @@ from trl import ModelConfig
 from ..data import load_data_files
 from ..gatt.data import GAttDataConfig, gatt_stats, plan_gatt_dialogues, sample_gatt_rows, user_turns_of
 from ..generation import ChatSamplingArguments
-from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
+from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, stage_output
 from ..vllm_engine import VLLMArguments
-from .sampling import chat_sampling, chunks, init_distributed, write_jsonl_atomic
+from .sampling import chat_sampling, chunks, write_jsonl_atomic
 
 
 @dataclass
@@ -47,7 +47,7 @@ class GAttArguments:
 
 def main(script_args: GAttArguments, config: GAttDataConfig, sampling: ChatSamplingArguments,
          model_args: ModelConfig, vllm_args: VLLMArguments | None = None) -> RunRecord:
-    init_distributed()
+    distributed_state()  # join the launch's ranks before anything reads them
     vllm_args = vllm_args or VLLMArguments()
     run = StageRun("gatt", script_args.output_dir,
                    resolved_args(script_args, config, sampling, model_args, vllm_args))

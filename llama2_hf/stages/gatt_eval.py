@@ -38,9 +38,11 @@ from ..gatt.evaluation import (
     plot_adherence,
 )
 from ..generation import ChatSamplingArguments
-from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, resolved_args, write_json_atomic
+from ..runner import (
+    RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, write_json_atomic
+)
 from ..vllm_engine import VLLMArguments
-from .sampling import chat_sampling, chunks, init_distributed
+from .sampling import chat_sampling, chunks
 
 EVAL_FIELDS = ("instruction", "constraints", "user_turns", "checks")
 
@@ -139,7 +141,7 @@ def _compared(folders: list[str]) -> dict[str, GAttEvalResult]:
 
 def main(args: GAttEvalArguments, config: GAttEvalConfig, sampling: ChatSamplingArguments,
          model_args: ModelConfig, vllm_args: VLLMArguments | None = None) -> RunRecord:
-    init_distributed()
+    distributed_state()  # join the launch's ranks before anything reads them
     vllm_args = vllm_args or VLLMArguments()
     run = StageRun("gatt-eval", args.output_dir, resolved_args(args, config, sampling, model_args, vllm_args))
     if run.done:

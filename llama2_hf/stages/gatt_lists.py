@@ -17,8 +17,8 @@ from trl import ModelConfig
 
 from ..gatt.data import generate_constraint_list, load_constraint_sets
 from ..generation import ChatSamplingArguments
-from ..runner import RunRecord, Stage, StageRun, UsageError, resolved_args
-from .sampling import chat_sampler, init_distributed
+from ..runner import RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args
+from .sampling import chat_sampler
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ListSampling(ChatSamplingArguments):
 
 
 def main(args: GAttListsArguments, sampling: ListSampling, model_args: ModelConfig) -> RunRecord:
-    init_distributed()
+    distributed_state()  # join the launch's ranks before anything reads them
     run = StageRun("gatt-lists", args.output_dir, resolved_args(args, sampling, model_args))
     if run.done:
         return run.record

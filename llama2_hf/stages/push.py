@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..hub import STAGE_ALIASES, STAGES, collect_upload, push_to_hub
-from ..runner import RunRecord, Stage, StageRun, UsageError, library_versions, resolved_args, stage_output
+from ..runner import (
+    RunRecord, Stage, StageRun, UsageError, distributed_state, library_versions, resolved_args, stage_output
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +62,7 @@ def main(args: PushArguments) -> RunRecord:
         raise UsageError("model_name_or_path and repo_id are required")
     values = resolved_args(args)
     values.pop("hub_token")  # a secret: never in run_args.json / run.json
-    import torch
-    from accelerate import PartialState
-
-    # Under a launch one process uploads (without a GPU the state must be told cpu=True to see the other ranks).
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = distributed_state()  # under a launch one process uploads
     run = StageRun("push", args.output_dir, values) if args.output_dir else None
     if run is not None and run.done:
         return run.record

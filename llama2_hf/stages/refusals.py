@@ -32,9 +32,12 @@ from ..refusals import (
     refusal_rate,
     with_system_prompt,
 )
-from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output, write_json_atomic
+from ..runner import (
+    RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, stage_output,
+    write_json_atomic
+)
 from ..vllm_engine import VLLMArguments
-from .sampling import chat_sampling, chunks, init_distributed
+from .sampling import chat_sampling, chunks
 
 
 @dataclass
@@ -84,7 +87,7 @@ def _detector(args: RefusalArguments):
 
 def main(args: RefusalArguments, sampling: RefusalSampling, model_args: ModelConfig,
          vllm_args: VLLMArguments | None = None) -> RunRecord:
-    init_distributed()
+    distributed_state()  # join the launch's ranks before anything reads them
     vllm_args = vllm_args or VLLMArguments()
     run = StageRun("refusals", args.output_dir, resolved_args(args, sampling, model_args, vllm_args))
     if run.done:

@@ -17,18 +17,6 @@ from .common import load_model, load_tokenizer
 T = TypeVar("T")
 
 
-def init_distributed() -> None:
-    """Start accelerate's process state before the runner reads it. Without a GPU a bare `PartialState()` under
-    `accelerate launch --multi_gpu` stays a single process on every rank (each rank would do all the work); with
-    `cpu=True` the ranks join one gloo group. Trainer-based stages get this from `use_cpu`; sampling stages have no
-    Trainer, hence this call first thing in their `main`."""
-    import torch
-    from accelerate import PartialState
-
-    PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-                 or not torch.cuda.is_available())
-
-
 def chat_sampler(model_args, tokenizer_name_or_path: str | None, sampling: ChatSamplingArguments,
                  seed: int) -> ChatSampler:
     """A `ChatSampler` over the model of `model_args` (frozen: bf16 weights allowed), on this rank's device."""
