@@ -119,8 +119,10 @@ def test_ppo_rollouts_come_from_the_weights_after_the_previous_update(engine, ll
 
     prompts = [{"prompt": m[-1]["content"], "is_safety_prompt": False} for m in MESSAGES[:4]]
     config = Llama2PPOConfig(output_dir=str(tmp_path / "ppo"), num_iterations=2, batch_size=4, mini_batch_size=4,
-                             max_new_tokens=6, temperature=0.0, learning_rate=5e-2, value_model_init="policy",
+                             max_new_tokens=6, temperature=0.0, learning_rate=0.5, value_model_init="policy",
                              save_steps=0, use_cpu=True, report_to=[])
+    # Adam moves every weight with a gradient by about the learning rate: 0.5 makes one update change the greedy
+    # answers, so that rollouts from stale weights cannot pass for fresh ones.
     policy = make_policy(llama2_tokenizer, seed=3)  # the engine starts with other weights: the push must land
     initial = copy.deepcopy(policy)
     trainer = Llama2PPOTrainer(config, policy, llama2_tokenizer, TargetTokenReward(llama2_tokenizer), prompts,
@@ -148,6 +150,7 @@ def test_ppo_rollouts_come_from_the_weights_after_the_previous_update(engine, ll
     def torch_greedy(model, ids):
         return [r[0] for r in generate(model, ids, greedy, eos_token_id=llama2_tokenizer.eos_token_id).response_ids]
 
+    assert all(torch.isfinite(p).all() for p in after_first.parameters())  # NaN weights would also agree
     (first_prompts, first), (second_prompts, second) = rollouts
     assert first == torch_greedy(initial, first_prompts)
     assert second == torch_greedy(after_first, second_prompts)

@@ -129,7 +129,8 @@ class Llama2PPOConfig(TrainingArguments):
         "help": "Subtracted from the score of responses cut at max_new_tokens (paper silent; off)."})
     max_new_tokens: int = field(default=512, metadata={"help": "Rollout response length limit (paper silent)."})
     temperature: float = field(default=1.0, metadata={
-        "help": "Rollout temperature (paper silent); log-probabilities use the same temperature."})
+        "help": "Rollout temperature (paper silent); log-probabilities use the same temperature. 0 = greedy "
+                "rollouts (for tests and debugging), whose log-probabilities are taken at temperature 1."})
     top_p: float = field(default=1.0, metadata={
         "help": "Rollout nucleus threshold (paper silent); below 1 the rollouts are slightly off-policy."})
     generation_batch_size: int = field(default=64, metadata={
@@ -163,6 +164,8 @@ class Llama2PPOConfig(TrainingArguments):
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
                              f"({self.mini_batch_size})")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy rollouts), got {self.temperature}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
 
@@ -450,7 +453,9 @@ class Llama2PPOTrainer:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            position_ids=batch["position_ids"], use_cache=False,
                            logits_to_keep=response_length + 1).logits[:, :-1]  # (B, R, V): positions P-1 .. P+R-2
-        logits = logits.float() / self.args.temperature
+        logits = logits.float()
+        if self.args.temperature not in (0.0, 1.0):  # greedy rollouts (T = 0) are scored at T = 1
+            logits = logits / self.args.temperature
         logprobs = logprobs_from_logits(logits, batch["input_ids"][:, context_length:])
         return logprobs, entropy_from_logits(logits) if with_entropy else None
 
