@@ -287,7 +287,7 @@ def test_two_processes_equal_one_and_a_killed_process_resumes(stage_inputs, tmp_
     real_generate = rs_lib.generate
     monkeypatch.setattr(rs_lib, "generate", lambda *a, **k: calls.append(len(a[1])) or real_generate(*a, **k))
     for rank in (1, 0):  # each process of the relaunch, one after the other
-        monkeypatch.setattr(runner, "_state", lambda rank=rank: FakeState(rank, 2))
+        monkeypatch.setattr(runner, "distributed_state", lambda rank=rank: FakeState(rank, 2))
         run_stage("rejection-sample", **args)
     assert calls == [2]  # only the batch of the torn prompt was sampled again (prompts 6 and 7)
     resumed = read_jsonl(two / "candidates.jsonl")

@@ -34,7 +34,7 @@ def gated(whiten_mode="none", threshold=0.15):
 def test_every_branch_of_the_piecewise_reward_picks_the_right_model():
     reward = gated()
     responses = ["tagged", "unsafe", "borderline", "threshold", "safe"]
-    out = reward.score(["p"] * 5, responses, is_safety=[True, False, False, False, False])
+    out = reward.score(["p"] * 5, responses, is_safety_prompt=[True, False, False, False, False])
     # tagged prompt -> R_s even though the safety score is high; sigmoid(R_s) < 0.15 -> R_s; otherwise R_h
     # (at exactly 0.15 the strict inequality picks the helpfulness model)
     torch.testing.assert_close(out.raw, torch.tensor([1.0, -2.0, 30.0, 40.0, 50.0]))
@@ -82,10 +82,10 @@ def test_running_moments_merge_exactly():
 
 
 def test_bad_columns_raise_clear_errors():
-    with pytest.raises(ValueError, match=r"is_safety\[1\] must be a bool"):
-        gated().score(["p", "p"], ["safe", "safe"], is_safety=[True, "maybe"])
+    with pytest.raises(ValueError, match=r"is_safety_prompt\[1\] must be a bool"):
+        gated().score(["p", "p"], ["safe", "safe"], is_safety_prompt=[True, "maybe"])
     with pytest.raises(ValueError, match="has 1 values for 2 prompts"):
-        gated().score(["p", "p"], ["safe", "safe"], is_safety=[True])
+        gated().score(["p", "p"], ["safe", "safe"], is_safety_prompt=[True])
     with pytest.raises(ValueError, match="whiten must be one of"):
         gated("global")
 
@@ -95,7 +95,8 @@ def test_trl_reward_function_signature_with_conversational_inputs():
     logged = {}
     prompts = [[{"role": "user", "content": "q"}]] * 3
     completions = [[{"role": "assistant", "content": r}] for r in ("safe", "unsafe", "borderline")]
-    values = reward(prompts=prompts, completions=completions, completion_ids=[[1], [2], [3]], is_safety=[0, 0, 1],
+    values = reward(prompts=prompts, completions=completions, completion_ids=[[1], [2], [3]],
+                    is_safety_prompt=[0, 0, 1],
                     trainer_state=None, log_extra=lambda *a: None, log_metric=lambda k, v: logged.__setitem__(k, v))
     assert isinstance(values, list) and len(values) == 3 and all(isinstance(v, float) for v in values)
     torch.testing.assert_close(torch.tensor(values), whiten(torch.tensor([50.0, -2.0, -1.5])))
@@ -138,21 +139,23 @@ def test_gated_reward_with_two_reward_models(tiny_tokenizer, tiny_rm):
     helpful = RewardModelScorer(tiny_rm, tiny_tokenizer)
     safety = RewardModelScorer(safety_rm, tiny_tokenizer)
     prompts, responses = ["hi", "how do i hurt someone", "tell me a joke"], ["hello", "sorry, i cannot", "a cat"]
-    out = SafetyGatedReward(helpful, safety, whiten="none").score(prompts, responses, is_safety=[False, True, False])
+    out = SafetyGatedReward(helpful, safety, whiten="none").score(prompts, responses,
+                                                                  is_safety_prompt=[False, True, False])
     r_h, r_s = helpful.raw_scores(prompts, responses), safety.raw_scores(prompts, responses)
     use_s = torch.tensor([False, True, False]) | (torch.sigmoid(r_s) < 0.15)
     torch.testing.assert_close(out.raw, torch.where(use_s, r_s, r_h))
 
 
 def test_grpo_trainer_accepts_the_gated_reward(tmp_path, tiny_tokenizer, tiny_model_factory, tiny_rm):
-    """One real GRPOTrainer step with SafetyGatedReward as its reward function (dataset column `is_safety`)."""
+    """One real GRPOTrainer step with SafetyGatedReward as its reward function (dataset column `is_safety_prompt`)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     tiny_tokenizer.pad_token = tiny_tokenizer.unk_token
     scorer = RewardModelScorer(tiny_rm, tiny_tokenizer)
     reward = SafetyGatedReward(scorer, scorer)
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"what is {i} plus 1"}], "is_safety": i % 2 == 0}
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"what is {i} plus 1"}],
+                               "is_safety_prompt": i % 2 == 0}
                               for i in range(4)])
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
                       max_steps=1, per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
