@@ -27,10 +27,11 @@ from .world import PIRATE_INSTRUCTION, PIRATE_PREFIX, World, is_correct, is_refu
 
 logger = logging.getLogger(__name__)
 
-# Arguments every Trainer-based stage of the quickstart gets: CPU, no checkpoints, no tracker. `use_cpu` is enough
-# for the precision: the configs' `bf16` default (None) resolves to fp32 without an accelerator.
-TRAINER_DEFAULTS = dict(use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-                        global_batch_size=None, logging_steps=5)
+# Arguments every Trainer-based stage of the quickstart gets: CPU, no checkpoints, no tracker, and fp32 compute
+# without activation recomputation (TRL's configs default to bf16 and checkpointing, both slower on a CPU without
+# bf16 matrix units; the tiny model's activations are small).
+TRAINER_DEFAULTS = dict(use_cpu=True, bf16=False, activation_checkpointing=False, report_to=[], save_strategy="no",
+                        disable_tqdm=True, dataloader_num_workers=0, global_batch_size=None, logging_steps=5)
 CONFIG_RECORD = "quickstart.json"
 # QuickstartConfig fields that change how a run is observed or scheduled, not what it computes.
 SCHEDULING_FIELDS = ("output_dir", "threads", "stages")
