@@ -427,7 +427,7 @@ class PreferenceStore:
 
 
 def _write_jsonl(path: Path, rows: Sequence[Mapping]) -> Path:
-    from .stages.sampling import write_jsonl_atomic
+    from .runner import write_jsonl_atomic
 
     return write_jsonl_atomic(path, rows)
 

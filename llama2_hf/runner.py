@@ -331,6 +331,18 @@ def write_json_atomic(path: Path, obj: Any) -> Path:
     return path
 
 
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
+    """Write rows as JSON lines to a temporary sibling, then rename it over `path` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def stage_output(path: str | os.PathLike, name: str) -> Path:
     """Resolve an input that may be a previous stage's folder: a folder with a `run.json` whose outputs hold `name`
     gives that output; anything else is returned as it is (a file, a plain folder, a Hub id)."""
@@ -531,12 +543,7 @@ class RankParts:
             raise RuntimeError(f"{self.folder}: merged {len(rows)} of {expected} rows; missing indices {missing}")
         merged = [rows[i] for i in sorted(rows)]
         if self.state.is_main_process:
-            target = Path(target)
-            tmp = target.with_name(f".{target.name}.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                for row in merged:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            os.replace(tmp, target)
+            write_jsonl_atomic(target, merged)
         self.state.wait_for_everyone()
         return merged
 
@@ -562,5 +569,5 @@ def _read_jsonl_lenient(path: Path) -> Iterator[dict]:
 __all__ = [
     "OBSERVATION_FIELDS", "RankParts", "RunRecord", "Stage", "StageRun", "UsageError", "build", "cli_main",
     "content_hash", "make_parser", "parse_args", "replacing_folder", "resolved_args", "run_stage", "stage_output",
-    "user_error_message", "write_json_atomic",
+    "user_error_message", "write_json_atomic", "write_jsonl_atomic",
 ]

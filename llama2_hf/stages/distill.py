@@ -26,11 +26,14 @@ from trl import ModelConfig
 
 from ..data import InvalidExample, load_prompts
 from ..generation import ChatSamplingArguments
-from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, stage_output
+from ..runner import (
+    RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, stage_output,
+    write_jsonl_atomic,
+)
 from ..safety_distill import DistillConfig, SafetyPreprompts, as_prompt_row, distill_records, summarize
 from .common import RewardArguments, load_reward
 from ..vllm_engine import VLLMArguments
-from .sampling import chat_sampling, chunks, write_jsonl_atomic
+from .sampling import chat_sampling, chunks
 
 
 @dataclass

@@ -27,9 +27,12 @@ from trl import ModelConfig
 from ..data import load_data_files
 from ..gatt.data import GAttDataConfig, gatt_stats, plan_gatt_dialogues, sample_gatt_rows, user_turns_of
 from ..generation import ChatSamplingArguments
-from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, stage_output
+from ..runner import (
+    RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, stage_output,
+    write_jsonl_atomic,
+)
 from ..vllm_engine import VLLMArguments
-from .sampling import chat_sampling, chunks, write_jsonl_atomic
+from .sampling import chat_sampling, chunks
 
 
 @dataclass

@@ -63,9 +63,9 @@ from ..runner import (
     resolved_args,
     stage_output,
     write_json_atomic,
+    write_jsonl_atomic,
 )
 from .common import RewardArguments, load_model, load_reward, load_tokenizer, peft_config
-from .sampling import write_jsonl_atomic
 from ..vllm_engine import VLLMArguments, generation_engine
 from .training import finish_training, last_checkpoint
 

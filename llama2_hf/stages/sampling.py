@@ -63,15 +63,3 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     """Consecutive slices of `size` items: the unit of work a rank finishes and records before the next."""
     for start in range(0, len(items), max(1, size)):
         yield items[start: start + size]
-
-
-def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
-    """Write rows as JSON lines to a temporary sibling, then rename it over `path` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
