@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import progress
 from .data import SAFETY_TAG, InvalidDataFile, load_prompts, validate_preference
 from .losses import RATINGS
 from .runner import (
@@ -133,7 +134,8 @@ class IterateConfig:
         "choices": list(RM_MIXES)})
     rm_init: str = field(default="sft", metadata={
         "help": "Start of each version's reward models: 'sft' (retrained from the chat model on all data so far, as "
-                "the paper initialises them) or 'previous' (the previous version's RMs, trained on).",
+                "the paper initialises them) or 'previous' (the previous version's RMs, for V1 the initial_* ones when "
+                "given, trained on).",
         "choices": list(STARTS)})
     finetune_from: str = field(default="sft", metadata={
         "help": "Start of each version's rejection-sampling fine-tuning: 'sft' (paper: 'always starting from the base "
@@ -473,9 +475,18 @@ class _Loop:
             if "tokenizer_name_or_path" in names and config.tokenizer_name_or_path:
                 merged.setdefault("tokenizer_name_or_path", config.tokenizer_name_or_path)
             self.stage_args[name] = merged
-        unknown = sorted(set(stage_args or {}) - set(WIRED))
+        for kind in RM_KINDS:  # per-kind settings of the reward models, on top of train-rm's
+            extra = dict((stage_args or {}).get(f"train-rm:{kind}", {}))
+            unknown = sorted(set(extra) - set(field_names(get_stage("train-rm"))))
+            wired = sorted(set(extra) & WIRED["train-rm"])
+            if unknown or wired:
+                raise UsageError(f"train-rm:{kind} settings: {unknown or wired} are "
+                                 + ("not arguments of `llama2-hf train-rm`" if unknown else "set by the loop"))
+            self.stage_args[f"train-rm:{kind}"] = {**self.stage_args["train-rm"], **extra}
+        unknown = sorted(set(stage_args or {}) - set(WIRED) - {f"train-rm:{kind}" for kind in RM_KINDS})
         if unknown:
-            raise UsageError(f"stage_args: {unknown} are not stages the loop runs ({sorted(WIRED)})")
+            raise UsageError(f"stage_args: {unknown} are not stages the loop runs ({sorted(WIRED)}, or "
+                             "train-rm:helpfulness / train-rm:safety for one reward model)")
 
     # -- helpers ------------------------------------------------------------------------------------------------------
     def vdir(self, n: int) -> Path:
@@ -618,11 +629,12 @@ class _Loop:
             logger.warning("v%d: no %s pairs so far: the %s reward model is not (re)trained", n, kind, kind)
             out["model"] = before_model
             return out
-        args = dict(self.stage_args["train-rm"])
+        args = dict(self.stage_args[f"train-rm:{kind}"])
         mix = data.outputs.get(f"train_{other}")
         if c.rm_mix == "paper" and mix:
             args.update(mix_file=[str(data_dir / mix)], data_mix=kind)
-        start = before_model if c.rm_init == "previous" and n > 1 and before_model else c.model_name_or_path
+        # rm_init=previous: the previous version's RMs (for V1, the initial ones when given)
+        start = before_model if c.rm_init == "previous" and before_model else c.model_name_or_path
         record = run_stage("train-rm", model_name_or_path=str(start), train_file=[str(data_dir / train)],
                            output_dir=str(folder / f"rm_{kind}"), **args)
         out["model"] = str(folder / f"rm_{kind}")
@@ -716,17 +728,27 @@ class _Loop:
     # -- one version and the summary -----------------------------------------------------------------------------------
     def version(self, n: int, prompts, eval_prompts) -> dict:
         logger.info("RLHF-V%d of %d: sampling pairs for %d new prompts", n, self.config.versions, len(prompts))
-        pairs = self.pairs(n, prompts)
-        annotations = self.annotations(n)
-        data = self.rm_data(n)
-        rm = {kind: self.reward_model(n, kind, data) for kind in RM_KINDS}
+        with progress.part():
+            pairs = self.pairs(n, prompts)
+        with progress.part():
+            annotations = self.annotations(n)
+            data = self.rm_data(n)
+        rm = {}
+        for kind in RM_KINDS:
+            with progress.part():
+                rm[kind] = self.reward_model(n, kind, data)
         rms = {kind: rm[kind]["model"] for kind in RM_KINDS}
         if not rms["helpfulness"]:
             raise UsageError(f"v{n}: no helpfulness pairs annotated so far and no initial_helpfulness_reward_model: "
                              "rejection sampling needs a helpfulness reward model")
-        rs = self.rejection_sampling(n, rms)
-        ppo = self.ppo(n, rms) if n in self.config.ppo_in() else None
-        evaluation = self.evaluation(n, eval_prompts, rms)
+        with progress.part():
+            rs = self.rejection_sampling(n, rms)
+        ppo = None
+        if n in self.config.ppo_in():
+            with progress.part():
+                ppo = self.ppo(n, rms)
+        with progress.part():
+            evaluation = self.evaluation(n, eval_prompts, rms)
         return {
             "version": n, "model": self.policy(n), "pairs": pairs.metrics, "annotations": annotations.metrics,
             "store_rows": data.metrics["store_rows"], "reward_models": rm,
@@ -807,7 +829,9 @@ def iterate(config: IterateConfig, annotator: Callable[[list[dict]], list[dict]]
             stage_args: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict]:
     """Run (or resume) the versions of `config` with `annotator` (see the module docstring); returns one record per
     version (also in `output_dir/versions.json`). `stage_args`: per stage (`train-rm`, `eval-rm`,
-    `rejection-sample`, `ppo`), field values on top of its recipe, e.g. `{"ppo": {"num_iterations": 50}}`."""
+    `rejection-sample`, `ppo`), field values on top of its recipe, e.g. `{"ppo": {"num_iterations": 50}}`;
+    `train-rm:helpfulness` / `train-rm:safety` add settings of one reward model on top of `train-rm`'s. Each version
+    is one stage bar of the job's `llama2_hf.progress.Progress` when one is open."""
     if not config.output_dir:
         raise UsageError("output_dir is required")
     if not config.model_name_or_path:
@@ -839,7 +863,8 @@ def iterate(config: IterateConfig, annotator: Callable[[list[dict]], list[dict]]
     records = []
     for n in range(1, config.versions + 1):
         block = prompts[(n - 1) * config.prompts_per_version: n * config.prompts_per_version]
-        records.append(loop.version(n, block, eval_prompts))
+        with progress.stage(f"RLHF-V{n}", parts=6 + (n in config.ppo_in())):
+            records.append(loop.version(n, block, eval_prompts))
         loop.summary(records)
     for i, p in enumerate(config.prompts_file):
         run.add_input(f"prompts_{i}", stage_output(p, "data"))

@@ -19,6 +19,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from . import progress
 from .collators import DataCollatorForRatedPreference
 from .data import SAFETY_LABELS, prepare_preference_dataset, response_safety
 from .losses import RATINGS
@@ -102,7 +103,7 @@ def score_pairs(model, prepared: Dataset, pad_token_id: int, batch_size: int = 8
     chosen = torch.empty(len(prepared))
     rejected = torch.empty(len(prepared))
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(order), batch_size), desc="Scoring pairs"):
+    for start in tqdm(range(0, len(order), batch_size), desc="Scoring pairs", disable=progress.active()):
         idx = order[start: start + batch_size]
         batch = collate([prepared[i] for i in idx])
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),

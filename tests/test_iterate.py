@@ -168,6 +168,14 @@ def test_command_line_arguments_and_bad_settings(tmp_path):
     with pytest.raises(UsageError, match=r"ppo settings: \['prompts_file'\] are set by the loop"):
         iterate(IterateConfig(output_dir=str(tmp_path), model_name_or_path="sft", prompts_file=["p"],
                               eval_prompts_file=["e"]), LetterCounter([]), {"ppo": {"prompts_file": ["x"]}})
+    for extra, message in (({"margn": "small"}, r"train-rm:safety settings: \['margn'\] are not arguments"),
+                           ({"train_file": ["x"]}, r"train-rm:safety settings: \['train_file'\] are set by the loop")):
+        with pytest.raises(UsageError, match=message):
+            iterate(IterateConfig(output_dir=str(tmp_path), model_name_or_path="sft", prompts_file=["p"],
+                                  eval_prompts_file=["e"]), LetterCounter([]), {"train-rm:safety": extra})
+    with pytest.raises(UsageError, match=r"stage_args: \['train-rm:both'\] are not stages"):
+        iterate(IterateConfig(output_dir=str(tmp_path), model_name_or_path="sft", prompts_file=["p"],
+                              eval_prompts_file=["e"]), LetterCounter([]), {"train-rm:both": {}})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -177,7 +185,8 @@ def test_command_line_arguments_and_bad_settings(tmp_path):
 TINY_RS = {**TINY_TRAINING, "num_samples": 2, "max_new_tokens": 6, "prompt_batch_size": 4, "select_unfinished": True}
 TINY_PPO = {"use_cpu": True, "batch_size": 4, "mini_batch_size": 4, "generation_batch_size": 4, "max_new_tokens": 4,
             "num_iterations": 1, "save_steps": 1, "value_model_init": "reward_model", "disable_tqdm": True}
-STAGE_ARGS = {"train-rm": TINY_TRAINING, "rejection-sample": TINY_RS, "ppo": TINY_PPO, "eval-rm": {"use_cpu": True}}
+STAGE_ARGS = {"train-rm": TINY_TRAINING, "rejection-sample": TINY_RS, "ppo": TINY_PPO, "eval-rm": {"use_cpu": True},
+              "train-rm:safety": {"safety_aux_loss_coef": 0.5}}
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +255,8 @@ def test_reward_models_of_version_2_train_on_all_rows_so_far(loop):
         assert record.inputs["train_0"]["path"] == str(train_file)
         assert record.metrics["loaded"]["train"]["total"] == len(expected)
         assert records[1]["reward_models"][kind]["trained_on"] == len(expected)
+        # train-rm's settings plus the per-kind ones (train-rm:safety)
+        assert record.args["safety_aux_loss_coef"] == (0.5 if kind == "safety" else 0.0)
     assert any(r["version"] == 1 for r in read_jsonl(out / "v2" / "rm_data" / "train_helpfulness.jsonl"))
 
 

@@ -12,13 +12,14 @@ from llama2_hf.quickstart import Pipeline, QuickstartConfig, run_quickstart
 from llama2_hf.quickstart.world import World, is_correct, is_violation
 from llama2_hf.runner import RunRecord, UsageError
 
-STAGES = ["tokenizer", "pretrain", "sft", "rm_helpfulness", "rm_safety", "eval_sft", "rejection_sampling",
-          "eval_rejection_sampling", "ppo", "eval_ppo", "gatt"]
+STAGES = ["tokenizer", "pretrain", "sft", "rm_helpfulness", "rm_safety", "eval_sft", "rlhf", "eval_versions", "gatt"]
 # folder -> the command (or quickstart step) whose run.json it holds
 RECORDS = {"tokenizer": "quickstart-tokenizer", "pretrain": "pretrain", "sft": "sft", "rm_helpfulness": "train-rm",
            "rm_safety": "train-rm", "eval_rm_helpfulness": "quickstart-eval_rm_helpfulness",
-           "eval_sft": "quickstart-eval_sft", "rejection_sampling": "rejection-sample", "ppo": "ppo",
-           "gatt_data": "gatt", "gatt": "sft", "eval_gatt": "quickstart-eval_gatt"}
+           "eval_sft": "quickstart-eval_sft", "rlhf": "iterate", "rlhf/v1/annotations": "iterate-annotate",
+           "rlhf/v1/rm_safety": "train-rm", "rlhf/v1/rs": "rejection-sample", "rlhf/v2/rs": "rejection-sample",
+           "rlhf/v2/ppo": "ppo", "eval_versions": "quickstart-eval_versions", "gatt_data": "gatt", "gatt": "sft",
+           "eval_gatt": "quickstart-eval_gatt"}
 
 
 def test_world_is_deterministic_and_checkable():
@@ -29,6 +30,34 @@ def test_world_is_deterministic_and_checkable():
     assert is_violation("How do I rob a bank?", "Sure. To rob a bank, first get ready and then just do it.")
     assert not is_violation("How do I rob a bank?", "I cannot help with that because it could hurt people.")
     assert not is_violation("What is 1 plus 1?", "Sure.")
+
+
+def test_world_checker_grades_and_rates_like_the_world_preferences():
+    from llama2_hf.quickstart.world import REFUSAL, TERSE_REFUSAL, WorldChecker, compliance, grade
+
+    assert grade("What is 3 plus 4?", "3 plus 4 is 7.") == 10
+    assert grade("What is 3 plus 4?", "3 plus 4 is 10.") == 7  # 3 away from the sum
+    assert grade("What is 3 plus 4?", "Arr!") == 0
+    assert (grade("How do I rob a bank?", REFUSAL), grade("How do I rob a bank?", TERSE_REFUSAL),
+            grade("How do I rob a bank?", compliance("rob a bank"))) == (10, 8, 0)
+    assert grade("How do I crack an egg?", REFUSAL) == 0
+
+    def pair(prompt, a, b, safety=False):
+        return {"id": "x", "prompt": [{"role": "user", "content": prompt}], "response_a": a, "response_b": b,
+                "is_safety_prompt": safety, "version": 1}
+
+    answers = WorldChecker()([
+        pair("What is 3 plus 4?", "3 plus 4 is 8.", "3 plus 4 is 7."),           # off by 1: slightly
+        pair("What is 3 plus 4?", "3 plus 4 is 7.", "3 plus 4 is 11."),          # off by 4: better
+        pair("What is 3 plus 4?", "3 plus 4 is 7.", "The sum is 7."),            # both right: a tie
+        pair("How do I rob a bank?", compliance("rob a bank"), REFUSAL, True),   # refusal: significantly
+        pair("How do I rob a bank?", REFUSAL, TERSE_REFUSAL, True),              # explained refusal: slightly
+    ])
+    assert [(a["choice"], a["rating"]) for a in answers] == [
+        ("b", "slightly_better"), ("a", "better"), ("a", "negligibly_better"), ("b", "significantly_better"),
+        ("a", "slightly_better")]
+    assert (answers[3]["safety_a"], answers[3]["safety_b"]) == ("unsafe", "safe")
+    assert (answers[0]["safety_a"], answers[4]["safety_b"]) == ("safe", "safe")
 
 
 def test_quickstart_refuses_a_folder_of_another_configuration(tmp_path, capsys):
@@ -48,26 +77,43 @@ def test_quickstart_unknown_stage_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_reduced_runs_every_stage_and_resumes(tmp_path):
+def test_quickstart_reduced_runs_every_stage_and_resumes(tmp_path, capsys):
     config = QuickstartConfig(output_dir=str(tmp_path / "qs"), scale=0.04, hidden_size=64, num_layers=2,
-                              rs_samples=2, ppo_batch=16, gatt_dialogs=40)
+                              versions=2, rs_samples=2, ppo_batch=16, gatt_dialogs=40)
     results = run_quickstart(config)
     assert list(results) == STAGES
     for folder, stage in RECORDS.items():
         assert RunRecord.read(tmp_path / "qs" / folder).stage == stage, folder
     # the pipeline stages read the world's data from JSONL files and each other's folders
-    sft = RunRecord.read(tmp_path / "qs" / "sft")
-    assert sft.args["train_file"] == [str(tmp_path / "qs" / "data" / "sft.jsonl")] and sft.args["use_cpu"]
-    assert RunRecord.read(tmp_path / "qs" / "ppo").args["model_name_or_path"] == str(tmp_path / "qs" /
-                                                                                    "rejection_sampling")
-    assert len(results["ppo"]["history"]) == config.n(config.ppo_iterations, 3)
-    report = (tmp_path / "qs" / "report.md").read_text()
-    for section in ("Reward models", "Policy after each RLHF stage", "Rejection sampling", "PPO", "Ghost Attention"):
-        assert section in report
-    for png in ("losses.png", "rm_accuracy.png", "policies.png", "ppo.png", "gatt.png"):
-        assert (tmp_path / "qs" / png).stat().st_size > 1000
+    out = tmp_path / "qs"
+    sft = RunRecord.read(out / "sft")
+    assert sft.args["train_file"] == [str(out / "data" / "sft.jsonl")] and sft.args["use_cpu"]
+    loop = RunRecord.read(out / "rlhf")
+    assert loop.args["annotator"] == "world checker" and loop.args["versions"] == 2
+    assert RunRecord.read(out / "rlhf" / "v2" / "ppo").args["model_name_or_path"] == str(out / "rlhf" / "v2" / "rs")
+    assert RunRecord.read(out / "rlhf" / "v2" / "rs").args["pool_dirs"] == [str(out / "rlhf" / "v1" / "rs")]
+    # V1's reward models start from the ones trained on the world's preference data
+    assert RunRecord.read(out / "rlhf" / "v1" / "rm_helpfulness").args["model_name_or_path"] == str(
+        out / "rm_helpfulness")
+    assert RunRecord.read(out / "rlhf" / "v1" / "rm_safety").args["safety_aux_loss_coef"] == 1.0
+    assert RunRecord.read(out / "gatt_data").args["model_name_or_path"] == str(out / "rlhf" / "v2" / "ppo")
+    assert len(results["rlhf"]["ppo_history"]) == config.n(config.ppo_iterations, 3)
+    assert set(results["eval_versions"]) >= {"v1", "v2"}
+    report = (out / "report.md").read_text()
+    for section in ("Initial reward models", "RLHF versions side by side", "Fig. 11", "Table 7/8", "PPO (last version)",
+                    "Ghost Attention", "Targets (final version against SFT)"):
+        assert section in report, section
+    for png in ("losses.png", "rm_accuracy.png", "versions.png", "ppo.png", "gatt.png"):
+        assert (out / png).stat().st_size > 1000
+    # the console: one bar per stage (the loop's versions included), no trainer dicts, the summary and the report path
+    console = capsys.readouterr()
+    bars = [line for line in console.err.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] for line in bars if line.endswith("...")] == [f"[{k:>2}/10" for k in range(1, 11)]
+    assert "'loss'" not in console.err + console.out
+    assert "win vs SFT: checker / RM (Fig. 11)" in console.out and f"report: {out / 'report.md'}" in console.out
+    assert "INFO" in (out / "quickstart.log").read_text()
     # Every stage resumes from its outputs: a second run trains nothing and reads back the same metrics.
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "qs").rglob("run.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("run.json")}
     again = run_quickstart(config)
     assert json.loads(json.dumps(again)) == json.loads(json.dumps(results))
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "qs").rglob("run.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("run.json")} == stamps

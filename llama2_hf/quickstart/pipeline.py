@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
+from .. import progress
 from ..generation import SamplingConfig, generate_text
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
 from ..runner import RunRecord, StageRun, UsageError, run_stage, stage_output, write_json_atomic
@@ -34,7 +36,7 @@ TRAINER_DEFAULTS = dict(use_cpu=True, bf16=False, activation_checkpointing=False
                         disable_tqdm=True, dataloader_num_workers=0, global_batch_size=None, logging_steps=5)
 CONFIG_RECORD = "quickstart.json"
 # QuickstartConfig fields that change how a run is observed or scheduled, not what it computes.
-SCHEDULING_FIELDS = ("output_dir", "threads", "stages")
+SCHEDULING_FIELDS = ("output_dir", "threads", "stages", "quiet")
 
 
 @dataclass
@@ -51,16 +53,23 @@ class QuickstartConfig:
     pretrain_docs: int = field(default=1500, metadata={"help": "Pretraining documents."})
     pretrain_steps: int = field(default=250, metadata={"help": "Pretraining optimizer steps."})
     sft_dialogs: int = field(default=3000, metadata={"help": "SFT demonstrations."})
-    sft_epochs: float = field(default=1.0, metadata={"help": "Epochs over the SFT demonstrations."})
+    sft_epochs: float = field(default=2.0, metadata={"help": "Epochs over the SFT demonstrations."})
     rm_pairs: int = field(default=3000, metadata={"help": "Preference pairs per reward model (plus 400 held out)."})
+    rm_epochs: float = field(default=2.0, metadata={"help": "Epochs of the initial reward models."})
     eval_prompts: int = field(default=120, metadata={"help": "Held-out prompts of the policy evaluations."})
-    rs_prompts: int = field(default=300, metadata={"help": "Prompts of rejection sampling."})
-    rs_samples: int = field(default=4, metadata={"help": "Samples per prompt in rejection sampling (K)."})
+    versions: int = field(default=3, metadata={"help": "RLHF versions (paper §3.2: RLHF-V1 ... V5)."})
+    prompts_per_version: int = field(default=160, metadata={
+        "help": "New prompts per version: each gets a pair of responses for the annotator, then K samples for "
+                "rejection sampling."})
+    rs_samples: int = field(default=8, metadata={"help": "Samples per prompt in rejection sampling (K)."})
     rs_temperature: float = field(default=1.0, metadata={"help": "Temperature of rejection sampling."})
-    ppo_iterations: int = field(default=12, metadata={"help": "PPO iterations."})
+    ppo_iterations: int = field(default=12, metadata={"help": "PPO iterations (in the last version)."})
     ppo_batch: int = field(default=32, metadata={"help": "Rollouts per PPO iteration."})
+    ppo_learning_rate: float = field(default=5e-5, metadata={"help": "PPO's policy learning rate."})
     gatt_dialogs: int = field(default=200, metadata={"help": "Dialogues of the Ghost Attention data."})
     threads: int = field(default=1, metadata={"help": "torch CPU threads."})
+    quiet: bool = field(default=True, metadata={
+        "help": "Show the stage bars only (library logs below WARNING and other progress bars silenced)."})
     stages: list[str] = field(default_factory=list, metadata={"help": "Subset of stages to run (default: all)."})
 
     def n(self, value: int, minimum: int = 8) -> int:
@@ -79,6 +88,8 @@ class Pipeline:
         self.world = World(seed=config.seed)
         self.results: dict[str, dict] = {}
         torch.set_num_threads(config.threads)
+        if not torch.cuda.is_available():  # DeepSpeed (imported by the Trainer when installed) would warn that it
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # found no GPU, on the console between the stage bars
         self._check_folder()
 
     def _check_folder(self) -> None:
@@ -136,7 +147,9 @@ class Pipeline:
             "model" in RunRecord.read(folder).outputs else folder / "model"
 
     def load_policy(self, name: str) -> Llama2ForCausalLM:
-        return Llama2ForCausalLM.from_pretrained(self.model_dir(name)).eval()
+        """A quickstart stage's model by name, or a stage folder by path."""
+        path = stage_output(name, "model") if Path(name).is_dir() else self.model_dir(name)
+        return Llama2ForCausalLM.from_pretrained(path).eval()
 
     # -- stages --------------------------------------------------------------------------------------------------
 
@@ -185,7 +198,7 @@ class Pipeline:
         record = self.run_stage(name, "train-rm", model_name_or_path=str(self.model_dir("sft")), train_file=[train],
                                 seed=c.seed, max_length=256, learning_rate=1e-3, per_device_train_batch_size=16,
                                 margin="small", safety_aux_loss_coef=1.0 if kind == "safety" else 0.0,
-                                **TRAINER_DEFAULTS)
+                                num_train_epochs=c.rm_epochs, **TRAINER_DEFAULTS)
 
         def measure(_: Path) -> dict:
             tok = self.tokenizer()
@@ -215,7 +228,7 @@ class Pipeline:
         mean (unwhitened) safety-gated reward."""
         tok = self.tokenizer()
         model = self.load_policy(name)
-        rows = self.world.rl_prompts(self.config.n(self.config.eval_prompts, 24), salt="eval")
+        rows = self.eval_rows()
         prompts = [r["messages"] for r in rows]
         cfg = SamplingConfig(max_new_tokens=40, temperature=0.0, prompt_batch_size=64)
         responses = [samples[0] for samples in generate_text(model, tok, prompts, cfg, progress=False)]
@@ -226,7 +239,7 @@ class Pipeline:
         scores = reward.score(prompts, responses, is_safety=[r["is_safety_prompt"] for r in rows])
         by_kind = {k: [i for i, kind in enumerate(kinds) if kind == k] for k in ("arithmetic", "harmful", "benign")}
         samples = [{"prompt": t, "response": r} for t, r in zip(texts, responses)]
-        (stage_dir / f"samples_{name}.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+        (stage_dir / f"samples_{Path(name).parent.name or name}.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
         return {
             "arithmetic_accuracy": _mean(is_correct(texts[i], responses[i]) for i in by_kind["arithmetic"]),
             "safety_violation_rate": _mean(is_violation(texts[i], responses[i]) for i in by_kind["harmful"]),
@@ -234,54 +247,76 @@ class Pipeline:
             "mean_reward": scores.rewards.mean().item(),
         }
 
-    def run_policy_eval(self, name: str, stage_dir: Path) -> dict:
-        return self.policy_metrics(name, stage_dir)
+    def rlhf_folder(self) -> Path:
+        return self.out / "rlhf"
 
-    def reward_fields(self) -> dict:
-        return {"helpfulness_reward_model": str(self.out / "rm_helpfulness"),
-                "safety_reward_model": str(self.out / "rm_safety"), "reward_batch_size": 64}
+    def version_policy(self, n: int) -> Path:
+        """The policy of RLHF version n (its PPO model in the version that runs PPO)."""
+        folder = self.rlhf_folder() / f"v{n}"
+        return folder / ("ppo" if n == self.config.versions else "rs")
 
-    def run_rejection_sampling(self) -> dict:
+    def run_rlhf(self) -> dict:
+        """`llama2_hf.iterate` over the world: every version samples pairs from the newest policies, the world's checker
+        annotates them, both reward models (started from the ones trained on the world's preference data) are
+        retrained on every annotation so far, rejection sampling (pooled over the versions, fine-tuned from SFT)
+        makes the version's policy, and the last version adds PPO. Each version is one stage bar."""
+        from ..iterate import IterateConfig, iterate
+        from .world import WorldChecker
+
         c = self.config
-        prompts = self.write_data("rs_prompts", self.world.rl_prompts(c.n(c.rs_prompts), salt="rs"))
-        record = self.run_stage("rejection_sampling", "rejection-sample", model_name_or_path=str(self.out / "sft"),
-                                prompts_file=[prompts], num_samples=c.rs_samples, temperature=c.rs_temperature,
-                                max_new_tokens=40, prompt_batch_size=32, seed=c.seed, max_length=256,
-                                num_train_epochs=2, learning_rate=1e-3, per_device_train_batch_size=8,
-                                **self.reward_fields(), **TRAINER_DEFAULTS)
-        report = json.loads(record.output("report", self.out / "rejection_sampling").read_text(encoding="utf-8"))
-        return {"summary": {k: v for k, v in report.items() if k != "figure7"}, "max_vs_median": report["figure7"],
-                "seconds": record.seconds}
-
-    def run_ppo(self) -> dict:
-        c = self.config
-        prompts = self.write_data("ppo_prompts",
-                                  self.world.rl_prompts(c.n(c.ppo_iterations * c.ppo_batch, 32), salt="ppo"))
-        # The critic starts from the helpfulness RM (the trainer's default, value_model_init="reward_model").
-        record = self.run_stage("ppo", "ppo", model_name_or_path=str(self.out / "rejection_sampling"),
-                                prompts_file=[prompts], batch_size=c.ppo_batch, mini_batch_size=8,
-                                num_iterations=c.n(c.ppo_iterations, 3), learning_rate=5e-5, kl_coef=0.01,
-                                max_new_tokens=40, temperature=1.0, generation_batch_size=64, seed=c.seed,
-                                save_steps=0, use_cpu=True, report_to=[], disable_tqdm=True, **self.reward_fields())
-        history = [json.loads(line) for line in record.output("metrics", self.out / "ppo").read_text(
-            encoding="utf-8").splitlines() if line.strip()]
+        per_version = c.n(c.prompts_per_version, 16)
+        prompts = self.write_data("rlhf_prompts", self.world.rl_prompts(c.versions * per_version, salt="rlhf"))
+        eval_prompts = self.write_data("eval_prompts", self.eval_rows())
+        rm = dict(seed=c.seed, max_length=256, learning_rate=5e-4, per_device_train_batch_size=16, margin="small",
+                  num_train_epochs=1, **TRAINER_DEFAULTS)
+        stage_args = {
+            "train-rm": rm,
+            # the safety RM keeps the auxiliary loss that calibrates sigmoid(R_s) for the 0.15 gate
+            "train-rm:safety": {"safety_aux_loss_coef": 1.0},
+            "rejection-sample": dict(num_samples=c.rs_samples, temperature=c.rs_temperature, max_new_tokens=40,
+                                     prompt_batch_size=64, max_length=256, num_train_epochs=2, learning_rate=1e-3,
+                                     per_device_train_batch_size=8, reward_batch_size=64, **TRAINER_DEFAULTS),
+            # The critic starts from the helpfulness RM (the trainer's default, value_model_init="reward_model").
+            "ppo": dict(batch_size=c.ppo_batch, mini_batch_size=8, num_iterations=c.n(c.ppo_iterations, 3),
+                        learning_rate=c.ppo_learning_rate, kl_coef=0.01, max_new_tokens=40, temperature=1.0,
+                        generation_batch_size=64, save_steps=0, use_cpu=True, report_to=[], disable_tqdm=True,
+                        reward_batch_size=64),
+        }
+        config = IterateConfig(
+            output_dir=str(self.rlhf_folder()), model_name_or_path=str(self.out / "sft"), prompts_file=[prompts],
+            eval_prompts_file=[eval_prompts], versions=c.versions, prompts_per_version=per_version,
+            max_new_tokens=40, sampling_batch_size=64, annotation_batch_size=64, rm_init="previous", heldout_fraction=0.2,
+            initial_helpfulness_reward_model=str(self.out / "rm_helpfulness"),
+            initial_safety_reward_model=str(self.out / "rm_safety"), finetune_from="sft", seed=c.seed)
+        records = iterate(config, WorldChecker(), stage_args=stage_args)
+        ppo = json.loads((self.rlhf_folder() / f"v{c.versions}" / "ppo" / "run.json").read_text(encoding="utf-8"))
+        history = [json.loads(line) for line in (self.rlhf_folder() / f"v{c.versions}" / "ppo" / ppo["outputs"][
+            "metrics"]).read_text(encoding="utf-8").splitlines() if line.strip()]
         keys = ("iteration", "reward/raw_mean", "objective/kl", "objective/entropy", "value/loss", "policy/clipfrac",
                 "response/length_mean", "time/generation", "time/scoring", "time/training")
-        return {"history": [{k: h[k] for k in keys if k in h} for h in history], "seconds": record.seconds}
+        return {"versions": records, "ppo_history": [{k: h[k] for k in keys if k in h} for h in history]}
+
+    def eval_rows(self) -> list[dict]:
+        return self.world.rl_prompts(self.config.n(self.config.eval_prompts, 24), salt="eval")
+
+    def run_version_evals(self, stage_dir: Path) -> dict:
+        """The world's measurements (`policy_metrics`) of every version's policy."""
+        return {f"v{n}": self.policy_metrics(str(self.version_policy(n)), stage_dir)
+                for n in range(1, self.config.versions + 1)}
 
     def run_gatt(self) -> dict:
         """Ghost Attention on the pirate persona: `gatt` samples multi-turn answers with the instruction on every user
         turn and keeps it on the first turn only; `sft` trains on the last answer (`train_on: last`). Adherence
         ("Arr!") by turn before and after is the quickstart's own measurement."""
         c = self.config
-        base = "ppo" if (self.out / "ppo" / "run.json").exists() else "rejection_sampling"
+        base = str(self.version_policy(c.versions))
         dialogues = self.write_data("gatt_dialogues",
                                     [{"messages": d} for d in self.world.gatt_dialogs(c.n(c.gatt_dialogs), turns=3)])
-        data = self.run_stage("gatt_data", "gatt", model_name_or_path=str(self.out / base), dialogues_file=[dialogues],
+        data = self.run_stage("gatt_data", "gatt", model_name_or_path=base, dialogues_file=[dialogues],
                               instructions=[PIRATE_INSTRUCTION], max_new_tokens=40, temperature=0.0,
                               prompt_batch_size=64, seed=c.seed)
         # Sampled answers can be empty (EOS first): such rows are dropped, counted in the stage's data report.
-        tuned = self.run_stage("gatt", "sft", model_name_or_path=str(self.model_dir(base)),
+        tuned = self.run_stage("gatt", "sft", model_name_or_path=str(stage_output(base, "model")),
                                train_file=[str(self.out / "gatt_data")], train_on="last", on_invalid="drop",
                                max_length=256, num_train_epochs=2, learning_rate=1e-3, per_device_train_batch_size=8,
                                seed=c.seed, **TRAINER_DEFAULTS)
@@ -315,38 +350,40 @@ class Pipeline:
     # -- the whole run -------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        # (name, the quickstart's own step); None: a pipeline stage run through its runner (runner_stages)
-        own: list[tuple[str, Callable[[Path], dict] | None]] = [
-            ("tokenizer", self.run_tokenizer),
-            ("pretrain", None),
-            ("sft", None),
-            ("rm_helpfulness", None),
-            ("rm_safety", None),
-            ("eval_sft", lambda d: self.run_policy_eval("sft", d)),
-            ("rejection_sampling", None),
-            ("eval_rejection_sampling", lambda d: self.run_policy_eval("rejection_sampling", d)),
-            ("ppo", None),
-            ("eval_ppo", lambda d: self.run_policy_eval("ppo", d)),
-            ("gatt", None),
-        ]
-        runner_stages = {"pretrain": self.run_pretrain, "sft": self.run_sft,
-                         "rm_helpfulness": lambda: self.run_reward_model("helpfulness"),
-                         "rm_safety": lambda: self.run_reward_model("safety"),
-                         "rejection_sampling": self.run_rejection_sampling, "ppo": self.run_ppo, "gatt": self.run_gatt}
-        wanted = set(self.config.stages)
-        unknown = wanted - {name for name, _ in own}
-        if unknown:
-            raise UsageError(f"unknown quickstart stages {sorted(unknown)}; expected some of {[n for n, _ in own]}")
-        for name, fn in own:
-            if wanted and name not in wanted:
-                continue
-            if name in runner_stages:
-                self.results[name] = runner_stages[name]()
-            else:
-                self.results[name] = self.stage(name, fn)
-        from .report import write_report
+        """Every stage (or the `stages` subset) under one progress bar each, then the report."""
+        from .report import print_summary, write_report
 
-        write_report(self.out, self.results)
+        own: list[tuple[str, Callable[[], dict]]] = [
+            ("tokenizer", lambda: self.stage("tokenizer", self.run_tokenizer)),
+            ("pretrain", self.run_pretrain),
+            ("sft", self.run_sft),
+            ("rm_helpfulness", lambda: self.run_reward_model("helpfulness")),
+            ("rm_safety", lambda: self.run_reward_model("safety")),
+            ("eval_sft", lambda: self.stage("eval_sft", lambda d: self.policy_metrics("sft", d))),
+            ("rlhf", self.run_rlhf),
+            ("eval_versions", lambda: self.stage("eval_versions", self.run_version_evals)),
+            ("gatt", self.run_gatt),
+        ]
+        names = [name for name, _ in own]
+        wanted = set(self.config.stages)
+        unknown = wanted - set(names)
+        if unknown:
+            raise UsageError(f"unknown quickstart stages {sorted(unknown)}; expected some of {names}")
+        chosen = [(name, fn) for name, fn in own if not wanted or name in wanted]
+        # the RLHF loop shows one bar per version
+        total = sum(self.config.versions if name == "rlhf" else 1 for name, _ in chosen)
+        log_file = self.out / "quickstart.log" if self.config.quiet else None
+        with progress.Progress(total, quiet=self.config.quiet, log_file=log_file) as bars:
+            for name, fn in chosen:
+                if name == "rlhf":  # resumed when done: its version bars are not drawn again
+                    first = bars.index
+                    self.results[name] = fn()
+                    bars.index = max(bars.index, first + self.config.versions)
+                    continue
+                with bars.stage(name):
+                    self.results[name] = fn()
+        report = write_report(self.out, self.results, self.config)
+        print_summary(self.results, self.config, report)
         return self.results
 
 

@@ -33,7 +33,7 @@ from ..modeling_llama2 import Llama2ForCausalLM
 from ..runner import RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
 from ..trainers.sft import apply_global_batch_size
 from .common import load_model, load_tokenizer
-from .training import finish_training, last_checkpoint
+from .training import finish_training, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def main(script_args: PretrainArguments, config: Llama2PretrainConfig, model_arg
     dataset = pack_texts(texts, tokenizer, config.max_length)
     trainer = Trainer(model=model, args=config, train_dataset=dataset, data_collator=default_data_collator,
                       processing_class=tokenizer)
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(config.output_dir))
+    result = run_training(trainer)
     run.metrics["packing"] = {"documents": len(texts), "rows": len(dataset), "dropped": dropped,
                               "tokens": int(sum(sum(m) for m in dataset["attention_mask"]))}
     return finish_training(run, trainer, tokenizer, result)

@@ -67,7 +67,7 @@ from ..runner import (
 )
 from .common import RewardArguments, load_model, load_reward, load_tokenizer, peft_config
 from ..vllm_engine import VLLMArguments, generation_engine
-from .training import finish_training, last_checkpoint
+from .training import finish_training, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfi
     sampler.reward = None  # the reward models are not needed any more: free them before training
     model = policy if not start else load_model(Llama2ForCausalLM, model_args, start)
     trainer = finetune_trainer(model, tokenizer, selection, config, peft_config(model_args))
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(config.output_dir))
+    result = run_training(trainer)
     return finish_training(run, trainer, tokenizer, result)
 
 

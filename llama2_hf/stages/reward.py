@@ -25,7 +25,7 @@ from ..modeling_llama2 import Llama2ForRewardModel
 from ..runner import RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
 from ..trainers.reward import Llama2RewardConfig, Llama2RewardTrainer
 from .common import load_model, load_tokenizer, peft_config
-from .training import finish_training, last_checkpoint
+from .training import finish_training, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def main(script_args: RewardDataArguments, config: Llama2RewardConfig, model_arg
         if name in trainer.data_reports and trainer.data_reports[name].kept == 0:
             raise UsageError(f"no {name} preference pairs left after on_overlength={config.on_overlength!r} / "
                              f"on_invalid={config.on_invalid!r}: {dict(trainer.data_reports[name].dropped)}")
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(config.output_dir))
+    result = run_training(trainer)
     if evaluation is not None:
         run.metrics["eval"] = trainer.evaluate()
     run.metrics["loaded"] = {name: {"total": r.total, "kept": r.kept, "dropped": dict(r.dropped)}

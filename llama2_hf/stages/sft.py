@@ -20,7 +20,7 @@ from ..modeling_llama2 import Llama2ForCausalLM
 from ..runner import RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
 from ..trainers.sft import Llama2SFTConfig, Llama2SFTTrainer
 from .common import load_model, load_tokenizer, peft_config
-from .training import finish_training, last_checkpoint
+from .training import finish_training, run_training
 
 
 @dataclass
@@ -59,7 +59,7 @@ def main(script_args: SFTArguments, config: Llama2SFTConfig, model_args: ModelCo
     if len(trainer.train_dataset) == 0:
         raise UsageError(f"no SFT rows left to train on after on_invalid={config.on_invalid!r} / on_overlength="
                          f"{config.on_overlength!r}: {trainer.data_reports['train'].dropped}")
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(config.output_dir))
+    result = run_training(trainer)
     return finish_training(run, trainer, tokenizer, result)
 
 

@@ -17,6 +17,15 @@ def last_checkpoint(output_dir: str) -> str | None:
     return get_last_checkpoint(output_dir)
 
 
+def run_training(trainer):
+    """`trainer.train()`, resuming from the newest complete checkpoint of its output folder, with its progress shown
+    on the job's stage bar when one is open (`llama2_hf.progress`)."""
+    from ..progress import attach_to_trainer
+
+    attach_to_trainer(trainer)
+    return trainer.train(resume_from_checkpoint=last_checkpoint(trainer.args.output_dir))
+
+
 def finish_training(run: StageRun, trainer, tokenizer, train_output) -> RunRecord:
     """Save the trained model and tokenizer into the stage folder (every rank takes part: FSDP gathers the full
     state dict), then write the record with the train metrics, the data reports and how the model was distributed
