@@ -678,7 +678,8 @@ class _Loop:
             if cache.is_file():  # generated before a kill: the same answers are judged again
                 responses = {r["model"]: r["responses"] for r in _read_rows(cache)}
             else:
-                responses = {name: self.answer(path, c.eval_temperature, eval_prompts, f"eval-{path}")
+                # seeded by the model's role, not its path: the same loop in another folder samples the same answers
+                responses = {name: self.answer(path, c.eval_temperature, eval_prompts, f"v{n}-eval-{name}")
                              for name, path in models.items()}
                 _write_jsonl(cache, [{"model": k, "path": models[k], "responses": v} for k, v in responses.items()])
             judge = RewardModelJudge(rms["helpfulness"], rms["safety"], c.judge_margins,

@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: list[str]) -> None:
         (config,) = parser.parse_args_into_dataclasses(args)
-        results = run_quickstart(config)
-        logger.info("report: %s/report.md (%d stages)", config.output_dir, len(results))
+        run_quickstart(config)  # ends with the summary and the report's path
 
     return run_command("quickstart", sys.argv[1:] if argv is None else argv, body)

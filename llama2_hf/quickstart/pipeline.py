@@ -51,7 +51,7 @@ class QuickstartConfig:
     num_layers: int = field(default=3, metadata={"help": "Decoder layers of the toy model."})
     vocab_size: int = field(default=400, metadata={"help": "Pieces of the toy tokenizer."})
     pretrain_docs: int = field(default=1500, metadata={"help": "Pretraining documents."})
-    pretrain_steps: int = field(default=250, metadata={"help": "Pretraining optimizer steps."})
+    pretrain_steps: int = field(default=400, metadata={"help": "Pretraining optimizer steps."})
     sft_dialogs: int = field(default=3000, metadata={"help": "SFT demonstrations."})
     sft_epochs: float = field(default=2.0, metadata={"help": "Epochs over the SFT demonstrations."})
     rm_pairs: int = field(default=3000, metadata={"help": "Preference pairs per reward model (plus 400 held out)."})
@@ -62,7 +62,9 @@ class QuickstartConfig:
         "help": "New prompts per version: each gets a pair of responses for the annotator, then K samples for "
                 "rejection sampling."})
     rs_samples: int = field(default=8, metadata={"help": "Samples per prompt in rejection sampling (K)."})
-    rs_temperature: float = field(default=1.0, metadata={"help": "Temperature of rejection sampling."})
+    rs_temperature: float = field(default=0.7, metadata={
+        "help": "Temperature of rejection sampling (the paper tunes it per model and version, Figure 8; the tiny "
+                "policy's samples at 1.0 are mostly wrong sums, and fine-tuning on them drags it down)."})
     ppo_iterations: int = field(default=12, metadata={"help": "PPO iterations (in the last version)."})
     ppo_batch: int = field(default=32, metadata={"help": "Rollouts per PPO iteration."})
     ppo_learning_rate: float = field(default=5e-5, metadata={"help": "PPO's policy learning rate."})
@@ -268,13 +270,13 @@ class Pipeline:
         prompts = self.write_data("rlhf_prompts", self.world.rl_prompts(c.versions * per_version, salt="rlhf"))
         eval_prompts = self.write_data("eval_prompts", self.eval_rows())
         rm = dict(seed=c.seed, max_length=256, learning_rate=5e-4, per_device_train_batch_size=16, margin="small",
-                  num_train_epochs=1, **TRAINER_DEFAULTS)
+                  num_train_epochs=2, **TRAINER_DEFAULTS)
         stage_args = {
             "train-rm": rm,
             # the safety RM keeps the auxiliary loss that calibrates sigmoid(R_s) for the 0.15 gate
             "train-rm:safety": {"safety_aux_loss_coef": 1.0},
             "rejection-sample": dict(num_samples=c.rs_samples, temperature=c.rs_temperature, max_new_tokens=40,
-                                     prompt_batch_size=64, max_length=256, num_train_epochs=2, learning_rate=1e-3,
+                                     prompt_batch_size=64, max_length=256, num_train_epochs=2, learning_rate=3e-4,
                                      per_device_train_batch_size=8, reward_batch_size=64, **TRAINER_DEFAULTS),
             # The critic starts from the helpfulness RM (the trainer's default, value_model_init="reward_model").
             "ppo": dict(batch_size=c.ppo_batch, mini_batch_size=8, num_iterations=c.n(c.ppo_iterations, 3),
@@ -285,7 +287,8 @@ class Pipeline:
         config = IterateConfig(
             output_dir=str(self.rlhf_folder()), model_name_or_path=str(self.out / "sft"), prompts_file=[prompts],
             eval_prompts_file=[eval_prompts], versions=c.versions, prompts_per_version=per_version,
-            max_new_tokens=40, sampling_batch_size=64, annotation_batch_size=64, rm_init="previous", heldout_fraction=0.2,
+            max_new_tokens=40, sampling_batch_size=64, annotation_batch_size=64, rm_init="previous",
+            heldout_fraction=0.2, pair_temperatures=[1.0, 1.4],
             initial_helpfulness_reward_model=str(self.out / "rm_helpfulness"),
             initial_safety_reward_model=str(self.out / "rm_safety"), finetune_from="sft", seed=c.seed)
         records = iterate(config, WorldChecker(), stage_args=stage_args)

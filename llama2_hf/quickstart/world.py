@@ -92,10 +92,14 @@ def assistant(text: str) -> dict:
 @dataclass
 class World:
     """Deterministic generators for every stage's data. `refusal_rate` is how often the SFT demonstrations refuse a
-    harmful request (an imperfect SFT set leaves room for the safety RM, rejection sampling and PPO to improve)."""
+    harmful request (an imperfect SFT set leaves room for the safety RM, rejection sampling and PPO to improve);
+    `max_operand` bounds the arithmetic (0..4: few enough sums that a reward model of the toy model's size learns to
+    tell a right sum from a near miss, which best-of-K selection needs; with 0..9 it could not, and rejection
+    sampling picked the rare wrong sample)."""
 
     seed: int = 0
-    refusal_rate: float = 0.5
+    refusal_rate: float = 0.25
+    max_operand: int = 4
 
     def _rng(self, salt: str) -> random.Random:
         return random.Random(f"{self.seed}-{salt}")
@@ -104,7 +108,7 @@ class World:
         rng = self._rng("pretrain")
         texts = []
         for _ in range(n):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
             act = rng.choice(list(BENIGN_ACTS))
             texts.append(f"{arithmetic_answer(a, b)} {arithmetic_question(a, b)} {a + b}. "
                          f"How do I {rng.choice(HARMFUL_ACTS)}? {REFUSAL} {PIRATE_PREFIX} "
@@ -114,7 +118,7 @@ class World:
     def prompt(self, rng: random.Random, kind: str | None = None) -> tuple[str, str]:
         kind = kind or rng.choices(["arithmetic", "harmful", "benign"], weights=[6, 3, 1])[0]
         if kind == "arithmetic":
-            return kind, arithmetic_question(rng.randint(0, 9), rng.randint(0, 9))
+            return kind, arithmetic_question(rng.randint(0, self.max_operand), rng.randint(0, self.max_operand))
         if kind == "harmful":
             return kind, f"How do I {rng.choice(HARMFUL_ACTS)}?"
         return kind, f"How do I {rng.choice(list(BENIGN_ACTS))}?"
@@ -156,7 +160,8 @@ class World:
         judge helpfulness only, which is why the safety RM exists). Safety: refusals beat compliance; a refusal that
         explains beats a terse one (both safe); two compliant answers are a toss-up (both unsafe); and, as the paper
         mixes helpfulness data into the safety RM's (90/10), a tenth are helpfulness pairs on harmless prompts, where
-        both answers are safe."""
+        both answers are safe; and a seventh of the rest are borderline requests (harmless, alarming words: the real
+        answer beats a refusal, both safe), as the paper's safety data holds borderline prompts (§4.2.1)."""
         if kind not in ("helpfulness", "safety"):
             raise ValueError(f"kind must be 'helpfulness' or 'safety', got {kind!r}")
         rng = self._rng(f"pref-{kind}")
@@ -175,7 +180,8 @@ class World:
         p_kind, prompt = self.prompt(rng, rng.choices(kinds, [7, 2, 1][: len(kinds)])[0])
         if p_kind == "arithmetic":
             a, b = parse_prompt(prompt)[1]
-            offset = rng.choice([0, 1, 2, 3, 4, 6, 8, 9])
+            # near misses (off by 1 or 2) are half of the wrong answers: they are the mistakes a trained policy makes
+            offset = rng.choice([0, 0, 1, 1, 1, 2, 2, 3, 4, 6, 8, 9])
             wrong = a + b + offset * rng.choice([-1, 1])
             if wrong < 0:
                 wrong = a + b + offset
@@ -187,7 +193,8 @@ class World:
             if offset and rng.random() < 0.4:
                 # A self-consistent sum of misquoted numbers: teaches the RM to check the answer against the
                 # question (without these pairs the policy learns to restate easier numbers: reward hacking).
-                b2 = (b + offset) % 10 if (b + offset) % 10 != b else (b + 1) % 10
+                b2 = (b + offset) % (self.max_operand + 1)
+                b2 = b2 if b2 != b else (b + 1) % (self.max_operand + 1)
                 rejected = arithmetic_answer(a, b2)
         elif p_kind == "benign":
             chosen, rejected, rating = self.good_response(prompt), REFUSAL, "significantly_better"
@@ -200,6 +207,12 @@ class World:
         return row
 
     def _safety_pair(self, rng: random.Random) -> dict:
+        if rng.random() < 0.15:
+            # a borderline request (alarming words, harmless intent): the real answer beats a refusal and both are
+            # safe; without these the safety RM flags the real answers and the gated reward teaches false refusals
+            _, prompt = self.prompt(rng, "benign")
+            return {"prompt": prompt, "chosen": self.good_response(prompt), "rejected": REFUSAL,
+                    "rating": "significantly_better", "safety_label": "both_safe", "is_safety_prompt": True}
         _, prompt = self.prompt(rng, "harmful")
         act = parse_prompt(prompt)[1]
         r = rng.random()
@@ -215,12 +228,14 @@ class World:
 
     def rl_prompts(self, n: int, salt: str = "rl") -> list[dict]:
         """Prompts for rejection sampling and PPO: `id`, `messages` and the `is_safety_prompt` tag (a prompt text may
-        repeat; the id tells the rows apart)."""
+        repeat; the id tells the rows apart). Harmful and borderline (benign) requests are tagged safety prompts, as
+        the paper's safety prompt set holds adversarial and borderline prompts: the gated reward scores them with the
+        safety RM, and their annotated pairs train it."""
         rng = self._rng(salt)
         rows = []
         for i in range(n):
             kind, prompt = self.prompt(rng)
-            rows.append({"id": f"{salt}-{i}", "messages": [user(prompt)], "is_safety_prompt": kind == "harmful"})
+            rows.append({"id": f"{salt}-{i}", "messages": [user(prompt)], "is_safety_prompt": kind != "arithmetic"})
         return rows
 
     def gatt_dialogs(self, n: int, turns: int = 3) -> list[list[dict]]:
