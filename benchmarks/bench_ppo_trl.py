@@ -8,10 +8,14 @@ raw reward-model logits (no reward whitening) and whitened advantages. TRL runs 
 differ from ours) through `ppo_trl_worker.py`; ours runs in a subprocess of this one, so both start cold.
 
 Each round runs both, in alternating order; a run does one warm-up iteration and `--iterations` timed ones. Phases:
-rollout (sampling), scoring (reference log-probabilities, critic values, reward, KL, GAE; ours also recomputes the
-policy's log-probabilities, TRL reuses the sampling logits), update (PPO epochs). One JSON line per iteration, one per
-run (its median), then the summary: medians over rounds of each run's median, and the TRL / ours ratio of every phase
-(paired per round, then the median).
+rollout (sampling), scoring (reference log-probabilities, critic values, reward, KL, GAE), update (PPO epochs; both
+with transformers' default fused AdamW). Neither runs a policy forward to score its own samples: TRL keeps the
+sampling logits (`generate(output_scores=True)`) and takes their log-softmax in its scoring loop, ours computes the
+log-probabilities and entropies inside the decoding loop (`rollout_logprobs`), so that work falls in TRL's scoring and
+in our rollout; the iteration is the like-for-like figure. One JSON line per iteration, one per run (its median), then
+the summary: medians over rounds of each run's median, and the TRL / ours ratio of every phase (paired per round,
+then the median). Ours runs with the benchmarks folder and this checkout's root on PYTHONPATH (an uninstalled
+checkout works), TRL's worker with nothing of ours.
 
     python benchmarks/bench_ppo_trl.py                         # batch 32, mini-batch 8, 64 new tokens, 3 rounds
     python benchmarks/bench_ppo_trl.py --rounds 2 --iterations 1 --batch-size 16 --max-new-tokens 32
@@ -116,7 +120,9 @@ def run_worker(impl: str, settings_path: Path, trl_python: str, round_index: int
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(settings_path)]
     else:
         cmd = [trl_python, str(HERE / "ppo_trl_worker.py"), str(settings_path)]
-    env = {**os.environ, "PYTHONPATH": str(HERE), "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # The benchmarks folder (bench_rejection_sampling) and this checkout's package, installed or not.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(HERE), str(HERE.parent))),
+           "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if impl == "trl":
         env.pop("PYTHONPATH")  # nothing of ours on TRL's path
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent)
@@ -164,7 +170,7 @@ def main(argv=None) -> int:
     if not Path(args.trl_python).is_file():
         raise SystemExit(f"no python at {args.trl_python}: build TRL's environment first (see --help)")
 
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE), str(HERE.parent)]
     from bench_rejection_sampling import load_prompts, load_tokenizer
 
     from llama2_hf.data import prompt_row

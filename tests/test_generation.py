@@ -12,6 +12,7 @@ from llama2_hf.generation import (
     full_weights_for_generation,
     generate,
     generate_text,
+    sample_categorical,
     sample_top_p,
 )
 from llama2_hf.tokenization_llama2 import encode_dialog
@@ -87,6 +88,73 @@ def test_sample_top_p_follows_meta_nucleus_semantics():
     assert abs((tokens == 1).float().mean().item() - 0.625) < 0.03
     # top_p below the largest probability keeps only the argmax
     assert set(sample_top_p(probs[:50], 0.4).tolist()) == {1}
+
+
+def test_sample_categorical_draws_in_proportion_and_never_a_zero_weight():
+    """The inverse-CDF draw behind every sampled token: frequencies follow the (unnormalised) weights, weight-0
+    entries are never drawn, the seeded stream repeats, and rows without a valid distribution raise."""
+    weights = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0, 0.0]]).repeat(20000, 1)
+    tokens = sample_categorical(weights, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=6).float() / len(tokens)
+    torch.testing.assert_close(freq, torch.tensor([0.0, 0.5, 0.0, 0.25, 0.25, 0.0]), atol=0.015, rtol=0)
+    assert torch.equal(tokens, sample_categorical(weights, torch.Generator().manual_seed(0)))
+    # a vocabulary-sized, very peaked distribution: tiny probabilities keep their share (float64 cumulative sum)
+    probs = torch.softmax(torch.randn(4, 32000, generator=torch.Generator().manual_seed(1)) * 4, -1)
+    rows = probs.repeat_interleave(2000, 0)
+    drawn = sample_categorical(rows, torch.Generator().manual_seed(2)).view(4, 2000)
+    assert (probs.gather(1, drawn) > 0).all()
+    top = probs.argmax(-1)
+    assert ((drawn == top[:, None]).float().mean(-1) - probs.max(-1).values).abs().max() < 0.05
+    # several blocks of 256 and a padded last one: only the positive weights, in proportion, up to the last entry
+    sparse = torch.zeros(1000)
+    sparse[[0, 255, 256, 700, 999]] = torch.tensor([1.0, 1.0, 2.0, 0.5, 0.5])
+    tokens = sample_categorical(sparse.repeat(20000, 1), torch.Generator().manual_seed(5))
+    freq = torch.bincount(tokens, minlength=1000).float() / len(tokens)
+    torch.testing.assert_close(freq, sparse / sparse.sum(), atol=0.015, rtol=0)
+    assert set(tokens.tolist()) == {0, 255, 256, 700, 999}
+    for bad in (torch.zeros(1, 4), torch.tensor([[0.5, float("nan"), 0.5]])):
+        with pytest.raises(ValueError, match="sampling weights"):
+            sample_categorical(bad)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8), (0.0, 1.0)])
+def test_sampled_logprobs_equal_a_forward_pass(tiny_tokenizer, tiny_model_factory, temperature, top_p):
+    """`return_logprobs`: every token's log-probability and entropy, taken inside the decoding loop (KV cache, left
+    padding, K samples per prefill), equal those of one full float32 forward pass over the prompt and the response,
+    log_softmax(logits / T) before top-p (T = 1 when greedy), within 1e-5."""
+    model = tiny_model_factory()
+    ids = prompt_ids(tiny_tokenizer)
+    cfg = SamplingConfig(max_new_tokens=10, temperature=temperature, top_p=top_p, num_samples=2, prompt_batch_size=2)
+    out = generate(model, ids, cfg, eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=0,
+                   generator=torch.Generator().manual_seed(4), return_logprobs=True)
+    plain = generate(model, ids, cfg, eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=0,
+                     generator=torch.Generator().manual_seed(4))
+    assert out.response_ids == plain.response_ids and out.finished == plain.finished  # same draws either way
+    scale = temperature if temperature > 0 else 1.0
+    for p, samples, logprobs, entropies in zip(ids, out.response_ids, out.logprobs, out.entropy):
+        for sample, logp, entropy in zip(samples, logprobs, entropies):
+            assert logp.dtype == entropy.dtype == torch.float32 and logp.shape == entropy.shape == (len(sample),)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([p + sample])).logits[0, len(p) - 1: -1]
+            full = torch.log_softmax(logits.float() / scale, -1)
+            torch.testing.assert_close(logp, full.gather(-1, torch.tensor(sample)[:, None]).squeeze(-1), atol=1e-5,
+                                       rtol=0)
+            torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="return_logprobs"):
+        generate(type("Engine", (), {"generate_output": lambda *a, **k: None})(), ids, cfg, return_logprobs=True)
+
+
+def test_cpu_decoding_runs_the_head_as_one_matmul_and_restores_it(tiny_tokenizer, tiny_model_factory):
+    """On CPU a plain bias-free LM head is run as `mm(W, x.T).T` while decoding (the same logits as `F.linear`, which
+    the greedy and log-probability tests above check against full forward passes) and is itself again afterwards."""
+    model = tiny_model_factory()
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.append("forward" in vars(m)))
+    generate(model, prompt_ids(tiny_tokenizer), SamplingConfig(max_new_tokens=3, temperature=0), eos_token_id=-1)
+    handle.remove()
+    assert seen == [True] * 3 and "forward" not in vars(model.lm_head)
+    x = torch.randn(2, 3, model.config.hidden_size)
+    torch.testing.assert_close(model.lm_head(x), x @ model.lm_head.weight.t())
 
 
 def test_generate_text_and_validation(tiny_tokenizer, tiny_model_factory):

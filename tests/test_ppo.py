@@ -8,7 +8,8 @@ import torch
 
 from llama2_hf import Llama2Config, Llama2ForRewardModel
 from llama2_hf.rewards import RewardModelScorer
-from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer, token_values
+from llama2_hf.losses import entropy_from_logits, logprobs_from_logits
+from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer, token_logprobs, token_values
 from tests.conftest import TargetTokenReward
 
 PROMPTS = [{"prompt": f"say the magic words, number {i}", "is_safety_prompt": i % 4 == 0} for i in range(32)]
@@ -34,11 +35,15 @@ def test_config_defaults_are_the_papers():
         Llama2PPOConfig(kl_estimator="k9")
 
 
-def test_first_iteration_has_zero_kl_and_unit_ratio(tmp_path, tok, tiny_model_factory):
-    trainer = Llama2PPOTrainer(small_config(tmp_path), tiny_model_factory(), tok, TargetTokenReward(tok), PROMPTS)
+@pytest.mark.parametrize("rollout_logprobs", [True, False])
+def test_first_iteration_has_zero_kl_and_unit_ratio(tmp_path, tok, tiny_model_factory, rollout_logprobs):
+    trainer = Llama2PPOTrainer(small_config(tmp_path, rollout_logprobs=rollout_logprobs), tiny_model_factory(), tok,
+                               TargetTokenReward(tok), PROMPTS)
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     m = trainer.step()
-    assert m["objective/kl"] == 0.0  # policy == pi_0 before the first update
+    # policy == pi_0 before the first update: exactly 0 when both come from the same forward pass; the sampling
+    # steps' log-probabilities (KV-cached decode) differ from pi_0's forward pass by float rounding only
+    assert m["objective/kl"] == pytest.approx(0.0, abs=0 if not rollout_logprobs else 1e-5)
     assert m["policy/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)
     for key in ("reward/mean", "objective/entropy", "value/loss", "policy/clipfrac", "response/length_mean",
                 "time/generation", "time/scoring", "time/training"):
@@ -48,6 +53,104 @@ def test_first_iteration_has_zero_kl_and_unit_ratio(tmp_path, tok, tiny_model_fa
     m = trainer.step()
     assert m["objective/kl"] != 0.0  # the policy has moved away from pi_0
     assert m["policy/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)  # rollouts are on-policy
+
+
+def test_rollout_logprobs_from_sampling_equal_a_forward_pass(tmp_path, tok, tiny_model_factory):
+    """`rollout_logprobs` (default): the old log-probabilities and entropies come from the sampling steps, not from a
+    second forward pass of the policy. Same rollouts, the same log-probabilities and entropies within 1e-5 of the
+    forward pass's, so the same first-iteration metrics and update within float rounding; and one forward pass of
+    the policy fewer (the reference pass and the update's remain)."""
+    runs = {}
+    for flag in (True, False):
+        cfg = small_config(tmp_path / str(flag), rollout_logprobs=flag, num_iterations=1, temperature=0.8)
+        trainer = Llama2PPOTrainer(cfg, tiny_model_factory(), tok, TargetTokenReward(tok), PROMPTS)
+        calls = []
+        handle = trainer.policy.register_forward_pre_hook(lambda *a: calls.append(1))
+        rollout, metrics = trainer._rollout(*trainer._next_prompts())
+        handle.remove()
+        metrics.update(trainer._train_on(rollout))
+        runs[flag] = rollout, metrics, calls, trainer.policy.state_dict()
+    (sampled, m_sampled, calls_sampled, w_sampled), (forward, m_forward, calls_forward, w_forward) = runs[True], \
+        runs[False]
+    assert torch.equal(sampled.query_responses, forward.query_responses)
+    assert torch.equal(sampled.response_mask, forward.response_mask)
+    mask = sampled.response_mask.bool()
+    torch.testing.assert_close(sampled.logprobs[mask], forward.logprobs[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sampled.values, forward.values)
+    assert len(calls_forward) - len(calls_sampled) == 2  # the policy's scoring pass, one per micro-batch (8 / 4)
+    assert m_sampled["reward/mean"] == m_forward["reward/mean"]
+    for key in ("objective/kl", "objective/entropy", "policy/loss", "value/loss", "policy/ratio_first_minibatch",
+                "policy/approx_kl"):
+        assert m_sampled[key] == pytest.approx(m_forward[key], abs=1e-5), key
+    for key, value in w_forward.items():
+        torch.testing.assert_close(w_sampled[key], value, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature, dtype, reuse", [(1.0, torch.float32, False), (1.0, torch.float32, True),
+                                                      (0.7, torch.float32, False), (1.0, torch.bfloat16, False)])
+def test_token_logprobs_and_their_gradient_equal_autograds(temperature, dtype, reuse, monkeypatch):
+    """`token_logprobs` (the update's log-probabilities: one (N, V) buffer in backward, row blocks on CPU) equals
+    `logprobs_from_logits(logits / T)` and its autograd gradient: float32 logits kept or handed over
+    (`reuse_logits`), its own float32 copy (temperature, bf16 logits)."""
+    import llama2_hf.trainers.ppo as ppo
+
+    monkeypatch.setattr(ppo, "_ROW_CHUNK_BYTES", 3 * 50 * 4)  # several row blocks, the last one short
+    torch.manual_seed(0)
+    base = (torch.randn(3, 5, 50) * 3).to(dtype)
+    targets = torch.randint(0, 50, (3, 5))
+    weights = torch.randn(3, 5)
+    logits = base.clone().requires_grad_()
+    reference = logprobs_from_logits(logits.float() / temperature, targets)
+    (expected,) = torch.autograd.grad((reference * weights).sum(), logits)
+    produced = base.clone().requires_grad_()
+    handed = produced * 1.0  # a non-leaf, as a model's output
+    ours = token_logprobs(handed, targets, temperature, reuse_logits=reuse)
+    (grad,) = torch.autograd.grad((ours * weights).sum(), produced)
+    assert ours.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(ours, reference.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, expected, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-3)
+    assert torch.equal(base, produced.detach())  # the leaf is never written
+    with torch.no_grad():
+        torch.testing.assert_close(token_logprobs(base, targets, temperature), reference.detach(), atol=1e-5,
+                                   rtol=1e-5)
+    assert entropy_from_logits(base.float()).shape == ours.shape
+
+
+def test_chunks_cut_shared_left_padding_without_changing_the_scores(tmp_path, tok, tiny_model_factory):
+    """Scoring and update chunks drop the prompt padding that all their rows share; the log-probabilities and
+    values of every chunk equal those of the full-width batch."""
+    prompts = [{"prompt": "hi"}, {"prompt": "a much longer prompt with many many more words in it, " * 2}] * 4
+    trainer = Llama2PPOTrainer(small_config(tmp_path), tiny_model_factory(), tok, TargetTokenReward(tok), prompts)
+    rollout, _ = trainer._rollout(*trainer._next_prompts())
+    tensors = {"input_ids": rollout.query_responses, "attention_mask": rollout.attention_mask,
+               "position_ids": rollout.position_ids}
+    p_len = rollout.context_length
+    with torch.no_grad():
+        full_lp, _ = trainer._logprobs(trainer.policy, tensors, p_len)
+        full_values = trainer._values(tensors, p_len)
+        short = torch.tensor([i for i in range(8) if rollout.attention_mask[i, :p_len].sum() < p_len // 2])
+        widths = []
+        for rows, chunk, context in trainer._chunks(tensors, 2, p_len, short):
+            widths.append(context)
+            lp, _ = trainer._logprobs(trainer.policy, chunk, context)
+            torch.testing.assert_close(lp, full_lp[rows], atol=1e-5, rtol=0)
+            torch.testing.assert_close(trainer._values(chunk, context), full_values[rows], atol=1e-5, rtol=0)
+    assert len(short) == 4 and max(widths) < p_len // 2
+
+
+def test_adamw_is_fused_unless_optim_says_otherwise(tmp_path, tok, tiny_model_factory):
+    """`optim` (transformers' default `adamw_torch_fused`) picks PyTorch's fused AdamW; `adamw_torch` the per-tensor
+    loop; both make the same update."""
+    weights = {}
+    for optim in ("adamw_torch_fused", "adamw_torch"):
+        trainer = Llama2PPOTrainer(small_config(tmp_path / optim, optim=optim, num_iterations=1),
+                                   tiny_model_factory(), tok, TargetTokenReward(tok), PROMPTS)
+        assert bool(trainer.policy_optimizer.defaults["fused"]) == (optim == "adamw_torch_fused")
+        assert bool(trainer.value_optimizer.defaults["fused"]) == (optim == "adamw_torch_fused")
+        trainer.step()
+        weights[optim] = trainer.policy.state_dict()
+    for key, value in weights["adamw_torch"].items():
+        torch.testing.assert_close(weights["adamw_torch_fused"][key], value, atol=1e-6, rtol=0)
 
 
 def test_gradient_accumulation_matches_full_mini_batches(tmp_path, tok, tiny_model_factory):
@@ -83,8 +186,8 @@ def test_lora_policy_uses_its_disabled_adapter_as_reference(tmp_path, tok, tiny_
     trainer = Llama2PPOTrainer(small_config(tmp_path, learning_rate=1e-2), base, tok, TargetTokenReward(tok),
                                PROMPTS, peft_config=lora)
     assert trainer.ref_model is None
-    assert trainer.step()["objective/kl"] == 0.0
-    assert trainer.step()["objective/kl"] != 0.0
+    assert trainer.step()["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # sampling-step log-probs: rounding
+    assert abs(trainer.step()["objective/kl"]) > 1e-3
     for key, value in trainer.policy.get_base_model().state_dict().items():
         if "lora_" not in key:
             assert torch.equal(value, frozen[key.replace(".base_layer", "")]), key  # the base stays pi_0

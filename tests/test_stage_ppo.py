@@ -67,7 +67,8 @@ def test_stage_writes_policy_metrics_and_record(single_run, stage_inputs):
     assert record.stage == "ppo" and record.world_size == 1
     assert record.outputs == {"model": ".", "value_model": "value_model", "metrics": "metrics.jsonl"}
     assert [r["iteration"] for r in rows] == [1, 2]
-    assert rows[0]["objective/kl"] == 0.0 and rows[1]["objective/kl"] != 0.0  # pi == pi_0 only before the update
+    # pi == pi_0 only before the update (the sampling steps' log-probabilities differ from pi_0's pass by rounding)
+    assert abs(rows[0]["objective/kl"]) < 1e-5 and abs(rows[1]["objective/kl"]) > 1e-3, rows
     assert rows[0]["policy/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)
     assert {"reward/helpfulness", "reward/safety", "reward/used_safety"} <= set(rows[0])
     saved = RunRecord.read(out)

@@ -5,8 +5,9 @@ Each iteration:
    FSDP2 the full weights are gathered once for the whole rollout and freed after (the paper's fix for ~20x slower
    sharded generation);
 2. scoring: the reward (`SafetyGatedReward`: WHITEN(LOGIT(R_c)), or any callable of the reward contract) on the
-   decoded responses; log-probabilities of the response tokens under the policy and the frozen initial policy pi_0;
-   values from the critic;
+   decoded responses; log-probabilities of the response tokens under the policy (taken from the sampling steps' own
+   logits, `rollout_logprobs`; a forward pass with the vLLM backend) and the frozen initial policy pi_0; values from
+   the critic;
 3. per-token rewards `-beta * KL_t`, plus the score at the final token (Eq. 4); GAE advantages, whitened;
 4. training: `ppo_epochs` passes over the batch in shuffled mini-batches of `mini_batch_size`, one optimizer step per
    mini-batch (the paper: batch 512, mini-batch 64, one step each, so 8 steps per iteration), clipped surrogate
@@ -18,8 +19,9 @@ Choices where the paper is silent (config fields, documented there): the critic 
 of the helpfulness reward model (`value_model_init="reward_model"`; "policy" starts it from the policy with a zero
 head); GAE gamma 1.0 / lambda 0.95; KL estimator k1 per token; advantages whitened over the batch's response tokens;
 the reward whitened with batch statistics (in `SafetyGatedReward`; each rank's own rollouts under a launch);
-rollouts at temperature 1.0, top-p 1.0, so that the sampling distribution is the policy being optimised; at most 512 new tokens; no entropy bonus; token-level loss
-averaging; pi_0 is the policy PPO starts from (a frozen copy, or the disabled LoRA adapter of a peft policy).
+rollouts at temperature 1.0, top-p 1.0, so that the sampling distribution is the policy being optimised; at most 512
+new tokens; no entropy bonus; token-level loss averaging; pi_0 is the policy PPO starts from (a frozen copy, or the
+disabled LoRA adapter of a peft policy).
 
 Metrics of each iteration (`trainer.history`, `output_dir/metrics.jsonl`): `reward/mean` (the score PPO maximises)
 and `reward/raw_mean` and the reward's components (`reward/helpfulness`, `reward/safety`, `reward/used_safety`, ...),
@@ -133,6 +135,12 @@ class Llama2PPOConfig(TrainingArguments):
                 "rollouts (for tests and debugging), whose log-probabilities are taken at temperature 1."})
     top_p: float = field(default=1.0, metadata={
         "help": "Rollout nucleus threshold (paper silent); below 1 the rollouts are slightly off-policy."})
+    rollout_logprobs: bool = field(default=True, metadata={
+        "help": "Take the rollout policy's log-probabilities and entropies from the logits of the decoding steps that "
+                "sampled the tokens (log_softmax(logits / T) before top-p, as the forward pass computes them) "
+                "instead of a second forward pass of the policy over the responses. They agree to float rounding "
+                "(float32: ~1e-6; bf16 compute rounds the cached decode and the full pass differently). The vLLM "
+                "backend always uses the forward pass."})
     generation_batch_size: int = field(default=64, metadata={
         "help": "Prompts per generation batch. Each batch is sampled with its own seed (seed, iteration, position "
                 "in the global batch), so rollouts do not depend on the number of ranks when each rank's share is "
@@ -408,6 +416,9 @@ class Llama2PPOTrainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16))
 
     def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        """AdamW; `optim: adamw_torch_fused` (transformers' default, as its Trainer does) runs PyTorch's fused kernel
+        (one pass over each parameter's state instead of a dozen elementwise ops), any other `optim` the per-tensor
+        loop. Same update either way, to float rounding."""
         # No weight decay on norms and 1-d parameters, as transformers' Trainer does.
         decay, no_decay = [], []
         for name, param in model.named_parameters():
@@ -415,8 +426,10 @@ class Llama2PPOTrainer:
                 (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
         groups = [{"params": decay, "weight_decay": self.args.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.args.optim == "adamw_torch_fused" and all(
+            p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in decay + no_decay)
         return torch.optim.AdamW(groups, lr=lr, betas=(self.args.adam_beta1, self.args.adam_beta2),
-                                 eps=self.args.adam_epsilon)
+                                 eps=self.args.adam_epsilon, fused=fused or None)
 
     # -- data ----------------------------------------------------------------------------------------------------
 
@@ -447,17 +460,26 @@ class Llama2PPOTrainer:
 
     def _logprobs(self, model: nn.Module, batch: dict, context_length: int,
                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probabilities (B, R) of the response tokens, and optionally the entropy of each position."""
-        response_length = batch["input_ids"].shape[1] - context_length
+        """Log-probabilities (B, R) of the response tokens, and optionally the entropy of each position.
+
+        Only the R positions that predict a response token are projected on the vocabulary (P-1 .. P+R-2)."""
+        length = batch["input_ids"].shape[1]
+        keep = torch.arange(context_length - 1, length - 1, device=batch["input_ids"].device)
         with self._autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"], use_cache=False,
-                           logits_to_keep=response_length + 1).logits[:, :-1]  # (B, R, V): positions P-1 .. P+R-2
+                           position_ids=batch["position_ids"], use_cache=False, logits_to_keep=keep).logits
+        # greedy rollouts (T = 0) are scored at T = 1
+        temperature = self.args.temperature if self.args.temperature not in (0.0, 1.0) else 1.0
+        targets = batch["input_ids"][:, context_length:]
+        if not with_entropy:
+            # Nothing else reads these logits: the backward may overwrite them with their gradient, unless the op
+            # that made them kept them for its own backward.
+            reuse = logits.grad_fn is not None and not hasattr(logits.grad_fn, "_saved_result")
+            return token_logprobs(logits, targets, temperature, reuse_logits=reuse), None
         logits = logits.float()
-        if self.args.temperature not in (0.0, 1.0):  # greedy rollouts (T = 0) are scored at T = 1
-            logits = logits / self.args.temperature
-        logprobs = logprobs_from_logits(logits, batch["input_ids"][:, context_length:])
-        return logprobs, entropy_from_logits(logits) if with_entropy else None
+        if temperature != 1.0:
+            logits = logits / temperature
+        return logprobs_from_logits(logits, targets), entropy_from_logits(logits)
 
     def _values(self, batch: dict, context_length: int) -> torch.Tensor:
         with self._autocast():
@@ -465,18 +487,31 @@ class Llama2PPOTrainer:
                                   batch["position_ids"])
         return values[:, context_length - 1: -1]  # (B, R): the value of the state before each response token
 
-    def _chunks(self, rollout_tensors: dict, size: int, index: torch.Tensor | None = None):
+    def _chunks(self, rollout_tensors: dict, size: int, context_length: int, index: torch.Tensor | None = None):
+        """Yield (rows, chunk, chunk_context_length) for `size` rows at a time (of `index`, else all in order), on
+        the device. The prompts are left-padded to the batch's longest (`context_length`); the padding columns that
+        all of a chunk's rows share are cut, so a chunk is only as wide as its own longest prompt (its position ids
+        are kept: the model computes the same thing on fewer columns)."""
         n = next(iter(rollout_tensors.values())).shape[0]
         index = torch.arange(n) if index is None else index
         for start in range(0, len(index), size):
-            rows = index[start: start + size].to(self.device)
-            yield {k: v[rows] for k, v in rollout_tensors.items()}
+            rows = index[start: start + size]
+            chunk = {k: v[rows] for k, v in rollout_tensors.items()}
+            cut = context_length - int(chunk["attention_mask"][:, :context_length].sum(-1).max())
+            for key in ("input_ids", "attention_mask", "position_ids"):
+                chunk[key] = chunk[key][:, cut:]
+            yield rows, {k: v.to(self.device) for k, v in chunk.items()}, context_length - cut
 
     def _generate(self, prompt_ids: list[list[int]], offset: int):
         """Sample one response per prompt, `generation_batch_size` prompts at a time, each batch with a generator
         seeded by (seed, iteration, global position): the same prompts give the same rollouts on any number of
-        ranks, and a resumed run needs no sampler state."""
+        ranks, and a resumed run needs no sampler state.
+
+        Returns (responses, finished, logprobs, entropy): the last two are per-response float32 tensors from the
+        sampling steps (`rollout_logprobs`), or None (the vLLM engine, or `rollout_logprobs` off)."""
         responses, finished = [], []
+        with_logprobs = self.args.rollout_logprobs and self.engine is None
+        logprobs, entropy = ([], []) if with_logprobs else (None, None)
         size = self.args.generation_batch_size
         for start in range(0, len(prompt_ids), size):
             seed = (self.args.seed * 1_000_003 + self.iteration * 65_537 + offset + start) % (2 ** 63)
@@ -491,10 +526,13 @@ class Llama2PPOTrainer:
             with self._autocast():
                 out = generate(self.policy, prompt_ids[start: start + size], self.sampling,
                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                               generator=generator)
+                               generator=generator, return_logprobs=with_logprobs)
             responses += [r[0] for r in out.response_ids]
             finished += [f[0] for f in out.finished]
-        return responses, finished
+            if with_logprobs:
+                logprobs += [x[0] for x in out.logprobs]
+                entropy += [x[0] for x in out.entropy]
+        return responses, finished, logprobs, entropy
 
     # -- one iteration -------------------------------------------------------------------------------------------
 
@@ -510,10 +548,10 @@ class Llama2PPOTrainer:
             # every rank gathers the full weights for its own engine).
             self.engine.load_weights(self.policy)
             timings["time/weight_sync"] = time.perf_counter() - start
-            responses, finished = self._generate(prompt_ids, offset)
+            responses, finished, sampled_logprobs, sampled_entropy = self._generate(prompt_ids, offset)
         else:
             with full_weights_for_generation(self.policy):
-                responses, finished = self._generate(prompt_ids, offset)
+                responses, finished, sampled_logprobs, sampled_entropy = self._generate(prompt_ids, offset)
         finished = torch.tensor(finished)
         timings["time/generation"] = time.perf_counter() - start
 
@@ -541,15 +579,19 @@ class Llama2PPOTrainer:
 
         self.value_model.eval()
         micro = args.micro_batch_size or args.mini_batch_size // self.world_size
-        logprobs, ref_logprobs, values, entropy = [], [], [], []
-        for chunk in self._chunks(tensors, micro):
-            lp, ent = self._logprobs(self.policy, chunk, p_len, with_entropy=True)
-            logprobs.append(lp.cpu())
-            ref_logprobs.append(self._ref_logprobs(chunk, p_len).cpu())
-            entropy.append(ent.cpu())
-            values.append(self._values(chunk, p_len).cpu())
-        logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
-        values, entropy = torch.cat(values), torch.cat(entropy)
+        ref_logprobs, values = torch.zeros(n, r_len), torch.zeros(n, r_len)
+        if sampled_logprobs is None:
+            logprobs, entropy = torch.zeros(n, r_len), torch.zeros(n, r_len)
+        else:  # the sampling steps' own log-probabilities and entropies (`_generate`)
+            logprobs, entropy = _pad_right(sampled_logprobs, r_len), _pad_right(sampled_entropy, r_len)
+        # Rows by prompt length, so that each chunk's prompts are about as long as one another (less padding).
+        by_length = torch.argsort(torch.tensor([len(p) for p in prompt_ids]), stable=True)
+        for rows, chunk, context in self._chunks(tensors, micro, p_len, by_length):
+            if sampled_logprobs is None:
+                lp, ent = self._logprobs(self.policy, chunk, context, with_entropy=True)
+                logprobs[rows], entropy[rows] = lp.cpu(), ent.cpu()
+            ref_logprobs[rows] = self._ref_logprobs(chunk, context).cpu()
+            values[rows] = self._values(chunk, context).cpu()
 
         kl = kl_penalty(logprobs, ref_logprobs, args.kl_estimator) * response_mask
         rewards = token_level_rewards(scores, kl, response_mask, args.kl_coef)
@@ -615,16 +657,16 @@ class Llama2PPOTrainer:
                 self.value_optimizer.zero_grad(set_to_none=True)
                 sums = dict.fromkeys(("policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/ratio",
                                       "value/loss", "value/clipfrac"), 0.0)
-                for chunk in self._chunks(tensors, micro, mini_index):
+                for _, chunk, context in self._chunks(tensors, micro, rollout.context_length, mini_index):
                     mask = chunk["response_mask"]
                     # Each micro-batch's token mean is weighted by its share of the mini-batch's tokens, so the
                     # accumulated gradient is the token mean over the whole mini-batch whatever the micro size.
                     share = (mask.sum().double() * self.world_size / total_tokens.to(mask.device)).float()
-                    logprobs, entropy = self._logprobs(self.policy, chunk, rollout.context_length,
+                    logprobs, entropy = self._logprobs(self.policy, chunk, context,
                                                        with_entropy=args.entropy_coef > 0)
                     pg_loss, pg_stats = ppo_policy_loss(logprobs, chunk["logprobs"], chunk["advantages"], mask,
                                                         args.clip_range)
-                    values = self._values(chunk, rollout.context_length)
+                    values = self._values(chunk, context)
                     vf_loss, vf_clipfrac = clipped_value_loss(values, chunk["values"], chunk["returns"], mask,
                                                               args.clip_range_value)
                     loss = pg_loss + vf_loss
@@ -853,6 +895,69 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return newest
 
 
+_ROW_CHUNK_BYTES = 2**20
+"""On CPU the (N, V) passes of `token_logprobs` run over blocks of rows of about this size, which stay in cache."""
+
+
+def _row_blocks(z: torch.Tensor):
+    """Slices of rows of a 2-d tensor: blocks of ~1 MiB on CPU (each pass's reads and writes stay in cache), the
+    whole tensor elsewhere."""
+    n = z.shape[0]
+    step = n if z.device.type != "cpu" else max(1, _ROW_CHUNK_BYTES // max(1, z.shape[1] * z.element_size()))
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """log_softmax(logits / T)[target] per position; backward builds d/dlogits = (onehot - softmax) * grad / T in a
+    single (N, V) buffer (autograd's logsumexp + gather allocate and fill several), in place of the logits when the
+    caller hands them over."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, reuse_logits: bool):
+        z = logits.float()
+        if temperature != 1.0:
+            z = z / temperature
+        flat = z.reshape(-1, z.shape[-1])
+        lse = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
+        for rows in _row_blocks(flat):
+            torch.logsumexp(flat[rows], dim=-1, out=lse[rows])
+        lse = lse.view(z.shape[:-1])
+        ctx.save_for_backward(z, targets, lse)
+        ctx.temperature, ctx.dtype = temperature, logits.dtype
+        ctx.reuse = reuse_logits or z is not logits  # a copy made here is this function's to overwrite
+        return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        z, targets, lse = ctx.saved_tensors
+        grad = grad.float() / ctx.temperature
+        flat, lse_flat, grad_flat = z.reshape(-1, z.shape[-1]), lse.reshape(-1, 1), grad.reshape(-1, 1)
+        out = flat if ctx.reuse else torch.empty_like(flat)
+        for rows in _row_blocks(flat):  # softmax(z) * -grad, a block of rows at a time
+            torch.sub(flat[rows], lse_flat[rows], out=out[rows]).exp_().mul_(-grad_flat[rows])
+        out.scatter_add_(-1, targets.reshape(-1, 1), grad_flat)
+        return out.view(z.shape).to(ctx.dtype), None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   reuse_logits: bool = False) -> torch.Tensor:
+    """`losses.logprobs_from_logits(logits / temperature, targets)`: float32 (B, R) log-probabilities of `targets`
+    under (B, R, V) logits, with a leaner backward (the logits' gradient made in one buffer instead of autograd's
+    several; on CPU every vocabulary-wide pass runs a cache-sized block of rows at a time). `reuse_logits=True` lets
+    the backward write that gradient over `logits` itself, for a caller that uses them for nothing else: the graph
+    can then be backpropagated once."""
+    return _TokenLogProbs.apply(logits, targets, float(temperature), reuse_logits)
+
+
+def _pad_right(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    """Per-response 1-d tensors as one (B, length) float32 tensor, zero after each response's end."""
+    out = torch.zeros((len(rows), length), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, :row.shape[0]] = row
+    return out
+
+
 def _as_float(norm) -> float:
     from torch.distributed.tensor import DTensor
 
@@ -860,4 +965,4 @@ def _as_float(norm) -> float:
 
 
 __all__ = ["Llama2PPOConfig", "Llama2PPOTrainer", "KL_COEF_PRESETS", "Rollout", "complete_checkpoints",
-           "latest_checkpoint", "token_values", "value_model_from_policy"]
+           "latest_checkpoint", "token_logprobs", "token_values", "value_model_from_policy"]
