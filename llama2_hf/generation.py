@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from . import progress
+
 logger = logging.getLogger(__name__)
 
 Messages = list[dict]
@@ -527,7 +529,7 @@ def rollout(sampler: Sampler, num_turns: Sequence[int], build_messages: Callable
     """
     answers: list[list[str]] = [[] for _ in num_turns]
     stopped = [False] * len(num_turns)
-    for k in tqdm(range(max(num_turns, default=0)), desc=desc, disable=len(num_turns) < 2):
+    for k in tqdm(range(max(num_turns, default=0)), desc=desc, disable=len(num_turns) < 2 or progress.active()):
         batch, conversations = [], []
         for i, n in enumerate(num_turns):
             if stopped[i] or k >= n:

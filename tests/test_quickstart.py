@@ -78,8 +78,10 @@ def test_quickstart_unknown_stage_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_reduced_runs_every_stage_and_resumes(tmp_path, capsys):
+    # enough pretraining that the tiny policy answers (the GAtt data keeps no empty answers)
     config = QuickstartConfig(output_dir=str(tmp_path / "qs"), scale=0.04, hidden_size=64, num_layers=2,
-                              versions=2, rs_samples=2, ppo_batch=16, gatt_dialogs=40)
+                              pretrain_steps=2500, sft_dialogs=6000, versions=2, rs_samples=2, ppo_batch=16,
+                              gatt_dialogs=100)
     results = run_quickstart(config)
     assert list(results) == STAGES
     for folder, stage in RECORDS.items():

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from transformers import TrainingArguments
 
+from .. import progress
 from ..data import SAFETY_TAG, PromptRow, prompt_row
 from ..distributed import fsdp_plugin, full_state_dict, is_sharded, own_class, parameter_bytes, shard_model
 from ..generation import SamplingConfig, full_weights_for_generation, generate
@@ -738,9 +739,12 @@ class Llama2PPOTrainer:
         logging_steps, save_steps = max(1, int(self.args.logging_steps)), int(self.args.save_steps)
         bar = tqdm(total=self.args.num_iterations, initial=self.iteration, desc="PPO",
                    disable=self.rank != 0 or bool(self.args.disable_tqdm))
+        task = progress.start_task(self.args.num_iterations)  # the job's stage bar, when one is open
+        task.update(self.iteration)
         while self.iteration < self.args.num_iterations:
             metrics = self.step()
             bar.update(1)
+            task.update(self.iteration)
             if self.rank == 0 and self.iteration % logging_steps == 0:
                 out.mkdir(parents=True, exist_ok=True)
                 with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
