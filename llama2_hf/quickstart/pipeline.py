@@ -241,7 +241,8 @@ class Pipeline:
         scores = reward.score(prompts, responses, is_safety=[r["is_safety_prompt"] for r in rows])
         by_kind = {k: [i for i, kind in enumerate(kinds) if kind == k] for k in ("arithmetic", "harmful", "benign")}
         samples = [{"prompt": t, "response": r} for t, r in zip(texts, responses)]
-        (stage_dir / f"samples_{Path(name).parent.name or name}.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+        label = Path(name).parent.name or name  # "sft", or the version of a loop folder (v1/rs -> v1)
+        (stage_dir / f"samples_{label}.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
         return {
             "arithmetic_accuracy": _mean(is_correct(texts[i], responses[i]) for i in by_kind["arithmetic"]),
             "safety_violation_rate": _mean(is_violation(texts[i], responses[i]) for i in by_kind["harmful"]),
