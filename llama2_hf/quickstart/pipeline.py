@@ -283,9 +283,9 @@ class Pipeline:
                                      per_device_train_batch_size=8, reward_batch_size=64, **TRAINER_DEFAULTS),
             # The critic starts from the helpfulness RM (the trainer's default, value_model_init="reward_model").
             "ppo": dict(batch_size=c.n(c.ppo_batch, 16), mini_batch_size=c.n(32, 8),
-                        num_iterations=c.ppo_iterations, learning_rate=c.ppo_learning_rate, kl_coef=0.01, max_new_tokens=40, temperature=1.0,
-                        generation_batch_size=64, save_steps=0, use_cpu=True, report_to=[], disable_tqdm=True,
-                        reward_batch_size=64),
+                        num_iterations=c.ppo_iterations, learning_rate=c.ppo_learning_rate, kl_coef=0.01,
+                        max_new_tokens=40, temperature=1.0, generation_batch_size=64, save_steps=0, use_cpu=True,
+                        report_to=[], disable_tqdm=True, reward_batch_size=64),
         }
         config = IterateConfig(
             output_dir=str(self.rlhf_folder()), model_name_or_path=str(self.out / "sft"), prompts_file=[prompts],
