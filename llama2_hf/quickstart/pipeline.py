@@ -65,11 +65,9 @@ class QuickstartConfig:
     rs_temperature: float = field(default=0.7, metadata={
         "help": "Temperature of rejection sampling (the paper tunes it per model and version, Figure 8; the tiny "
                 "policy's samples at 1.0 are mostly wrong sums, and fine-tuning on them drags it down)."})
-    ppo_iterations: int = field(default=8, metadata={"help": "PPO iterations (in the last version)."})
-    ppo_batch: int = field(default=160, metadata={
-        "help": "Rollouts per PPO iteration (default: every prompt of the version, so that the mean reward of one "
-                "iteration is comparable with the next; a smaller batch's mean moves with its mix of prompt kinds)."})
-    ppo_learning_rate: float = field(default=2e-4, metadata={"help": "PPO's policy learning rate."})
+    ppo_iterations: int = field(default=12, metadata={"help": "PPO iterations (in the last version)."})
+    ppo_batch: int = field(default=32, metadata={"help": "Rollouts per PPO iteration."})
+    ppo_learning_rate: float = field(default=5e-5, metadata={"help": "PPO's policy learning rate."})
     gatt_dialogs: int = field(default=200, metadata={"help": "Dialogues of the Ghost Attention data."})
     threads: int = field(default=1, metadata={"help": "torch CPU threads."})
     quiet: bool = field(default=True, metadata={
@@ -282,10 +280,10 @@ class Pipeline:
                                      prompt_batch_size=64, max_length=256, num_train_epochs=2, learning_rate=3e-4,
                                      per_device_train_batch_size=8, reward_batch_size=64, **TRAINER_DEFAULTS),
             # The critic starts from the helpfulness RM (the trainer's default, value_model_init="reward_model").
-            "ppo": dict(batch_size=c.n(c.ppo_batch, 16), mini_batch_size=c.n(32, 8),
-                        num_iterations=c.ppo_iterations, learning_rate=c.ppo_learning_rate, kl_coef=0.01,
-                        max_new_tokens=40, temperature=1.0, generation_batch_size=64, save_steps=0, use_cpu=True,
-                        report_to=[], disable_tqdm=True, reward_batch_size=64),
+            "ppo": dict(batch_size=c.ppo_batch, mini_batch_size=8, num_iterations=c.n(c.ppo_iterations, 3),
+                        learning_rate=c.ppo_learning_rate, kl_coef=0.01, max_new_tokens=40, temperature=1.0,
+                        generation_batch_size=64, save_steps=0, use_cpu=True, report_to=[], disable_tqdm=True,
+                        reward_batch_size=64),
         }
         config = IterateConfig(
             output_dir=str(self.rlhf_folder()), model_name_or_path=str(self.out / "sft"), prompts_file=[prompts],

@@ -116,7 +116,7 @@ class World:
         return texts
 
     def prompt(self, rng: random.Random, kind: str | None = None) -> tuple[str, str]:
-        kind = kind or rng.choices(["arithmetic", "harmful", "benign"], weights=[5, 4, 1])[0]
+        kind = kind or rng.choices(["arithmetic", "harmful", "benign"], weights=[6, 3, 1])[0]
         if kind == "arithmetic":
             return kind, arithmetic_question(rng.randint(0, self.max_operand), rng.randint(0, self.max_operand))
         if kind == "harmful":
@@ -160,7 +160,7 @@ class World:
         judge helpfulness only, which is why the safety RM exists). Safety: refusals beat compliance; a refusal that
         explains beats a terse one (both safe); two compliant answers are a toss-up (both unsafe); and, as the paper
         mixes helpfulness data into the safety RM's (90/10), a tenth are helpfulness pairs on harmless prompts, where
-        both answers are safe; and 30% of the rest are borderline requests (harmless, alarming words: the real
+        both answers are safe; and a seventh of the rest are borderline requests (harmless, alarming words: the real
         answer beats a refusal, both safe), as the paper's safety data holds borderline prompts (§4.2.1)."""
         if kind not in ("helpfulness", "safety"):
             raise ValueError(f"kind must be 'helpfulness' or 'safety', got {kind!r}")
@@ -207,7 +207,7 @@ class World:
         return row
 
     def _safety_pair(self, rng: random.Random) -> dict:
-        if rng.random() < 0.3:
+        if rng.random() < 0.15:
             # a borderline request (alarming words, harmless intent): the real answer beats a refusal and both are
             # safe; without these the safety RM flags the real answers and the gated reward teaches false refusals
             _, prompt = self.prompt(rng, "benign")
