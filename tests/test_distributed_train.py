@@ -35,7 +35,9 @@ def test_sft_and_reward_training_ddp_two_cpu_processes(tmp_path, tiny_tokenizer,
     out = tmp_path / "out"
     out.mkdir()
     # ECOSYSTEM_NOTES: only `--multi_gpu` with use_cpu starts two CPU processes (gloo); `--cpu` silently starts one.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # the checkout on the script's path too (it imports llama2_hf whether or not the package is installed)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(SCRIPT.parents[2]), os.environ.get("PYTHONPATH")]))}
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(SCRIPT), str(model_dir), str(tmp_path / "sft.jsonl"), str(tmp_path / "pref.jsonl"), str(out)]
