@@ -177,7 +177,11 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
     """One token per row from (N, V) logits: greedy at temperature 0, else softmax(logits / T) with top-p."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return _draw(torch.softmax(logits.float() / temperature, dim=-1), top_p, generator)
+
+
+def _draw(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of (N, V) probabilities, with top-p when top_p < 1."""
     if top_p < 1.0:
         return sample_top_p(probs, top_p, generator)
     return sample_categorical(probs, generator)
@@ -195,12 +199,7 @@ def sample_next_token_with_logprobs(logits: torch.Tensor, temperature: float, to
         z = z / temperature
     logp = torch.log_softmax(z, dim=-1)  # (N, V)
     probs = logp.exp()
-    if temperature == 0:
-        token = logits.argmax(-1)
-    elif top_p < 1.0:
-        token = sample_top_p(probs, top_p, generator)
-    else:
-        token = sample_categorical(probs, generator)
+    token = logits.argmax(-1) if temperature == 0 else _draw(probs, top_p, generator)
     token_logp = logp.gather(-1, token[:, None]).squeeze(-1)
     entropy = None
     if with_entropy:

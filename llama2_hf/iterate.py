@@ -453,6 +453,16 @@ def _recipe(path: str | None) -> dict:
     return raw
 
 
+def _check_settings(label: str, stage: str, settings: Mapping) -> None:
+    """Refuse settings of `stage` that are not its fields, or that the loop wires itself (WIRED)."""
+    unknown = sorted(set(settings) - set(field_names(get_stage(stage))))
+    if unknown:
+        raise UsageError(f"{label} settings: {unknown} are not arguments of `llama2-hf {stage}`")
+    wired = sorted(set(settings) & WIRED[stage])
+    if wired:
+        raise UsageError(f"{label} settings: {wired} are set by the loop from each version's folders")
+
+
 class _Loop:
     def __init__(self, config: IterateConfig, annotator, stage_args: Mapping[str, Mapping] | None):
         self.config, self.annotator = config, annotator
@@ -464,12 +474,7 @@ class _Loop:
         for name in WIRED:
             merged = {**_recipe(recipes.get(name)), **dict((stage_args or {}).get(name, {}))}
             names = set(field_names(get_stage(name)))
-            unknown = sorted(set(merged) - names)
-            wired = sorted(set(merged) & WIRED[name])
-            if unknown:
-                raise UsageError(f"{name} settings: {unknown} are not arguments of `llama2-hf {name}`")
-            if wired:
-                raise UsageError(f"{name} settings: {wired} are set by the loop from each version's folders")
+            _check_settings(name, name, merged)
             if "seed" in names:
                 merged.setdefault("seed", config.seed)
             if "tokenizer_name_or_path" in names and config.tokenizer_name_or_path:
@@ -477,11 +482,7 @@ class _Loop:
             self.stage_args[name] = merged
         for kind in RM_KINDS:  # per-kind settings of the reward models, on top of train-rm's
             extra = dict((stage_args or {}).get(f"train-rm:{kind}", {}))
-            unknown = sorted(set(extra) - set(field_names(get_stage("train-rm"))))
-            wired = sorted(set(extra) & WIRED["train-rm"])
-            if unknown or wired:
-                raise UsageError(f"train-rm:{kind} settings: {unknown or wired} are "
-                                 + ("not arguments of `llama2-hf train-rm`" if unknown else "set by the loop"))
+            _check_settings(f"train-rm:{kind}", "train-rm", extra)
             self.stage_args[f"train-rm:{kind}"] = {**self.stage_args["train-rm"], **extra}
         unknown = sorted(set(stage_args or {}) - set(WIRED) - {f"train-rm:{kind}" for kind in RM_KINDS})
         if unknown:

@@ -293,9 +293,9 @@ class Pipeline:
             initial_helpfulness_reward_model=str(self.out / "rm_helpfulness"),
             initial_safety_reward_model=str(self.out / "rm_safety"), finetune_from="sft", seed=c.seed)
         records = iterate(config, WorldChecker(), stage_args=stage_args)
-        ppo = json.loads((self.rlhf_folder() / f"v{c.versions}" / "ppo" / "run.json").read_text(encoding="utf-8"))
-        history = [json.loads(line) for line in (self.rlhf_folder() / f"v{c.versions}" / "ppo" / ppo["outputs"][
-            "metrics"]).read_text(encoding="utf-8").splitlines() if line.strip()]
+        ppo = self.version_policy(c.versions)
+        history = [json.loads(line) for line in RunRecord.read(ppo).output("metrics", ppo).read_text(
+            encoding="utf-8").splitlines() if line.strip()]
         keys = ("iteration", "reward/raw_mean", "objective/kl", "objective/entropy", "value/loss", "policy/clipfrac",
                 "response/length_mean", "time/generation", "time/scoring", "time/training")
         return {"versions": records, "ppo_history": [{k: h[k] for k in keys if k in h} for h in history]}
