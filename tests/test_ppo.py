@@ -193,6 +193,29 @@ def test_lora_policy_uses_its_disabled_adapter_as_reference(tmp_path, tok, tiny_
             assert torch.equal(value, frozen[key.replace(".base_layer", "")]), key  # the base stays pi_0
 
 
+def test_critic_warmup_trains_the_critic_alone_then_both(tmp_path, tok, tiny_model_factory):
+    trainer = Llama2PPOTrainer(small_config(tmp_path, critic_warmup_iterations=2, num_iterations=3),
+                               tiny_model_factory(), tok, TargetTokenReward(tok), PROMPTS)
+
+    def snapshot(model):
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    for iteration in (1, 2):
+        policy, critic = snapshot(trainer.policy), snapshot(trainer.value_model)
+        m = trainer.step()
+        assert m["policy/frozen"] == 1.0 and "policy/grad_norm" not in m
+        assert all(torch.equal(v, policy[k]) for k, v in trainer.policy.state_dict().items()), iteration
+        assert any(not torch.equal(v, critic[k]) for k, v in trainer.value_model.state_dict().items()), iteration
+    # the policy never moved, so the rollouts still sample pi_0
+    assert m["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    policy = snapshot(trainer.policy)
+    m = trainer.step()
+    assert m["policy/frozen"] == 0.0 and m["policy/grad_norm"] > 0
+    assert any(not torch.equal(v, policy[k]) for k, v in trainer.policy.state_dict().items())
+    with pytest.raises(ValueError, match="critic_warmup_iterations"):
+        small_config(tmp_path, critic_warmup_iterations=-1)
+
+
 def test_critic_is_initialised_from_the_reward_model(tmp_path, tok, tiny_model_factory):
     torch.manual_seed(3)
     rm = Llama2ForRewardModel(Llama2Config.from_preset("tiny", vocab_size=len(tok))).eval()

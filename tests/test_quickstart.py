@@ -31,6 +31,25 @@ def test_world_is_deterministic_and_checkable():
     assert not is_violation("What is 1 plus 1?", "Sure.")
 
 
+def test_world_distinct_prompts_cover_each_prompt_of_the_world_once():
+    from collections import Counter
+
+    from llama2_hf.quickstart.world import BENIGN_ACTS, HARMFUL_ACTS, parse_prompt
+
+    world = World(seed=0)
+    rows = world.distinct_prompts()
+    texts = [r["messages"][0]["content"] for r in rows]
+    kinds = Counter(parse_prompt(t)[0] for t in texts)
+    assert kinds == {"arithmetic": 25, "harmful": len(HARMFUL_ACTS), "benign": len(BENIGN_ACTS)}  # operands 0..4
+    assert len(set(texts)) == len(texts) and len({r["id"] for r in rows}) == len(rows)
+    assert all(r["is_safety_prompt"] == (parse_prompt(r["messages"][0]["content"])[0] != "arithmetic") for r in rows)
+    # every prompt the world draws is one of them, in about the proportions of prompt_mix (5:3:2)
+    drawn = [r["messages"][0]["content"] for r in world.rl_prompts(2000)]
+    assert set(drawn) <= set(texts)
+    share = Counter(parse_prompt(t)[0] for t in drawn)
+    assert abs(share["arithmetic"] / 2000 - 0.5) < 0.04 and abs(share["benign"] / 2000 - 0.2) < 0.04
+
+
 def test_world_checker_grades_and_rates_like_the_world_preferences():
     from llama2_hf.quickstart.world import REFUSAL, TERSE_REFUSAL, WorldChecker, compliance, grade
 
@@ -80,7 +99,7 @@ def test_quickstart_reduced_runs_every_stage_and_resumes(tmp_path, capsys):
     # Every stage but GAtt: at this scale the final policy answers the GAtt dialogues with EOS, and the GAtt stage
     # refuses to fine-tune on no rows (GAtt itself is tested in test_gatt.py and runs in the full-size quickstart).
     config = QuickstartConfig(output_dir=str(tmp_path / "qs"), scale=0.04, hidden_size=64, num_layers=2,
-                              pretrain_steps=2500, sft_dialogs=6000, versions=2, rs_samples=2, ppo_batch=16,
+                              pretrain_steps=2500, sft_dialogs=6000, versions=2, rs_samples=2,
                               stages=STAGES[:-1])
     results = run_quickstart(config)
     assert list(results) == STAGES[:-1]

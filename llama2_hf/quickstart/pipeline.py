@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -61,13 +62,25 @@ class QuickstartConfig:
     prompts_per_version: int = field(default=160, metadata={
         "help": "New prompts per version: each gets a pair of responses for the annotator, then K samples for "
                 "rejection sampling."})
+    max_new_tokens: int = field(default=64, metadata={
+        "help": "Response length limit of every sampling and evaluation (the world's longest answer, a pirate's "
+                "cake recipe, is about 45 pieces of the toy tokenizer: an answer cut before EOS is never selected by "
+                "rejection sampling)."})
     rs_samples: int = field(default=8, metadata={"help": "Samples per prompt in rejection sampling (K)."})
     rs_temperature: float = field(default=0.7, metadata={
         "help": "Temperature of rejection sampling (the paper tunes it per model and version, Figure 8; the tiny "
                 "policy's samples at 1.0 are mostly wrong sums, and fine-tuning on them drags it down)."})
-    ppo_iterations: int = field(default=12, metadata={"help": "PPO iterations (in the last version)."})
-    ppo_batch: int = field(default=32, metadata={"help": "Rollouts per PPO iteration."})
+    rs_epochs: float = field(default=2.0, metadata={
+        "help": "Epochs of each version's fine-tuning on the rejection-sampling selection (pooled over versions)."})
+    ppo_iterations: int = field(default=24, metadata={
+        "help": "PPO iterations (in the last version); each rolls out every prompt of the version once, so the "
+                "reward curve compares the same prompts from one iteration to the next."})
+    ppo_mini_batch: int = field(default=32, metadata={
+        "help": "Rollouts per PPO optimizer step (the largest divisor of the version's prompt count up to this)."})
     ppo_learning_rate: float = field(default=5e-5, metadata={"help": "PPO's policy learning rate."})
+    ppo_critic_warmup: int = field(default=4, metadata={
+        "help": "First PPO iterations that train only the critic (started from the helpfulness RM, it predicts raw "
+                "scores while PPO's rewards are whitened; until it fits, its errors would steer the policy)."})
     gatt_dialogs: int = field(default=200, metadata={"help": "Dialogues of the Ghost Attention data."})
     threads: int = field(default=1, metadata={"help": "torch CPU threads."})
     quiet: bool = field(default=True, metadata={
@@ -226,13 +239,14 @@ class Pipeline:
                                  RewardModelScorer(safety, tok, batch_size=64))
 
     def policy_metrics(self, name: str, stage_dir: Path) -> dict:
-        """Greedy answers of a policy on held-out prompts: task accuracy, safety violations, false refusals, and the
-        mean (unwhitened) safety-gated reward."""
+        """Greedy answers of a policy to every distinct prompt of the world (`World.distinct_prompts`): task accuracy,
+        safety violations, false refusals (exact rates for the world), and the mean (unwhitened) safety-gated
+        reward."""
         tok = self.tokenizer()
         model = self.load_policy(name)
-        rows = self.eval_rows()
+        rows = self.world.distinct_prompts()
         prompts = [r["messages"] for r in rows]
-        cfg = SamplingConfig(max_new_tokens=40, temperature=0.0, prompt_batch_size=64)
+        cfg = SamplingConfig(max_new_tokens=self.config.max_new_tokens, temperature=0.0, prompt_batch_size=64)
         responses = [samples[0] for samples in generate_text(model, tok, prompts, cfg, progress=False)]
         texts = [p[0]["content"] for p in prompts]
         kinds = [parse_prompt(t)[0] for t in texts]
@@ -276,19 +290,25 @@ class Pipeline:
             "train-rm": rm,
             # the safety RM keeps the auxiliary loss that calibrates sigmoid(R_s) for the 0.15 gate
             "train-rm:safety": {"safety_aux_loss_coef": 1.0},
-            "rejection-sample": dict(num_samples=c.rs_samples, temperature=c.rs_temperature, max_new_tokens=40,
-                                     prompt_batch_size=64, max_length=256, num_train_epochs=2, learning_rate=3e-4,
-                                     per_device_train_batch_size=8, reward_batch_size=64, **TRAINER_DEFAULTS),
+            "rejection-sample": dict(num_samples=c.rs_samples, temperature=c.rs_temperature,
+                                     max_new_tokens=c.max_new_tokens, prompt_batch_size=64, max_length=256,
+                                     num_train_epochs=c.rs_epochs, learning_rate=3e-4, per_device_train_batch_size=8,
+                                     reward_batch_size=64, **TRAINER_DEFAULTS),
             # The critic starts from the helpfulness RM (the trainer's default, value_model_init="reward_model").
-            "ppo": dict(batch_size=c.ppo_batch, mini_batch_size=8, num_iterations=c.n(c.ppo_iterations, 3),
-                        learning_rate=c.ppo_learning_rate, kl_coef=0.01, max_new_tokens=40, temperature=1.0,
+            # Every iteration rolls out all of the version's prompts (the reward curve compares like with like); the
+            # critic trains alone for the first iterations.
+            "ppo": dict(batch_size=per_version, mini_batch_size=math.gcd(per_version, c.ppo_mini_batch),
+                        num_iterations=c.n(c.ppo_iterations, 3),
+                        learning_rate=c.ppo_learning_rate, kl_coef=0.01,
+                        value_learning_rate=5e-4, critic_warmup_iterations=c.n(c.ppo_critic_warmup, 1),
+                        max_new_tokens=c.max_new_tokens, temperature=1.0,
                         generation_batch_size=64, save_steps=0, use_cpu=True, report_to=[], disable_tqdm=True,
                         reward_batch_size=64),
         }
         config = IterateConfig(
             output_dir=str(self.rlhf_folder()), model_name_or_path=str(self.out / "sft"), prompts_file=[prompts],
             eval_prompts_file=[eval_prompts], versions=c.versions, prompts_per_version=per_version,
-            max_new_tokens=40, sampling_batch_size=64, annotation_batch_size=64, rm_init="previous",
+            max_new_tokens=c.max_new_tokens, sampling_batch_size=64, annotation_batch_size=64, rm_init="previous",
             heldout_fraction=0.2, pair_temperatures=[1.0, 1.4],
             initial_helpfulness_reward_model=str(self.out / "rm_helpfulness"),
             initial_safety_reward_model=str(self.out / "rm_safety"), finetune_from="sft", seed=c.seed)
@@ -296,8 +316,8 @@ class Pipeline:
         ppo = self.version_policy(c.versions)
         history = [json.loads(line) for line in RunRecord.read(ppo).output("metrics", ppo).read_text(
             encoding="utf-8").splitlines() if line.strip()]
-        keys = ("iteration", "reward/raw_mean", "objective/kl", "objective/entropy", "value/loss", "policy/clipfrac",
-                "response/length_mean", "time/generation", "time/scoring", "time/training")
+        keys = ("iteration", "policy/frozen", "reward/raw_mean", "objective/kl", "objective/entropy", "value/loss",
+                "policy/clipfrac", "response/length_mean", "time/generation", "time/scoring", "time/training")
         return {"versions": records, "ppo_history": [{k: h[k] for k in keys if k in h} for h in history]}
 
     def eval_rows(self) -> list[dict]:
@@ -317,7 +337,8 @@ class Pipeline:
         dialogues = self.write_data("gatt_dialogues",
                                     [{"messages": d} for d in self.world.gatt_dialogs(c.n(c.gatt_dialogs), turns=3)])
         data = self.run_stage("gatt_data", "gatt", model_name_or_path=base, dialogues_file=[dialogues],
-                              instructions=[PIRATE_INSTRUCTION], max_new_tokens=40, temperature=0.0,
+                              instructions=[PIRATE_INSTRUCTION], max_new_tokens=self.config.max_new_tokens,
+                              temperature=0.0,
                               prompt_batch_size=64, seed=c.seed)
         # Sampled answers can be empty (EOS first): such rows are dropped, counted in the stage's data report.
         tuned = self.run_stage("gatt", "sft", model_name_or_path=str(stage_output(base, "model")),
@@ -339,7 +360,7 @@ class Pipeline:
     def persona_adherence(self, model, tok, turns: int = 4, n: int = 24) -> dict[str, float]:
         """Fraction of dialogs whose answer at turn t starts with "Arr!", the system prompt given at turn 1 only."""
         dialogs = self.world.gatt_dialogs(n, turns=turns)
-        cfg = SamplingConfig(max_new_tokens=40, temperature=0.0, prompt_batch_size=64)
+        cfg = SamplingConfig(max_new_tokens=self.config.max_new_tokens, temperature=0.0, prompt_batch_size=64)
         history = [[{"role": "system", "content": PIRATE_INSTRUCTION}] for _ in dialogs]
         rates = {}
         for t in range(turns):

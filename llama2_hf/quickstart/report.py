@@ -73,8 +73,13 @@ def plot_ppo(history: list[dict], path: Path) -> None:
     axes[0].set_title("PPO: mean reward (logit R_c) per iteration")
     axes[1].plot(steps, [h["objective/kl"] for h in history], marker=".", color="tab:red")
     axes[1].set_title("KL to the initial policy")
+    warmup = [h["iteration"] for h in history if h.get("policy/frozen")]
     for ax in axes:
         ax.set_xlabel("iteration")
+        if warmup:
+            ax.axvspan(min(warmup) - 0.5, max(warmup) + 0.5, color="0.9", label="critic warm-up (policy frozen)")
+    if warmup:
+        axes[0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -224,8 +229,9 @@ def write_report(out: Path, results: dict, config=None) -> Path:
         lines += ["## RLHF versions side by side", "",
                   "Each version: pairs sampled from the newest policies on new prompts, annotated by the world's "
                   "checker; both reward models retrained on every annotation so far; rejection sampling pooled over "
-                  "the versions, fine-tuned from SFT; PPO on top in the last version. Greedy measurements on "
-                  "held-out prompts; win rates on sampled answers (temperature 0.6), ties counted half.", ""]
+                  "the versions, fine-tuned from SFT; PPO on top in the last version. Greedy measurements on every "
+                  "distinct prompt of the world (25 sums, 10 harmful and 6 borderline requests); win rates on "
+                  "sampled answers to held-out prompts (temperature 0.6), ties counted half.", ""]
         lines += _table(head, rows) + [""]
         if results.get("rlhf", {}).get("versions"):
             plot_versions(results, out / "versions.png")
@@ -234,8 +240,10 @@ def write_report(out: Path, results: dict, config=None) -> Path:
     if history:
         plot_ppo(history, out / "ppo.png")
         trend = ppo_trend(history)
-        lines += ["## PPO (last version)", "", f"{len(history)} iterations; mean reward of the rollouts "
-                  f"{history[0]['reward/raw_mean']:.3f} -> {history[-1]['reward/raw_mean']:.3f}"
+        warmup = sum(1 for h in history if h.get("policy/frozen"))
+        lines += ["## PPO (last version)", "", f"{len(history)} iterations, every one over all of the version's "
+                  f"prompts (the first {warmup} train the critic alone, the policy frozen); mean reward of the "
+                  f"rollouts {history[0]['reward/raw_mean']:.3f} -> {history[-1]['reward/raw_mean']:.3f}"
                   + (f" (first three {trend[0]:.3f}, last three {trend[1]:.3f})" if trend else "")
                   + f", KL {history[-1]['objective/kl']:.3f}.", "", "![ppo](ppo.png)", ""]
     if "gatt" in results:

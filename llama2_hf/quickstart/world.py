@@ -106,6 +106,7 @@ class World:
     seed: int = 0
     refusal_rate: float = 0.25
     max_operand: int = 4
+    prompt_mix: tuple[int, int, int] = (5, 3, 2)
 
     def _rng(self, salt: str) -> random.Random:
         return random.Random(f"{self.seed}-{salt}")
@@ -122,7 +123,8 @@ class World:
         return texts
 
     def prompt(self, rng: random.Random, kind: str | None = None) -> tuple[str, str]:
-        kind = kind or rng.choices(["arithmetic", "harmful", "benign"], weights=[6, 3, 1])[0]
+        """A (kind, prompt) pair: of `kind`, or drawn with the weights `prompt_mix`."""
+        kind = kind or rng.choices(["arithmetic", "harmful", "benign"], weights=self.prompt_mix)[0]
         if kind == "arithmetic":
             return kind, arithmetic_question(rng.randint(0, self.max_operand), rng.randint(0, self.max_operand))
         if kind == "harmful":
@@ -243,6 +245,18 @@ class World:
             kind, prompt = self.prompt(rng)
             rows.append({"id": f"{salt}-{i}", "messages": [user(prompt)], "is_safety_prompt": kind != "arithmetic"})
         return rows
+
+    def distinct_prompts(self) -> list[dict]:
+        """Every distinct prompt of the world once, in `rl_prompts`' schema: each sum of two operands, each harmful
+        and each borderline request. Greedy answers to these give a policy's exact rates per kind (the world draws
+        the prompts of a kind uniformly), with no sampling noise from which prompts an evaluation set happened to
+        hold."""
+        operands = range(self.max_operand + 1)
+        prompts = [("arithmetic", arithmetic_question(a, b)) for a in operands for b in operands]
+        prompts += [("harmful", f"How do I {act}?") for act in HARMFUL_ACTS]
+        prompts += [("benign", f"How do I {act}?") for act in BENIGN_ACTS]
+        return [{"id": f"all-{i}", "messages": [user(prompt)], "is_safety_prompt": kind != "arithmetic"}
+                for i, (kind, prompt) in enumerate(prompts)]
 
     def gatt_dialogs(self, n: int, turns: int = 3) -> list[list[dict]]:
         """Multi-turn arithmetic dialogs (no instruction yet) for Ghost Attention data generation."""

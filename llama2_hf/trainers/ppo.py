@@ -21,15 +21,16 @@ head); GAE gamma 1.0 / lambda 0.95; KL estimator k1 per token; advantages whiten
 the reward whitened with batch statistics (in `SafetyGatedReward`; each rank's own rollouts under a launch);
 rollouts at temperature 1.0, top-p 1.0, so that the sampling distribution is the policy being optimised; at most 512
 new tokens; no entropy bonus; token-level loss averaging; pi_0 is the policy PPO starts from (a frozen copy, or the
-disabled LoRA adapter of a peft policy).
+disabled LoRA adapter of a peft policy); no critic warm-up (`critic_warmup_iterations` > 0 trains the critic alone
+first, the policy frozen: `policy/frozen` is 1 in those iterations).
 
 Metrics of each iteration (`trainer.history`, `output_dir/metrics.jsonl`): `reward/mean` (the score PPO maximises)
 and `reward/raw_mean` and the reward's components (`reward/helpfulness`, `reward/safety`, `reward/used_safety`, ...),
 `objective/kl` (summed over the response, mean over rollouts; k1 can be negative on a batch), `objective/entropy`,
 `policy/loss`, `policy/clipfrac`, `policy/approx_kl`, `policy/ratio_first_minibatch` (1 when rollouts are on-policy),
-`value/loss`, `value/clipfrac`, grad norms, `response/length_mean`, `response/eos_fraction`, and the timings
-`time/generation`, `time/scoring` (reward plus policy/reference/critic passes and GAE; `time/scoring_reward` is the
-reward alone), `time/training`, `time/iteration`.
+`policy/frozen`, `value/loss`, `value/clipfrac`, grad norms, `response/length_mean`, `response/eos_fraction`, and the
+timings `time/generation`, `time/scoring` (reward plus policy/reference/critic passes and GAE; `time/scoring_reward`
+is the reward alone), `time/training`, `time/iteration`.
 
     trainer = Llama2PPOTrainer(Llama2PPOConfig(output_dir="ppo"), policy, tokenizer, reward, train_dataset=prompts)
     trainer.train()
@@ -126,6 +127,10 @@ class Llama2PPOConfig(TrainingArguments):
     lam: float = field(default=0.95, metadata={"help": "GAE lambda (paper silent; 0.95 as Stiennon et al.)."})
     whiten_advantages: bool = field(default=True, metadata={
         "help": "Standardise advantages over the batch's response tokens, all ranks together (paper silent)."})
+    critic_warmup_iterations: int = field(default=0, metadata={
+        "help": "First iterations that train only the critic, the policy frozen (paper silent; 0 = none). A critic "
+                "started from a reward model predicts raw scores while PPO's rewards are whitened: until it fits, "
+                "its errors make up the advantages and move the policy at random."})
     entropy_coef: float = field(default=0.0, metadata={
         "help": "Entropy bonus coefficient (paper silent; none by default, the KL penalty regularises)."})
     missing_eos_penalty: float | None = field(default=None, metadata={
@@ -175,6 +180,8 @@ class Llama2PPOConfig(TrainingArguments):
                              f"({self.mini_batch_size})")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0: greedy rollouts), got {self.temperature}")
+        if self.critic_warmup_iterations < 0:
+            raise ValueError(f"critic_warmup_iterations must be >= 0, got {self.critic_warmup_iterations}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
 
@@ -647,6 +654,7 @@ class Llama2PPOTrainer:
                                                           "policy/grad_norm", "value/grad_norm")}
         first_ratio = None
         policy_params = [p for p in self.policy.parameters() if p.requires_grad]
+        frozen = self.iteration < args.critic_warmup_iterations  # critic warm-up: the policy takes no step
         for _ in range(args.ppo_epochs):
             order = torch.randperm(n, generator=self.shuffle_generator)
             for m_start in range(0, n, mini):
@@ -663,15 +671,16 @@ class Llama2PPOTrainer:
                     # Each micro-batch's token mean is weighted by its share of the mini-batch's tokens, so the
                     # accumulated gradient is the token mean over the whole mini-batch whatever the micro size.
                     share = (mask.sum().double() * self.world_size / total_tokens.to(mask.device)).float()
-                    logprobs, entropy = self._logprobs(self.policy, chunk, context,
-                                                       with_entropy=args.entropy_coef > 0)
+                    with torch.set_grad_enabled(not frozen):
+                        logprobs, entropy = self._logprobs(self.policy, chunk, context,
+                                                           with_entropy=args.entropy_coef > 0)
                     pg_loss, pg_stats = ppo_policy_loss(logprobs, chunk["logprobs"], chunk["advantages"], mask,
                                                         args.clip_range)
                     values = self._values(chunk, context)
                     vf_loss, vf_clipfrac = clipped_value_loss(values, chunk["values"], chunk["returns"], mask,
                                                               args.clip_range_value)
-                    loss = pg_loss + vf_loss
-                    if args.entropy_coef > 0:
+                    loss = vf_loss if frozen else pg_loss + vf_loss
+                    if args.entropy_coef > 0 and not frozen:
                         loss = loss - args.entropy_coef * masked_mean(entropy, mask)
                     (loss * share).backward()
                     for key, value in (("policy/loss", pg_loss), ("value/loss", vf_loss),
@@ -681,18 +690,20 @@ class Llama2PPOTrainer:
                         sums[key] += (value.detach() * share).item()
                 if first_ratio is None:
                     first_ratio = sums["policy/ratio"]
-                self._average_gradients(self.policy)
                 self._average_gradients(self.value_model)
-                stats["policy/grad_norm"].append(_as_float(torch.nn.utils.clip_grad_norm_(
-                    policy_params, args.max_grad_norm)))
+                if not frozen:
+                    self._average_gradients(self.policy)
+                    stats["policy/grad_norm"].append(_as_float(torch.nn.utils.clip_grad_norm_(
+                        policy_params, args.max_grad_norm)))
+                    self.policy_optimizer.step()
                 stats["value/grad_norm"].append(_as_float(torch.nn.utils.clip_grad_norm_(
                     self.value_model.parameters(), args.max_grad_norm)))
-                self.policy_optimizer.step()
                 self.value_optimizer.step()
                 for key, value in sums.items():
                     stats[key].append(value)
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["policy/ratio_first_minibatch"] = first_ratio
+        out["policy/frozen"] = float(frozen)
         out["time/training"] = time.perf_counter() - start
         return out
 
