@@ -72,7 +72,7 @@ class QuickstartConfig:
                 "policy's samples at 1.0 are mostly wrong sums, and fine-tuning on them drags it down)."})
     rs_epochs: float = field(default=2.0, metadata={
         "help": "Epochs of each version's fine-tuning on the rejection-sampling selection (pooled over versions)."})
-    ppo_iterations: int = field(default=24, metadata={
+    ppo_iterations: int = field(default=20, metadata={
         "help": "PPO iterations (in the last version); each rolls out every prompt of the version once, so the "
                 "reward curve compares the same prompts from one iteration to the next."})
     ppo_mini_batch: int = field(default=32, metadata={
