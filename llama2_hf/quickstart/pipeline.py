@@ -57,7 +57,9 @@ class QuickstartConfig:
     sft_epochs: float = field(default=2.0, metadata={"help": "Epochs over the SFT demonstrations."})
     rm_pairs: int = field(default=3000, metadata={"help": "Preference pairs per reward model (plus 400 held out)."})
     rm_epochs: float = field(default=2.0, metadata={"help": "Epochs of the initial reward models."})
-    eval_prompts: int = field(default=120, metadata={"help": "Held-out prompts of the policy evaluations."})
+    eval_prompts: int = field(default=120, metadata={
+        "help": "Held-out prompts of the win rates (sampled answers); the greedy measurements use every distinct "
+                "prompt of the world."})
     versions: int = field(default=3, metadata={"help": "RLHF versions (paper §3.2: RLHF-V1 ... V5)."})
     prompts_per_version: int = field(default=160, metadata={
         "help": "New prompts per version: each gets a pair of responses for the annotator, then K samples for "
