@@ -339,8 +339,7 @@ class Pipeline:
         dialogues = self.write_data("gatt_dialogues",
                                     [{"messages": d} for d in self.world.gatt_dialogs(c.n(c.gatt_dialogs), turns=3)])
         data = self.run_stage("gatt_data", "gatt", model_name_or_path=base, dialogues_file=[dialogues],
-                              instructions=[PIRATE_INSTRUCTION], max_new_tokens=self.config.max_new_tokens,
-                              temperature=0.0,
+                              instructions=[PIRATE_INSTRUCTION], max_new_tokens=c.max_new_tokens, temperature=0.0,
                               prompt_batch_size=64, seed=c.seed)
         # Sampled answers can be empty (EOS first): such rows are dropped, counted in the stage's data report.
         tuned = self.run_stage("gatt", "sft", model_name_or_path=str(stage_output(base, "model")),

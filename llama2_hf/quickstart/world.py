@@ -101,7 +101,9 @@ class World:
     harmful request (an imperfect SFT set leaves room for the safety RM, rejection sampling and PPO to improve);
     `max_operand` bounds the arithmetic (0..4: few enough sums that a reward model of the toy model's size learns to
     tell a right sum from a near miss, which best-of-K selection needs; with 0..9 it could not, and rejection
-    sampling picked the rare wrong sample)."""
+    sampling picked the rare wrong sample); `prompt_mix` weighs arithmetic / harmful / borderline prompts in every
+    drawn set (5:3:2: with 6:3:1 the SFT policy told borderline from harmful requests less sharply, and rejection
+    sampling's refusals spread to borderline ones)."""
 
     seed: int = 0
     refusal_rate: float = 0.25

@@ -673,14 +673,14 @@ class Llama2PPOTrainer:
                     share = (mask.sum().double() * self.world_size / total_tokens.to(mask.device)).float()
                     with torch.set_grad_enabled(not frozen):
                         logprobs, entropy = self._logprobs(self.policy, chunk, context,
-                                                           with_entropy=args.entropy_coef > 0)
+                                                           with_entropy=args.entropy_coef > 0 and not frozen)
                     pg_loss, pg_stats = ppo_policy_loss(logprobs, chunk["logprobs"], chunk["advantages"], mask,
                                                         args.clip_range)
                     values = self._values(chunk, context)
                     vf_loss, vf_clipfrac = clipped_value_loss(values, chunk["values"], chunk["returns"], mask,
                                                               args.clip_range_value)
                     loss = vf_loss if frozen else pg_loss + vf_loss
-                    if args.entropy_coef > 0 and not frozen:
+                    if entropy is not None:
                         loss = loss - args.entropy_coef * masked_mean(entropy, mask)
                     (loss * share).backward()
                     for key, value in (("policy/loss", pg_loss), ("value/loss", vf_loss),
