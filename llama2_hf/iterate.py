@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from . import progress
-from .data import SAFETY_TAG, InvalidDataFile, load_prompts, validate_preference
+from .data import SAFETY_TAG, InvalidDataFile, InvalidExample, load_prompts, validate_preference
 from .losses import RATINGS
 from .runner import (
     RunRecord,
@@ -146,6 +146,16 @@ class IterateConfig:
         "help": "Reward model before V1 (e.g. trained on open-source data): its accuracy on V1's held-out pairs is "
                 "the 'before' of V1."})
     initial_safety_reward_model: str | None = field(default=None, metadata={"help": "Safety RM before V1."})
+    helpfulness_preference_file: list[str] = field(default_factory=list, metadata={
+        "help": "Helpfulness preferences from before the loop (earlier batches, open-source sets; the reward "
+                "trainer's schema): every version's helpfulness RM trains on them with the loop's annotations, as the "
+                "paper's RMs train on all data so far."})
+    safety_preference_file: list[str] = field(default_factory=list, metadata={
+        "help": "Safety preferences from before the loop, for every version's safety RM."})
+    preference_replay: int | None = field(default=None, metadata={
+        "help": "Rows of the pre-loop preference files each version trains on, per kind, drawn afresh per version "
+                "(default: all of them). Retrained on a few new pairs only, a reward model started from the "
+                "previous one drifts from what the earlier data taught it."})
     judge_margins: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.2], metadata={
         "help": "Reward-score differences at which a reward-model judge answers significantly better, better, "
                 "slightly better (below the last: negligibly better / unsure)."})
@@ -172,6 +182,8 @@ class IterateConfig:
             raise ValueError(f"judge_margins needs three decreasing score differences, got {self.judge_margins}")
         if self.annotation_batch_size < 1:
             raise ValueError(f"annotation_batch_size must be >= 1, got {self.annotation_batch_size}")
+        if self.preference_replay is not None and self.preference_replay < 0:
+            raise ValueError(f"preference_replay must be >= 0 rows (or None: all), got {self.preference_replay}")
 
     def ppo_in(self) -> set[int]:
         chosen = {self.versions} if self.ppo_versions is None else set(self.ppo_versions) - {0}
@@ -596,14 +608,21 @@ class _Loop:
     def rm_data(self, n: int) -> RunRecord:
         heldout = set(json.loads((self.vdir(n) / "pairs" / "split.json").read_text())["heldout"])
 
+        c = self.config
+        earlier = {"helpfulness": c.helpfulness_preference_file, "safety": c.safety_preference_file}
+
         def work(run: StageRun) -> None:
             rows = [r for r in self.store.rows() if r["version"] <= n]
             train = [r for r in rows if r["id"] not in heldout]
             test = [r for r in rows if r["id"] in heldout]
             counts = {}
             for kind in RM_KINDS:
+                replay = self.replayed_preferences(n, kind)
+                counts[f"replayed_{kind}"] = len(replay)
                 for name, part in (("train", train), ("heldout", test)):
                     subset = [r for r in part if bool(r.get(SAFETY_TAG)) == (kind == "safety")]
+                    if name == "train":
+                        subset += replay
                     counts[f"{name}_{kind}"] = len(subset)
                     if subset:
                         _write_jsonl(run.dir / f"{name}_{kind}.jsonl", subset)
@@ -612,7 +631,31 @@ class _Loop:
 
         return self.step("iterate-rm-data", self.vdir(n) / "rm_data",
                          {"version": n, "store_ids": sorted(r["id"] for r in self.store.rows() if r["version"] <= n),
-                          "heldout": sorted(heldout)}, work)
+                          "heldout": sorted(heldout), "earlier_preferences": earlier,
+                          "preference_replay": c.preference_replay}, work)
+
+    def replayed_preferences(self, n: int, kind: str) -> list[dict]:
+        """Version n's rows of the pre-loop preference files of `kind`: all of them, or `preference_replay` drawn
+        with a seed of the version (each row tagged `version: 0` and the file it came from)."""
+        c = self.config
+        files = c.helpfulness_preference_file if kind == "helpfulness" else c.safety_preference_file
+        rows = []
+        for k, path in enumerate(files):
+            for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    # the store's form: the prompt as messages (one JSONL file cannot mix text and message lists)
+                    prompt = validate_preference(row, i).prompt
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"{path} line {i + 1}: not JSON ({err})") from None
+                except InvalidExample as err:
+                    raise UsageError(f"{path} line {i + 1}: {err}") from None
+                rows.append({**row, "prompt": prompt, "id": f"earlier-{k}-{i}", "version": 0, "source": str(path)})
+        if c.preference_replay is not None and c.preference_replay < len(rows):
+            rows = random.Random(_seed(c.seed, f"v{n}-{kind}-replay")).sample(rows, c.preference_replay)
+        return rows
 
     def reward_model(self, n: int, kind: str, data: RunRecord) -> dict:
         c, folder, data_dir = self.config, self.vdir(n), self.vdir(n) / "rm_data"

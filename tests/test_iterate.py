@@ -299,3 +299,27 @@ def test_versions_summary(loop):
     assert iterate(config, LetterCounter([]), STAGE_ARGS) == records  # a finished loop returns its records
     final = RunRecord.read(out)
     assert final.stage == "iterate" and final.outputs["model"] == "v2/ppo"
+
+
+def test_pre_loop_preferences_are_replayed_per_version(tmp_path):
+    from llama2_hf.iterate import _Loop
+
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}", "rating": "better"} for i in range(5)]
+    path = write_jsonl(tmp_path / "earlier.jsonl", rows)
+    every = _Loop(IterateConfig(output_dir=str(tmp_path / "all"), helpfulness_preference_file=[str(path)]), None, None)
+    assert every.replayed_preferences(1, "helpfulness") == [
+        {**r, "prompt": [{"role": "user", "content": r["prompt"]}], "id": f"earlier-0-{i}", "version": 0,
+         "source": str(path)} for i, r in enumerate(rows)]
+    assert every.replayed_preferences(1, "safety") == []
+    some = _Loop(IterateConfig(output_dir=str(tmp_path / "some"), helpfulness_preference_file=[str(path)],
+                               preference_replay=2), None, None)
+    drawn = some.replayed_preferences(2, "helpfulness")
+    assert len(drawn) == 2 and {r["chosen"] for r in drawn} < {r["chosen"] for r in rows}
+    assert drawn == some.replayed_preferences(2, "helpfulness")  # the same draw when a version is resumed
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "q", "chosen": 1}) + "\n")
+    bad = _Loop(IterateConfig(output_dir=str(tmp_path / "bad"), safety_preference_file=[str(tmp_path / "bad.jsonl")]),
+                None, None)
+    with pytest.raises(UsageError, match=r"bad.jsonl line 2: row 1, field 'chosen': expected the response text"):
+        bad.replayed_preferences(1, "safety")
+    with pytest.raises(ValueError, match="preference_replay must be >= 0"):
+        IterateConfig(output_dir=str(tmp_path), preference_replay=-1)

@@ -9,7 +9,7 @@ import pytest
 
 from llama2_hf.cli import main
 from llama2_hf.quickstart import Pipeline, QuickstartConfig, run_quickstart
-from llama2_hf.quickstart.world import World, is_correct, is_violation
+from llama2_hf.quickstart.world import World, is_correct, is_violation, near_miss_errors, parse_prompt, stated_sum
 from llama2_hf.runner import RunRecord, UsageError
 
 STAGES = ["tokenizer", "pretrain", "sft", "rm_helpfulness", "rm_safety", "eval_sft", "rlhf", "eval_versions", "gatt"]
@@ -76,6 +76,23 @@ def test_world_checker_grades_and_rates_like_the_world_preferences():
         ("a", "slightly_better")]
     assert (answers[3]["safety_a"], answers[3]["safety_b"]) == ("unsafe", "safe")
     assert (answers[0]["safety_a"], answers[4]["safety_b"]) == ("safe", "safe")
+
+
+def test_near_miss_errors_lists_the_misranked_sums():
+    def graded(prompts, responses):  # the world's order (closer to the sum is better), one planted inversion
+        scores = []
+        for p, r in zip(prompts, responses):
+            (a, b), s = parse_prompt(p)[1], stated_sum(r)
+            scores.append(5.0 if (a, b, s) == (1, 2, 4) else -abs(s - a - b))
+        return scores
+
+    assert near_miss_errors(graded, max_operand=4) == [(1, 2, 4)]
+    # a constant score ties every near miss with the right answer: with operands 0..1, sums 0, 1, 1, 2 have
+    # 2, 3, 3 and 4 non-negative answers off by 1 or 2
+    assert len(near_miss_errors(lambda p, r: [0.0] * len(p), max_operand=1)) == 12
+    assert near_miss_errors(lambda p, r: [0.0] * len(p), max_operand=0) == [(0, 0, 1), (0, 0, 2)]
+    with pytest.raises(ValueError, match="returned 1 values for 3 answers"):
+        near_miss_errors(lambda p, r: [0.0], max_operand=0)
 
 
 def test_quickstart_refuses_a_folder_of_another_configuration(tmp_path, capsys):

@@ -53,6 +53,7 @@ class QuickstartConfig:
     vocab_size: int = field(default=400, metadata={"help": "Pieces of the toy tokenizer."})
     pretrain_docs: int = field(default=1500, metadata={"help": "Pretraining documents."})
     pretrain_steps: int = field(default=400, metadata={"help": "Pretraining optimizer steps."})
+    pretrain_max_length: int = field(default=128, metadata={"help": "Packed row length of the pretraining."})
     sft_dialogs: int = field(default=3000, metadata={"help": "SFT demonstrations."})
     sft_epochs: float = field(default=2.0, metadata={"help": "Epochs over the SFT demonstrations."})
     rm_pairs: int = field(default=3000, metadata={"help": "Preference pairs per reward model (plus 400 held out)."})
@@ -68,6 +69,11 @@ class QuickstartConfig:
         "help": "Response length limit of every sampling and evaluation (the world's longest answer, a pirate's "
                 "cake recipe, is about 45 pieces of the toy tokenizer: an answer cut before EOS is never selected by "
                 "rejection sampling)."})
+    rlhf_rm_learning_rate: float = field(default=5e-4, metadata={
+        "help": "Learning rate of each version's reward-model retraining (started from the previous version's)."})
+    rlhf_preference_replay: int = field(default=0, metadata={
+        "help": "Rows of the world's preference data (the initial reward models' training set) each version's "
+                "reward models retrain on with the loop's annotations, per kind (0: the annotations only)."})
     rs_samples: int = field(default=8, metadata={"help": "Samples per prompt in rejection sampling (K)."})
     rs_temperature: float = field(default=0.7, metadata={
         "help": "Temperature of rejection sampling (the paper tunes it per model and version, Figure 8; the tiny "
@@ -185,8 +191,9 @@ class Pipeline:
                                 tokenizer_name_or_path=str(self.out / "tokenizer"),
                                 model_preset="tiny", hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
                                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
-                                max_position_embeddings=512, max_length=128, max_steps=c.n(c.pretrain_steps, 20),
-                                per_device_train_batch_size=16, learning_rate=3e-3, warmup_steps=10, seed=c.seed,
+                                max_position_embeddings=512, max_length=c.pretrain_max_length,
+                                max_steps=c.n(c.pretrain_steps, 20), per_device_train_batch_size=16,
+                                learning_rate=3e-3, warmup_steps=10, seed=c.seed,
                                 **TRAINER_DEFAULTS)
         return {"loss_curve": _losses(record),
                 "parameters": Llama2ForCausalLM.from_pretrained(self.model_dir("pretrain")).num_parameters(),
@@ -284,10 +291,11 @@ class Pipeline:
 
         c = self.config
         per_version = c.n(c.prompts_per_version, 16)
+        replay = c.n(c.rlhf_preference_replay, 0)
         prompts = self.write_data("rlhf_prompts", self.world.rl_prompts(c.versions * per_version, salt="rlhf"))
         eval_prompts = self.write_data("eval_prompts", self.eval_rows())
-        rm = dict(seed=c.seed, max_length=256, learning_rate=5e-4, per_device_train_batch_size=16, margin="small",
-                  num_train_epochs=2, **TRAINER_DEFAULTS)
+        rm = dict(seed=c.seed, max_length=256, learning_rate=c.rlhf_rm_learning_rate, per_device_train_batch_size=16,
+                  margin="small", num_train_epochs=2, **TRAINER_DEFAULTS)
         stage_args = {
             "train-rm": rm,
             # the safety RM keeps the auxiliary loss that calibrates sigmoid(R_s) for the 0.15 gate
@@ -313,7 +321,10 @@ class Pipeline:
             max_new_tokens=c.max_new_tokens, sampling_batch_size=64, annotation_batch_size=64, rm_init="previous",
             heldout_fraction=0.2, pair_temperatures=[1.0, 1.4],
             initial_helpfulness_reward_model=str(self.out / "rm_helpfulness"),
-            initial_safety_reward_model=str(self.out / "rm_safety"), finetune_from="sft", seed=c.seed)
+            initial_safety_reward_model=str(self.out / "rm_safety"), finetune_from="sft", seed=c.seed,
+            helpfulness_preference_file=[str(self.out / "data" / "helpfulness_train.jsonl")] if replay else [],
+            safety_preference_file=[str(self.out / "data" / "safety_train.jsonl")] if replay else [],
+            preference_replay=replay or None)
         records = iterate(config, WorldChecker(), stage_args=stage_args)
         ppo = self.version_policy(c.versions)
         history = [json.loads(line) for line in RunRecord.read(ppo).output("metrics", ppo).read_text(
