@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from llama2_hf import Llama2ForRewardModel, Llama2Tokenizer
-from llama2_hf.quickstart.world import World, near_miss_errors, parse_prompt, stated_sum
+from llama2_hf.quickstart.world import World, is_correct, near_miss_errors, parse_prompt, stated_sum
 from llama2_hf.rewards import RewardModelScorer
 
 
@@ -41,7 +41,7 @@ def policy_errors(out: Path) -> dict[str, list[list[int]]]:
         for line in path.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             kind, value = parse_prompt(row["prompt"])
-            if kind == "arithmetic" and stated_sum(row["response"]) != sum(value):
+            if kind == "arithmetic" and not is_correct(row["prompt"], row["response"]):
                 wrong.append([*value, stated_sum(row["response"])])
         errors[name] = wrong
     return errors

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from . import progress
-from .data import SAFETY_TAG, InvalidDataFile, InvalidExample, load_prompts, validate_preference
+from .data import SAFETY_TAG, InvalidDataFile, InvalidExample, jsonl_rows, load_prompts, validate_preference
 from .losses import RATINGS
 from .runner import (
     RunRecord,
@@ -641,18 +641,14 @@ class _Loop:
         files = c.helpfulness_preference_file if kind == "helpfulness" else c.safety_preference_file
         rows = []
         for k, path in enumerate(files):
-            for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
-                if not line.strip():
-                    continue
+            for line, row in jsonl_rows(path):
                 try:
-                    row = json.loads(line)
                     # the store's form: the prompt as messages (one JSONL file cannot mix text and message lists)
-                    prompt = validate_preference(row, i).prompt
-                except json.JSONDecodeError as err:
-                    raise UsageError(f"{path} line {i + 1}: not JSON ({err})") from None
+                    prompt = validate_preference(row, line - 1).prompt
                 except InvalidExample as err:
-                    raise UsageError(f"{path} line {i + 1}: {err}") from None
-                rows.append({**row, "prompt": prompt, "id": f"earlier-{k}-{i}", "version": 0, "source": str(path)})
+                    raise UsageError(f"{path} line {line}: {err}") from None
+                rows.append({**row, "prompt": prompt, "id": f"earlier-{k}-{line - 1}", "version": 0,
+                             "source": str(path)})
         if c.preference_replay is not None and c.preference_replay < len(rows):
             rows = random.Random(_seed(c.seed, f"v{n}-{kind}-replay")).sample(rows, c.preference_replay)
         return rows
