@@ -86,6 +86,11 @@ class QuickstartConfig:
     ppo_mini_batch: int = field(default=32, metadata={
         "help": "Rollouts per PPO optimizer step (the largest divisor of the version's prompt count up to this)."})
     ppo_learning_rate: float = field(default=5e-5, metadata={"help": "PPO's policy learning rate."})
+    ppo_temperature: float = field(default=1.3, metadata={
+        "help": "PPO's rollout temperature (its log-probabilities use the same one). The policy after rejection "
+                "sampling is nearly deterministic at 1.0 (entropy about 0.01 per token): PPO then sees the same "
+                "answers every iteration and has nothing to compare; 1.3 (the paper's best rejection-sampling "
+                "temperature for RLHF models, Figure 8) gives it alternatives to rank."})
     ppo_critic_warmup: int = field(default=4, metadata={
         "help": "First PPO iterations that train only the critic (started from the helpfulness RM, it predicts raw "
                 "scores while PPO's rewards are whitened; until it fits, its errors would steer the policy)."})
@@ -311,7 +316,7 @@ class Pipeline:
                         num_iterations=c.n(c.ppo_iterations, 3),
                         learning_rate=c.ppo_learning_rate, kl_coef=0.01,
                         value_learning_rate=5e-4, critic_warmup_iterations=c.n(c.ppo_critic_warmup, 1),
-                        max_new_tokens=c.max_new_tokens, temperature=1.0,
+                        max_new_tokens=c.max_new_tokens, temperature=c.ppo_temperature,
                         generation_batch_size=64, save_steps=0, use_cpu=True, report_to=[], disable_tqdm=True,
                         reward_batch_size=64),
         }
