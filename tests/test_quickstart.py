@@ -128,7 +128,9 @@ def test_quickstart_reduced_runs_every_stage_and_resumes(tmp_path, capsys):
     assert sft.args["train_file"] == [str(out / "data" / "sft.jsonl")] and sft.args["use_cpu"]
     loop = RunRecord.read(out / "rlhf")
     assert loop.args["annotator"] == "world checker" and loop.args["versions"] == 2
-    assert RunRecord.read(out / "rlhf" / "v2" / "ppo").args["model_name_or_path"] == str(out / "rlhf" / "v2" / "rs")
+    ppo = RunRecord.read(out / "rlhf" / "v2" / "ppo")
+    assert ppo.args["model_name_or_path"] == str(out / "rlhf" / "v2" / "rs")
+    assert ppo.args["temperature"] == config.ppo_temperature == 1.3  # rollouts past the RS policy's near-greedy mode
     assert RunRecord.read(out / "rlhf" / "v2" / "rs").args["pool_dirs"] == [str(out / "rlhf" / "v1" / "rs")]
     # V1's reward models start from the ones trained on the world's preference data
     assert RunRecord.read(out / "rlhf" / "v1" / "rm_helpfulness").args["model_name_or_path"] == str(
