@@ -89,8 +89,8 @@ class QuickstartConfig:
     ppo_temperature: float = field(default=1.3, metadata={
         "help": "PPO's rollout temperature (its log-probabilities use the same one). The policy after rejection "
                 "sampling is nearly deterministic at 1.0 (entropy about 0.01 per token): PPO then sees the same "
-                "answers every iteration and has nothing to compare; 1.3 (the paper's best rejection-sampling "
-                "temperature for RLHF models, Figure 8) gives it alternatives to rank."})
+                "answers every iteration and has nothing to compare; 1.3 (the upper end of the paper's best "
+                "rejection-sampling temperatures for RLHF models, Figure 8) gives it alternatives to rank."})
     ppo_critic_warmup: int = field(default=4, metadata={
         "help": "First PPO iterations that train only the critic (started from the helpfulness RM, it predicts raw "
                 "scores while PPO's rewards are whitened; until it fits, its errors would steer the policy)."})
