@@ -59,6 +59,7 @@ from typing import Any
 from . import progress
 from .data import SAFETY_TAG, InvalidDataFile, InvalidExample, jsonl_rows, load_prompts, validate_preference
 from .losses import RATINGS
+from .loading import load_pretrained
 from .runner import (
     RunRecord,
     StageRun,
@@ -244,7 +245,7 @@ class RewardModelJudge:
             source = stage_output(path, "model")
             if not Path(source).exists():
                 raise UsageError(f"reward model {source}: no such folder")
-            model = Llama2ForRewardModel.from_pretrained(str(source), dtype=torch.float32)
+            model = load_pretrained(Llama2ForRewardModel, str(source), f"{kind} reward model", dtype=torch.float32)
             self._scorers[kind] = RewardModelScorer(model, load_tokenizer(self.tokenizer or source),
                                                    batch_size=self.batch_size)
         return self._scorers[kind]
@@ -537,7 +538,7 @@ class _Loop:
         source = stage_model(model)
         if not Path(str(source)).exists():
             raise UsageError(f"model {source}: no such folder")
-        model_obj = Llama2ForCausalLM.from_pretrained(str(source))
+        model_obj = load_pretrained(Llama2ForCausalLM, str(source), "policy")
         tokenizer = load_tokenizer(self.config.tokenizer_name_or_path or source)
         config = SamplingConfig(max_new_tokens=self.config.max_new_tokens, temperature=temperature,
                                 top_p=self.config.top_p, num_samples=1,

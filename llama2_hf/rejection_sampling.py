@@ -355,9 +355,12 @@ def select(records: Sequence[Mapping], earlier: Mapping[str, Mapping] | None = N
 
 
 def report(records: Sequence[Mapping], selection: Sequence[Mapping]) -> dict:
-    """Counts, mean scores and the Figure 7 curves of one iteration's records."""
+    """Counts, mean scores and the Figure 7 curves of one iteration's records. A mean over nothing (no scored
+    sample, no selected row) is None, not 0."""
     complete = [[s for s in r["scores"] if s is not None] for r in records]
     complete = [s for s in complete if s]
+    best = [r["best"]["score"] for r in records if r["best"]]
+    n_scores = sum(len(s) for s in complete)
     return {
         "prompts": len(records),
         "samples": sum(len(r["responses"]) for r in records),
@@ -365,9 +368,8 @@ def report(records: Sequence[Mapping], selection: Sequence[Mapping]) -> dict:
         "prompts_without_selection": sum(r["best"] is None for r in records),
         "pool_wins": sum(1 for r in records if r["best"] is not None and r["best"]["source"] == "pool"),
         "selected_rows": len(selection),
-        "mean_score": sum(sum(s) for s in complete) / max(1, sum(len(s) for s in complete)),
-        "mean_best_score": sum(r["best"]["score"] for r in records if r["best"]) / max(
-            1, sum(r["best"] is not None for r in records)),
+        "mean_score": sum(sum(s) for s in complete) / n_scores if n_scores else None,
+        "mean_best_score": sum(best) / len(best) if best else None,
         "figure7": max_median_curves(complete) if complete else {"n": [], "max": [], "median": []},
     }
 

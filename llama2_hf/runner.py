@@ -14,12 +14,19 @@ resumable output file, merged once by rank 0.
 
 The run record (`run.json`, written atomically and last) holds the stage, the resolved arguments, the inputs with
 content hashes, the outputs, the metrics and the library versions. A folder with a `run.json` is complete: rerunning
-the same arguments returns the record without work, other arguments are refused (nothing is silently mixed). While
-a stage runs, `run_args.json` records its arguments, so that a resume with different ones is refused too.
+the same arguments on the same inputs (their sha256 unchanged) returns the record without work; other arguments, or
+an input edited since, are refused (nothing is silently mixed or stale), unless a redo is asked for (`--redo`,
+`run_stage(..., redo=True)`), which empties the folder and runs again. While a stage runs, `run_args.json` records
+its arguments and the inputs read so far, so that a resume with different ones is refused too; a folder that holds
+nothing else (a run that failed its checks) takes new arguments.
+
+A folder belongs to one run at a time: `StageRun` takes an OS-level lock on it (`llama2_hf.run_lock`) for the run's
+life; a second run in the same folder is refused, naming the one that holds it.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import hashlib
@@ -32,9 +39,13 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from . import run_lock
+from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +59,6 @@ OBSERVATION_FIELDS = frozenset({
     "dataloader_num_workers", "debug", "log_level", "log_level_replica", "push_to_hub", "hub_model_id",
     "hub_token", "progress", "threads", "eval_steps", "eval_strategy", "per_device_eval_batch_size",
 })
-
-
-class UsageError(ValueError):
-    """A mistake in what the user gave (arguments, files, a resumed folder): printed as one line, exit code 2."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -76,8 +83,59 @@ def make_parser(stage: Stage):
     `--config recipe.yaml` whose keys are the same field names."""
     from trl import TrlParser
 
-    return TrlParser(stage.dataclass_types, prog=f"llama2-hf {stage.name}",
-                     description=f"{stage.help}. A bare --debug shows the traceback of an error.")
+    parser = TrlParser(stage.dataclass_types, prog=f"llama2-hf {stage.name}", allow_abbrev=False,
+                       description=f"{stage.help}. A bare --debug shows the traceback of an error; a bare --redo "
+                                   "runs again in a folder that holds a finished or interrupted run.")
+    parser.error = _parser_error  # one line (a UsageError), not argparse's usage dump and exit
+    return parser
+
+
+def _parser_error(message: str):
+    raise UsageError(message)
+
+
+def check_flags(argv: Sequence[str], names: Sequence[str], command: str) -> None:
+    """Refuse a `--flag` that is not an argument of `command`, naming the closest one (before argparse, which would
+    take a prefix of a longer name as that name)."""
+    for token in argv:
+        if not token.startswith("--") or token in ("--config", "--help"):
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name and name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean --{close[0]}?" if close else f" (`llama2-hf {command} --help` lists them)"
+            raise UsageError(f"{token.split('=', 1)[0]} is not an argument of `llama2-hf {command}`{hint}")
+
+
+def _check_recipe_values(parser, path: str, raw: Mapping[str, Any]) -> None:
+    """Each recipe value checked against its argument's type and choices, naming the file and key (argparse would
+    name only the flag, after printing the whole usage). Text-typed arguments may hold mappings (parsed by their
+    config, e.g. `lr_scheduler_kwargs`)."""
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in raw.items():
+        action = actions.get(key)
+        if action is None or value is None:
+            continue
+        takes_list = action.nargs in ("+", "*")
+        scalar = action.type not in (None, str, dict)
+        if isinstance(value, (list, dict)) and scalar and not (takes_list and isinstance(value, list)):
+            raise UsageError(f"--config {path}: {key}: expected one value, got a {type(value).__name__} ({value!r})")
+        for item in (value if isinstance(value, list) and takes_list else [value]):
+            if isinstance(item, (list, dict)) and scalar:
+                raise UsageError(f"--config {path}: {key}: expected {_type_name(action.type)} values, got {item!r}")
+            if isinstance(item, str) and scalar:
+                try:
+                    item = action.type(item)
+                except (TypeError, ValueError, argparse.ArgumentTypeError):
+                    raise UsageError(f"--config {path}: {key}: {item!r} is not {_type_name(action.type)}") from None
+            if action.type is int and isinstance(item, float) and not item.is_integer():
+                raise UsageError(f"--config {path}: {key}: {item!r} is not a whole number")
+            if action.choices is not None and not isinstance(item, (list, dict)) and item not in action.choices:
+                raise UsageError(f"--config {path}: {key}: {item!r} is not one of {list(action.choices)}")
+
+
+def _type_name(kind) -> str:
+    return {int: "a whole number", float: "a number", str: "text"}.get(kind, "of the expected type")
 
 
 def field_names(stage: Stage) -> list[str]:
@@ -116,25 +174,30 @@ def _is_float_text(text: str) -> bool:
     return re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", text) is not None
 
 
-def _pop_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
-    """Remove a bare `--debug` (no value: TrainingArguments' own `--debug OPTIONS` is left alone)."""
+def _pop_flag(argv: Sequence[str], flag: str) -> tuple[list[str], bool]:
+    """Remove a bare `flag` (one with no value after it: TrainingArguments' own `--debug OPTIONS` is left alone)."""
     argv = list(argv)
     for i, a in enumerate(argv):
-        if a == "--debug" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+        if a == flag and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
             del argv[i]
             return argv, True
     return argv, False
 
 
+def _pop_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
+    return _pop_flag(argv, "--debug")
+
+
 def parse_args(stage: Stage, argv: Sequence[str]) -> tuple[tuple, bool]:
     """(dataclass instances, debug) from a command line that may name a recipe with `--config`."""
     argv, debug = _pop_debug(argv)
+    check_flags(argv, field_names(stage), stage.name)
+    parser = make_parser(stage)
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise UsageError("--config needs a recipe path")
-        _check_recipe_keys(stage, argv[i + 1])
-    parser = make_parser(stage)
+        _check_recipe_values(parser, argv[i + 1], _check_recipe_keys(stage, argv[i + 1]))
     try:
         instances = parser.parse_args_and_config(argv)
     except (TypeError, ValueError) as e:  # a dataclass __post_init__ refusing a combination of values
@@ -164,16 +227,45 @@ def get_stage(name: str) -> Stage:
     return load_stage(name)
 
 
-def run_stage(name: str, /, **values) -> RunRecord:
-    """Run stage `name` in this process with the given field values (the quickstart's and the tests' entry)."""
+# Whether the stage being run was asked to redo a folder (`--redo`, `run_stage(..., redo=True)`); read by `StageRun`.
+_REDO: ContextVar[bool] = ContextVar("llama2_hf_redo", default=False)
+
+
+@contextmanager
+def stage_call(redo: bool = False) -> Iterator[None]:
+    """The frame of one stage call: its redo choice, and the folder locks it took released when it returns or
+    fails (a run that dies releases them with its process)."""
+    before = run_lock.held()
+    token = _REDO.set(redo)
+    try:
+        yield
+    finally:
+        _REDO.reset(token)
+        for folder in run_lock.held() - before:
+            run_lock.release(folder)
+
+
+def run_stage(name: str, /, redo: bool = False, **values) -> RunRecord:
+    """Run stage `name` in this process with the given field values (the quickstart's and the tests' entry).
+    `redo=True` runs again in a folder that holds a finished or interrupted run (its contents are removed)."""
     stage = get_stage(name)
-    return stage.main(*build(stage, **values))
+    instances = build(stage, **values)
+    with stage_call(redo):
+        return stage.main(*instances)
 
 
 def cli_main(name: str, argv: Sequence[str]) -> int:
-    """`llama2-hf <name> ...` for a stage: parse its dataclasses, run its one runner."""
+    """`llama2-hf <name> ...` for a stage: parse its dataclasses, run its one runner (a bare `--redo` runs again
+    in a folder that holds a finished or interrupted run)."""
     stage = get_stage(name)
-    return run_command(name, argv, lambda args: stage.main(*parse_args(stage, args)[0]))
+
+    def body(args: list[str]) -> None:
+        args, redo = _pop_flag(args, "--redo")
+        instances = parse_args(stage, args)[0]
+        with stage_call(redo):
+            stage.main(*instances)
+
+    return run_command(name, argv, body)
 
 
 def run_command(name: str, argv: Sequence[str], body: Callable[[list[str]], Any]) -> int:
@@ -259,15 +351,25 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _content_files(folder: Path) -> Iterator[Path]:
+    """The files that make a folder's content: not a run's bookkeeping (hidden files such as its lock and temporary
+    files, `run_args.json`) nor Trainer checkpoints, which a user may delete without changing the result."""
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder).parts
+        if (f.is_file() and rel[-1] != RUN_ARGS and not any(part.startswith(".") for part in rel)
+                and not any(part.startswith("checkpoint-") for part in rel[:-1])):
+            yield f
+
+
 def content_hash(path: str | os.PathLike) -> dict[str, Any]:
-    """`{"path", "sha256"}` of a file or folder (the folder hash covers relative names and contents of every file),
-    or `{"path", "hub": True}` for a name that is not on disk (a Hub id)."""
+    """`{"path", "sha256"}` of a file or folder (the folder hash covers the relative names and contents of its
+    content files, see `_content_files`), or `{"path", "hub": True}` for a name that is not on disk (a Hub id)."""
     p = Path(path)
     if p.is_file():
         return {"path": str(path), "sha256": file_sha256(p)}
     if p.is_dir():
         h = hashlib.sha256()
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        for f in _content_files(p):
             h.update(str(f.relative_to(p)).encode() + b"\0" + file_sha256(f).encode())
         return {"path": str(path), "sha256": h.hexdigest()}
     return {"path": str(path), "hub": True}
@@ -380,14 +482,16 @@ def distributed_state():
 class StageRun:
     """The bookkeeping of one stage in `output_dir`, on every rank of a launch.
 
-        run = StageRun("sft", output_dir, args)      # refuses a folder holding another configuration
-        if run.done:                                 # completed with the same arguments: nothing to do
+        run = StageRun("sft", output_dir, args)      # locks the folder; refuses one holding another configuration
+        if run.done:                                 # completed with the same arguments and inputs: nothing to do
             return run.record
         ... work; run.add_input("train", path); run.outputs["model"] = "."; run.metrics.update(...)
-        return run.finish()                          # rank 0 writes run.json atomically, last
+        return run.finish()                          # rank 0 writes run.json atomically, last; the lock is released
 
     `args` are the resolved arguments (`resolved_args(...)`); those outside `OBSERVATION_FIELDS` must equal the
-    recorded ones on a resume or a rerun, else a `UsageError` names the differences.
+    recorded ones on a resume or a rerun, else a `UsageError` names the differences. A finished folder is returned
+    only while every recorded input still has its recorded sha256; an interrupted run resumes only on the inputs it
+    started with (checked as `add_input` sees each). A redo (`--redo`) empties the folder and runs again.
     """
 
     def __init__(self, stage: str, output_dir: str | os.PathLike, args: Mapping[str, Any]):
@@ -398,6 +502,8 @@ class StageRun:
         self.record: RunRecord | None = None
         self.state = distributed_state()
         self._start = time.perf_counter()
+        self._started_inputs: dict[str, dict[str, Any]] = {}
+        self._on_main(lambda: run_lock.acquire(self.dir))
         self._check_folder()
 
     @property
@@ -408,39 +514,100 @@ class StageRun:
     def is_main(self) -> bool:
         return self.state.is_main_process
 
+    def _on_main(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` on the main process only; a `UsageError` it raises is raised on every rank."""
+        error = None
+        if self.is_main:
+            try:
+                fn()
+            except UsageError as e:
+                error = str(e)
+        if self.state.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = broadcast_object_list([error], from_process=0)
+            error = box[0]
+        if error is not None:
+            raise UsageError(error)
+
     def _check_folder(self) -> None:
         record_path, args_path = self.dir / RUN_RECORD, self.dir / RUN_ARGS
+        redo = _REDO.get()
         if record_path.is_file():
             record = RunRecord.read(self.dir)
-            self._refuse_mismatch(record.stage, record.args, record_path)
-            logger.info("%s: %s is complete with these arguments; returning its record (use a new output_dir "
-                        "to run again)", self.stage, self.dir)
-            self.record = record
-            return
-        if args_path.is_file():
+            self._refuse_mismatch(record.stage, record.args, record_path, check_args=not redo)
+            if not redo:
+                self._on_main(lambda: self._refuse_changed_inputs(record.inputs))
+                logger.info("%s: %s is complete with these arguments and inputs; returning its record (--redo runs "
+                            "it again)", self.stage, self.dir)
+                self.record = record
+                return
+        elif args_path.is_file() and self._holds_work():
             started = json.loads(args_path.read_text(encoding="utf-8"))
-            self._refuse_mismatch(started.get("stage"), started.get("args", {}), args_path)
-            logger.info("%s: resuming the run in %s", self.stage, self.dir)
+            self._refuse_mismatch(started.get("stage"), started.get("args", {}), args_path, check_args=not redo)
+            if not redo:
+                self._started_inputs = started.get("inputs", {})
+                logger.info("%s: resuming the run in %s", self.stage, self.dir)
+        if redo and (record_path.is_file() or args_path.is_file()):
+            logger.info("%s: --redo: emptying %s to run again", self.stage, self.dir)
+            self._on_main(self._empty_folder)
         self.state.wait_for_everyone()
         if self.is_main:
-            write_json_atomic(args_path, {"stage": self.stage, "args": _jsonable(self.args)})
+            self._write_args()
         self.state.wait_for_everyone()
 
-    def _refuse_mismatch(self, stage: str | None, recorded: Mapping[str, Any], path: Path) -> None:
+    def _holds_work(self) -> bool:
+        """Whether the folder holds anything a run wrote besides its arguments (else a failed start: nothing to
+        protect, new arguments are taken)."""
+        return any(q.is_file() and q.name not in (run_lock.LOCK_FILE, RUN_ARGS) for q in self.dir.rglob("*"))
+
+    def _empty_folder(self) -> None:
+        for entry in self.dir.iterdir():
+            if entry.name == run_lock.LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    def _write_args(self) -> None:
+        write_json_atomic(self.dir / RUN_ARGS, {"stage": self.stage, "args": _jsonable(self.args),
+                                                "inputs": {**self._started_inputs, **self.inputs}})
+
+    def _refuse_mismatch(self, stage: str | None, recorded: Mapping[str, Any], path: Path,
+                         check_args: bool = True) -> None:
         if stage != self.stage:
             raise UsageError(f"{self.dir} holds a {stage!r} run, not {self.stage!r}: choose another output_dir")
         given = _jsonable(self.args)
-        if _comparable(recorded) != _comparable(given):
+        if check_args and _comparable(recorded) != _comparable(given):
             raise UsageError(f"{self.dir} holds a {self.stage} run with other arguments ({path.name}): "
-                             f"{describe_mismatch(recorded, given)}. Resume with the same arguments, or choose "
-                             "another output_dir")
+                             f"{describe_mismatch(recorded, given)}. Resume with the same arguments, run again "
+                             "with --redo, or choose another output_dir")
+
+    def _refuse_changed_inputs(self, recorded: Mapping[str, Mapping[str, Any]]) -> None:
+        for name, entry in recorded.items():
+            change = _input_change(entry)
+            if change:
+                raise UsageError(f"{self.dir} holds a finished {self.stage} run, but its input {name} "
+                                 f"({entry['path']}) {change}: run again with --redo, or choose another output_dir")
 
     def add_input(self, name: str, path: str | os.PathLike | None) -> None:
-        if path is not None and self.is_main:
-            self.inputs[name] = content_hash(path)
+        """Record input `name` with its content hash (rank 0). On a resume, an input whose content differs from
+        what the interrupted run started with is refused."""
+        if path is None or not self.is_main:
+            return
+        entry = content_hash(path)
+        before = self._started_inputs.get(name)
+        if before and before.get("sha256") and before.get("sha256") != entry.get("sha256"):
+            raise UsageError(f"{self.dir} holds an interrupted {self.stage} run that started on another {name} "
+                             f"({path} has changed since): resume it on the same input, run again with --redo, or "
+                             "choose another output_dir")
+        self.inputs[name] = entry
+        self._write_args()
 
     def finish(self) -> RunRecord:
-        """Write the record (rank 0), after every rank is done; every rank returns it."""
+        """Write the record (rank 0), after every rank is done; every rank returns it. The folder's lock is
+        released."""
         self.state.wait_for_everyone()
         self.record = RunRecord(
             stage=self.stage, args=_jsonable(self.args), inputs=self.inputs, outputs=self.outputs,
@@ -450,7 +617,22 @@ class StageRun:
             self.record.write(self.dir)
             (self.dir / RUN_ARGS).unlink(missing_ok=True)
         self.state.wait_for_everyone()
+        if self.is_main:
+            run_lock.release(self.dir)
         return self.record
+
+
+def _input_change(entry: Mapping[str, Any]) -> str | None:
+    """How a recorded input differs from what is on disk now (None when it has the recorded sha256)."""
+    if "sha256" not in entry:
+        return None  # a Hub id: its revision is an argument
+    path = Path(entry["path"])
+    if not path.exists():
+        return "no longer exists"
+    now = content_hash(path)["sha256"]
+    if now != entry["sha256"]:
+        return f"has changed since (sha256 {entry['sha256'][:12]} -> {now[:12]})"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from ..loading import load_pretrained
 from .prompts import chat_prompt
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ def load_model(name_or_path: str, kind: str = "causal_lm", device: str | None = 
         raise ValueError(f"kind must be one of {list(classes)}, got {kind!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     logger.info("loading %s %s on %s", kind, name_or_path, device)
-    model = classes[kind].from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
+    role = {"causal_lm": "model", "classifier": "classifier"}[kind]
+    model = load_pretrained(classes[kind], name_or_path, role, dtype=resolve_dtype(dtype))
     return model.to(device).eval()
 
 

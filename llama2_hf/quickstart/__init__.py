@@ -18,22 +18,41 @@ logger = logging.getLogger(__name__)
 
 
 def run_quickstart(config: QuickstartConfig | None = None) -> dict:
-    """Run (or resume) every stage and write the report; returns each stage's metrics."""
-    return Pipeline(config or QuickstartConfig()).run()
+    """Run (or resume) every stage and write the report; returns each stage's metrics. The output folder is locked
+    for the run's life (a second quickstart in it is refused)."""
+    from .. import run_lock
+
+    config = config or QuickstartConfig()
+    try:
+        return Pipeline(config).run()
+    finally:
+        run_lock.release(config.output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`llama2-hf quickstart [--output_dir D] [--scale S] [--seed N] [--stages a b ...]`: the fields of
     `QuickstartConfig` as flags. A user error (a folder of another configuration, an unknown stage, bad data) is one
     line on stderr and exit code 2; `--debug` shows the traceback."""
+    from dataclasses import fields
+
     from transformers import HfArgumentParser
 
-    from ..runner import run_command
+    from ..errors import UsageError
+    from ..runner import check_flags, run_command
 
-    parser = HfArgumentParser(QuickstartConfig, prog="llama2-hf quickstart", description=__doc__)
+    parser = HfArgumentParser(QuickstartConfig, prog="llama2-hf quickstart", description=__doc__, allow_abbrev=False)
+
+    def refuse(message: str):
+        raise UsageError(message)
+
+    parser.error = refuse  # one line, not argparse's usage dump
 
     def body(args: list[str]) -> None:
-        (config,) = parser.parse_args_into_dataclasses(args)
+        check_flags(args, [f.name for f in fields(QuickstartConfig)], "quickstart")
+        try:
+            (config,) = parser.parse_args_into_dataclasses(args)
+        except ValueError as e:  # QuickstartConfig refusing a value
+            raise UsageError(str(e)) from None
         run_quickstart(config)  # ends with the summary and the report's path
 
     return run_command("quickstart", sys.argv[1:] if argv is None else argv, body)

@@ -15,13 +15,14 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 
-from .. import progress
+from .. import progress, run_lock
+from ..errors import check_ranges
 from ..generation import SamplingConfig, generate_text
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
 from ..runner import RunRecord, StageRun, UsageError, run_stage, stage_output, write_json_atomic
@@ -38,6 +39,10 @@ TRAINER_DEFAULTS = dict(use_cpu=True, bf16=False, activation_checkpointing=False
 CONFIG_RECORD = "quickstart.json"
 # QuickstartConfig fields that change how a run is observed or scheduled, not what it computes.
 SCHEDULING_FIELDS = ("output_dir", "threads", "stages", "quiet")
+# Numeric QuickstartConfig fields for which 0 is meaningful (every other one must be > 0).
+NON_NEGATIVE_FIELDS = ("seed", "rlhf_preference_replay", "ppo_critic_warmup")
+# The quickstart's stages, in order (`--stages` picks a subset).
+STAGES = ("tokenizer", "pretrain", "sft", "rm_helpfulness", "rm_safety", "eval_sft", "rlhf", "eval_versions", "gatt")
 
 
 @dataclass
@@ -100,6 +105,17 @@ class QuickstartConfig:
         "help": "Show the stage bars only (library logs below WARNING and other progress bars silenced)."})
     stages: list[str] = field(default_factory=list, metadata={"help": "Subset of stages to run (default: all)."})
 
+    def __post_init__(self):
+        counts = [f.name for f in fields(self) if type(f.default) in (int, float)]
+        check_ranges(self, non_negative=NON_NEGATIVE_FIELDS,
+                     positive=tuple(name for name in counts if name not in NON_NEGATIVE_FIELDS))
+        if self.ppo_critic_warmup >= self.ppo_iterations:
+            raise ValueError(f"ppo_critic_warmup ({self.ppo_critic_warmup}) must be below ppo_iterations "
+                             f"({self.ppo_iterations}): the policy would never be updated")
+        unknown = sorted(set(self.stages) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown quickstart stages {unknown}; expected some of {list(STAGES)}")
+
     def n(self, value: int, minimum: int = 8) -> int:
         return max(minimum, int(round(value * self.scale)))
 
@@ -112,7 +128,7 @@ class Pipeline:
     def __init__(self, config: QuickstartConfig):
         self.config = config
         self.out = Path(config.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        run_lock.acquire(self.out)  # one quickstart per folder; released by `close` or when the process ends
         self.world = World(seed=config.seed)
         self.results: dict[str, dict] = {}
         torch.set_num_threads(config.threads)
@@ -406,11 +422,8 @@ class Pipeline:
             ("eval_versions", lambda: self.stage("eval_versions", self.run_version_evals)),
             ("gatt", self.run_gatt),
         ]
-        names = [name for name, _ in own]
+        assert tuple(name for name, _ in own) == STAGES
         wanted = set(self.config.stages)
-        unknown = wanted - set(names)
-        if unknown:
-            raise UsageError(f"unknown quickstart stages {sorted(unknown)}; expected some of {names}")
         chosen = [(name, fn) for name, fn in own if not wanted or name in wanted]
         # the RLHF loop shows one bar per version
         total = sum(self.config.versions if name == "rlhf" else 1 for name, _ in chosen)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ..rewards import SAFETY_THRESHOLD, WHITEN_MODES
-from ..runner import UsageError
+from ..errors import UsageError
+from ..loading import load_pretrained
 from ..tokenization_llama2 import Llama2Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -59,9 +60,11 @@ def model_init_kwargs(model_args) -> dict:
     return kwargs
 
 
-def load_model(cls, model_args, name_or_path=None, *, trainable: bool = True, **overrides):
-    """`cls.from_pretrained(name_or_path or model_args.model_name_or_path, ...)` with a clear error for a missing
-    folder (instead of the Hub's repo-id message)."""
+def load_model(cls, model_args, name_or_path=None, *, role: str = "model", trainable: bool = True,
+               new_head: bool = False, **overrides):
+    """`cls.from_pretrained(name_or_path or model_args.model_name_or_path, ...)` for the model playing `role`, with a
+    clear error for a missing folder (instead of the Hub's repo-id message) and for weights that do not fit `cls`
+    (`llama2_hf.loading`; `new_head=True` where the stage documents a new head)."""
     source = str(name_or_path or model_args.model_name_or_path or "")
     if not source:
         raise UsageError("model_name_or_path is required")
@@ -70,9 +73,9 @@ def load_model(cls, model_args, name_or_path=None, *, trainable: bool = True, **
         raise UsageError(f"model {source}: no such folder")
     check_trainable_dtype(model_args, trainable)
     try:
-        return cls.from_pretrained(source, **{**model_init_kwargs(model_args), **overrides})
+        return load_pretrained(cls, source, role, new_head=new_head, **{**model_init_kwargs(model_args), **overrides})
     except OSError as e:
-        raise UsageError(f"cannot load {cls.__name__} from {source}: {e}") from None
+        raise UsageError(f"cannot load the {role} ({cls.__name__}) from {source}: {e}") from None
 
 
 def peft_config(model_args):
@@ -118,18 +121,18 @@ def load_reward(args: RewardArguments, tokenizer, device: str | torch.device = "
     if not args.helpfulness_reward_model:
         raise UsageError("helpfulness_reward_model is required (a train-rm output folder or a Hub id)")
 
-    def scorer(path: str) -> RewardModelScorer:
+    def scorer(path: str, role: str) -> RewardModelScorer:
         source = stage_output(path, "model")
         if not Path(source).exists() and str(source).startswith((".", "/")):
-            raise UsageError(f"reward model {source}: no such folder")
+            raise UsageError(f"{role} {source}: no such folder")
         try:
-            model = Llama2ForRewardModel.from_pretrained(str(source), dtype=getattr(torch, args.reward_dtype))
+            model = load_pretrained(Llama2ForRewardModel, str(source), role, dtype=getattr(torch, args.reward_dtype))
         except OSError as e:
-            raise UsageError(f"cannot load a reward model from {source}: {e}") from None
+            raise UsageError(f"cannot load the {role} from {source}: {e}") from None
         return RewardModelScorer(model.to(device), tokenizer, batch_size=args.reward_batch_size)
 
-    helpful = scorer(args.helpfulness_reward_model)
+    helpful = scorer(args.helpfulness_reward_model, "helpfulness reward model")
     if not args.safety_reward_model:
         return helpful
-    return SafetyGatedReward(helpful, scorer(args.safety_reward_model), threshold=args.safety_threshold,
-                             whiten=args.reward_whitening)
+    return SafetyGatedReward(helpful, scorer(args.safety_reward_model, "safety reward model"),
+                             threshold=args.safety_threshold, whiten=args.reward_whitening)

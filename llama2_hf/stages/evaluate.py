@@ -75,7 +75,7 @@ def main(config: EvalConfig, model_args: ModelConfig, vllm_args: VLLMArguments |
 
     from .. import Llama2Config  # noqa: F401  (registers model_type "llama2" with the Auto classes)
 
-    model = load_model(AutoModelForCausalLM, model_args, trainable=False)
+    model = load_model(AutoModelForCausalLM, model_args, role="model to evaluate", trainable=False)
     model = model.to(run.state.device).eval()
     run.add_input("model", source)
     if config.data_dir:

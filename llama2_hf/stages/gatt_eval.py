@@ -38,6 +38,7 @@ from ..gatt.evaluation import (
     plot_adherence,
 )
 from ..generation import ChatSamplingArguments
+from ..loading import load_pretrained
 from ..runner import (
     RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, write_json_atomic
 )
@@ -103,7 +104,7 @@ def _checkers(config: GAttEvalConfig, sets) -> list:
                 raise UsageError("the 'judge' checker needs judge_model")
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            judge = ModelJudge(AutoModelForCausalLM.from_pretrained(config.judge_model),
+            judge = ModelJudge(load_pretrained(AutoModelForCausalLM, config.judge_model, "judge model"),
                                AutoTokenizer.from_pretrained(config.judge_model))
             checkers.append(JudgeChecker(judge, sets, types=config.judge_types))
         else:

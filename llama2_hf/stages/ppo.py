@@ -34,6 +34,7 @@ import torch
 from trl import ModelConfig
 
 from ..data import load_prompts
+from ..loading import load_pretrained
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
 from ..runner import RUN_ARGS, RUN_RECORD, RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
 from ..trainers.ppo import METRICS_FILE, Llama2PPOConfig, Llama2PPOTrainer, latest_checkpoint
@@ -100,11 +101,11 @@ def main(script_args: PPOArguments, config: Llama2PPOConfig, model_args: ModelCo
 
     device = _device(config)
     reward = load_reward(reward_args, tokenizer, device)
-    policy = load_model(Llama2ForCausalLM, model_args).to(device)
+    policy = load_model(Llama2ForCausalLM, model_args, role="policy").to(device)
     value_model = None
     if config.value_model_name_or_path:
-        value_model = Llama2ForRewardModel.from_pretrained(str(critic_path), num_labels=1,
-                                                           dtype=torch.float32).to(device)
+        value_model = load_pretrained(Llama2ForRewardModel, str(critic_path), "critic", num_labels=1,
+                                      dtype=torch.float32).to(device)
         run.add_input("value_model", critic_path)
     resume = latest_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
     # generation_backend=vllm: this process's engine; the trainer pushes the policy's weights to it before every

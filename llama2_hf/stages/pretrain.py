@@ -31,7 +31,7 @@ from ..configuration_llama2 import Llama2Config
 from ..data import InvalidExample, load_data_files
 from ..modeling_llama2 import Llama2ForCausalLM
 from ..runner import RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
-from ..trainers.sft import apply_global_batch_size
+from ..trainers.sft import GRADIENT_ACCUMULATION_HELP, apply_global_batch_size
 from .common import load_model, load_tokenizer
 from .training import finish_training, run_training
 
@@ -57,6 +57,7 @@ class Llama2PretrainConfig(TrainingArguments):
     global_batch_size: int | None = field(default=1024, metadata={
         "help": "Rows per optimizer step over all processes; sets gradient_accumulation_steps (1024 rows x 4096 "
                 "tokens = the paper's 4M-token batch, Table 1). None leaves gradient_accumulation_steps as given."})
+    gradient_accumulation_steps: int | None = field(default=None, metadata={"help": GRADIENT_ACCUMULATION_HELP})
     on_invalid: str = field(default="error", metadata={
         "help": "Rows whose 'text' is missing or empty: 'error' or 'drop' (counted in run.json).",
         "choices": ["error", "drop"]})
@@ -179,10 +180,14 @@ def main(script_args: PretrainArguments, config: Llama2PretrainConfig, model_arg
         run.add_input(f"train_{i}", p)
     if model_args.model_name_or_path:
         run.add_input("model", model_args.model_name_or_path)
-        model = load_model(Llama2ForCausalLM, model_args)
+        model = load_model(Llama2ForCausalLM, model_args, role="model to pretrain")
     else:
         torch.manual_seed(config.seed)
         model = new_model(script_args, tokenizer)
+    if config.max_length > model.config.max_position_embeddings:
+        raise UsageError(f"max_length {config.max_length} is longer than the model's context "
+                         f"({model.config.max_position_embeddings} positions): rows would use positions it has not "
+                         "got; lower max_length")
     if len(tokenizer) > model.config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
                          f"{model.config.vocab_size}")

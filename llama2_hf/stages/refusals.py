@@ -25,6 +25,7 @@ from trl import ModelConfig
 
 from ..data import load_prompts
 from ..generation import ChatSamplingArguments
+from ..loading import load_pretrained
 from ..refusals import (
     BORDERLINE_PROMPTS_FILE,
     ClassifierRefusalDetector,
@@ -78,7 +79,7 @@ def _detector(args: RefusalArguments):
 
     label: int | str = int(args.refusal_label) if args.refusal_label.isdigit() else args.refusal_label
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(args.classifier)
+        model = load_pretrained(AutoModelForSequenceClassification, args.classifier, "refusal classifier")
         tokenizer = AutoTokenizer.from_pretrained(args.classifier)
         return ClassifierRefusalDetector(model, tokenizer, refusal_label=label, threshold=args.refusal_threshold)
     except (OSError, ValueError) as err:

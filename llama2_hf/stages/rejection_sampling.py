@@ -188,6 +188,10 @@ def temperature_sweep(run: StageRun, sampler: RejectionSampler, prompts: Sequenc
     return run.finish()
 
 
+def _mean_text(value: float | None) -> str:
+    return "none (nothing scored)" if value is None else f"{value:.4f}"
+
+
 def _looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1
 
@@ -223,7 +227,7 @@ def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfi
         run.add_input("finetune_model", start)
 
     sampling_only = not config.finetune or bool(start) or bool(config.temperature_sweep)
-    policy = load_model(Llama2ForCausalLM, model_args, trainable=not sampling_only)
+    policy = load_model(Llama2ForCausalLM, model_args, role="policy", trainable=not sampling_only)
     if not (model_args.load_in_4bit or model_args.load_in_8bit):  # quantized weights are placed when loaded
         policy = policy.to(config.device)
     sampler = RejectionSampler(policy, tokenizer, load_reward(reward_args, tokenizer, config.device), config)
@@ -247,9 +251,9 @@ def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfi
     if summary["figure7"]["n"]:
         run.outputs["figure7"] = "figure7.png"
     run.metrics.update({k: v for k, v in summary.items() if k != "figure7"})
-    logger.info("iteration %d: %d prompts, mean score %.4f, mean best %.4f, %d rows selected",
-                script_args.iteration, summary["prompts"], summary["mean_score"], summary["mean_best_score"],
-                len(selection))
+    logger.info("iteration %d: %d prompts, mean score %s, mean best %s, %d rows selected",
+                script_args.iteration, summary["prompts"], _mean_text(summary["mean_score"]),
+                _mean_text(summary["mean_best_score"]), len(selection))
     if not config.finetune:
         return run.finish()
 
@@ -257,7 +261,7 @@ def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfi
         raise UsageError("nothing was selected to fine-tune on: every sample was cut at max_new_tokens, empty or "
                          "unscored (raise max_new_tokens, or set select_unfinished)")
     sampler.reward = None  # the reward models are not needed any more: free them before training
-    model = policy if not start else load_model(Llama2ForCausalLM, model_args, start)
+    model = policy if not start else load_model(Llama2ForCausalLM, model_args, start, role="model to fine-tune")
     trainer = finetune_trainer(model, tokenizer, selection, config, peft_config(model_args))
     result = run_training(trainer)
     return finish_training(run, trainer, tokenizer, result)

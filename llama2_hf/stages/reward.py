@@ -13,10 +13,8 @@ from the newest one.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from trl import ModelConfig
 
@@ -58,23 +56,11 @@ class RewardDataArguments:
             raise ValueError(f"data_mix must be one of {DATA_MIXES}, got {self.data_mix!r}")
 
 
-def is_causal_lm_folder(name_or_path: str) -> bool:
-    """Whether a local model folder holds a causal LM (its config's `architectures`), i.e. needs a new reward head."""
-    config = Path(name_or_path) / "config.json"
-    if not config.is_file():
-        return False
-    architectures = json.loads(config.read_text()).get("architectures") or []
-    return any(a.endswith("ForCausalLM") for a in architectures)
-
-
 def load_reward_model(model_args: ModelConfig):
     """The model to train: a reward model folder as it is, or a causal LM whose decoder starts a reward model with a
     freshly initialised scalar head (as `reward_model_from_causal_lm`; loading through `from_pretrained` keeps
-    quantized and sharded loading working)."""
-    model = load_model(Llama2ForRewardModel, model_args, num_labels=1)
-    if is_causal_lm_folder(str(model_args.model_name_or_path)):
-        logger.info("%s is a causal LM: its decoder starts the reward model, the scalar head is new",
-                    model_args.model_name_or_path)
+    quantized and sharded loading working). The decoder must load in full: only the head may be new (logged once)."""
+    model = load_model(Llama2ForRewardModel, model_args, role="reward model", new_head=True, num_labels=1)
     model.config.architectures = ["Llama2ForRewardModel"]
     return model
 

@@ -73,7 +73,7 @@ def main(args: RewardEvalArguments, model_args: ModelConfig) -> RunRecord:
     run.add_input("model", source)
 
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
-    model = load_model(Llama2ForRewardModel, model_args, source, trainable=False).to(device)
+    model = load_model(Llama2ForRewardModel, model_args, source, role="reward model", trainable=False).to(device)
     metrics = evaluate_reward_model(model, tokenizer, dataset, batch_size=args.eval_batch_size,
                                     max_length=args.max_length, unsafe_threshold=args.unsafe_threshold,
                                     on_invalid=args.on_invalid, on_overlength=args.on_overlength)

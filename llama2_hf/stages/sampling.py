@@ -5,9 +5,7 @@ writer of their filtered outputs."""
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,7 +24,7 @@ def chat_sampler(model_args, tokenizer_name_or_path: str | None, sampling: ChatS
 
     source = stage_model(model_args.model_name_or_path)
     tokenizer = load_tokenizer(tokenizer_name_or_path or source)
-    model = load_model(Llama2ForCausalLM, model_args, source, trainable=False)
+    model = load_model(Llama2ForCausalLM, model_args, source, role="chat model", trainable=False)
     model.to(PartialState().device)
     return ChatSampler(model, tokenizer, sampling.sampling_config(), seed=seed)
 

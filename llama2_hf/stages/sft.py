@@ -53,7 +53,7 @@ def main(script_args: SFTArguments, config: Llama2SFTConfig, model_args: ModelCo
         run.add_input(f"eval_{i}", p)
     run.add_input("model", model_args.model_name_or_path)
 
-    model = load_model(Llama2ForCausalLM, model_args)
+    model = load_model(Llama2ForCausalLM, model_args, role="model to fine-tune")
     trainer = Llama2SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                                processing_class=tokenizer, peft_config=peft_config(model_args))
     if len(trainer.train_dataset) == 0:

@@ -33,10 +33,11 @@ from ..data import (
     response_safety,
 )
 from ..distributed import FullyShardedTrainerMixin
+from ..loading import load_pretrained
 from ..losses import resolve_margins, safety_auxiliary_loss
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
 from ..rm_eval import preference_metrics
-from .sft import apply_global_batch_size, load_tokenizer
+from .sft import GRADIENT_ACCUMULATION_HELP, apply_global_batch_size, example_limit, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Llama2RewardConfig(RewardConfig):
     global_batch_size: int | None = field(default=512, metadata={
         "help": "Pairs per optimizer step over all processes (512: paper §3.2.2); sets gradient_accumulation_steps. "
                 "None leaves gradient_accumulation_steps as given."})
+    gradient_accumulation_steps: int | None = field(default=None, metadata={"help": GRADIENT_ACCUMULATION_HELP})
     # Typed `str` for the command line (argparse would run a `dict` type on the string default); a JSON map is
     # parsed in __post_init__ (`_VALID_DICT_FIELDS`), and Python callers may pass the dict itself.
     margin: str = field(default="small", metadata={
@@ -155,7 +157,7 @@ class Llama2RewardTrainer(FullyShardedTrainerMixin, RewardTrainer):
             init_kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {})}
             if kwargs.get("quantization_config") is not None:
                 init_kwargs["quantization_config"] = kwargs.pop("quantization_config")
-            model = Llama2ForRewardModel.from_pretrained(model, **init_kwargs)
+            model = load_pretrained(Llama2ForRewardModel, model, "reward model", new_head=True, **init_kwargs)
         elif isinstance(model, Llama2ForCausalLM):
             model = reward_model_from_causal_lm(model)
         # A pad distinct from EOS: every dialog ends with EOS, and the reward is read at the last non-pad token.
@@ -164,6 +166,7 @@ class Llama2RewardTrainer(FullyShardedTrainerMixin, RewardTrainer):
         if data_collator is None:
             data_collator = DataCollatorForRatedPreference(processing_class.pad_token_id, args.pad_to_multiple_of)
         self.data_reports: dict[str, DataReport] = {}
+        self._example_limit = example_limit(model, args.max_length)
         self._pairs: dict[str, list[torch.Tensor]] = defaultdict(list)
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
@@ -176,7 +179,7 @@ class Llama2RewardTrainer(FullyShardedTrainerMixin, RewardTrainer):
         if {"chosen_ids", "rejected_ids", "margin", "rating_id"} <= set(dataset.column_names):  # already prepared
             return dataset
         dataset, report = prepare_preference_dataset(
-            dataset, processing_class, max_length=args.max_length, margins=args.margin, on_invalid=args.on_invalid,
+            dataset, processing_class, max_length=self._example_limit, margins=args.margin, on_invalid=args.on_invalid,
             on_overlength=args.on_overlength, num_proc=args.dataset_num_proc, name=dataset_name)
         self.data_reports[dataset_name] = report
         return dataset

@@ -32,17 +32,34 @@ from ..collators import (
 )
 from ..data import ON_INVALID, ON_OVERLENGTH, DataReport, check_policies, prepare_sft_dataset
 from ..distributed import FullyShardedTrainerMixin
+from ..errors import check_ranges
 from ..tokenization_llama2 import Llama2Tokenizer
 
 logger = logging.getLogger(__name__)
 
 
-def apply_global_batch_size(config) -> None:
-    """Set `gradient_accumulation_steps` so that per-device batch x processes x accumulation = `global_batch_size`.
+GRADIENT_ACCUMULATION_HELP = ("Micro-batches per optimizer step. Unset: from global_batch_size (1 when that is "
+                              "None). Given with global_batch_size, the two must agree.")
 
-    Runs before TrainingArguments' own `__post_init__`, so the process count comes from the launcher's `WORLD_SIZE`.
+
+def apply_global_batch_size(config) -> None:
+    """Check a Trainer config's batch and step settings and set `gradient_accumulation_steps` so that per-device
+    batch x processes x accumulation = `global_batch_size`.
+
+    `gradient_accumulation_steps` defaults to None in our configs so that a value the user gave is told apart from
+    the default: given together with `global_batch_size`, a disagreement is refused, naming both (neither silently
+    wins). Runs before TrainingArguments' own `__post_init__`, so the process count comes from the launcher's
+    `WORLD_SIZE`.
     """
+    check_ranges(config, positive=("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                                   "gradient_accumulation_steps", "global_batch_size", "max_length"),
+                 non_negative=("weight_decay", "warmup_steps", "max_grad_norm"))
+    if config.max_steps < -1 or config.max_steps == 0:
+        raise ValueError(f"max_steps must be > 0 (or -1: num_train_epochs decides), got {config.max_steps}")
+    if config.max_steps == -1 and not config.num_train_epochs > 0:
+        raise ValueError(f"num_train_epochs must be > 0 when max_steps is not set, got {config.num_train_epochs}")
     if config.global_batch_size is None:
+        config.gradient_accumulation_steps = config.gradient_accumulation_steps or 1
         return
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     per_step = config.per_device_train_batch_size * world_size
@@ -50,9 +67,12 @@ def apply_global_batch_size(config) -> None:
         raise ValueError(f"global_batch_size={config.global_batch_size} is not a multiple of per-device batch "
                          f"{config.per_device_train_batch_size} x {world_size} processes")
     steps = config.global_batch_size // per_step
-    if config.gradient_accumulation_steps not in (1, steps):
+    if config.gradient_accumulation_steps not in (None, steps):
         raise ValueError(f"gradient_accumulation_steps={config.gradient_accumulation_steps} contradicts "
-                         f"global_batch_size={config.global_batch_size}; set global_batch_size=None to choose it")
+                         f"global_batch_size={config.global_batch_size} (per-device batch "
+                         f"{config.per_device_train_batch_size} x {world_size} processes x {steps} steps = "
+                         f"{config.global_batch_size}): give one of them "
+                         "(global_batch_size null lets gradient_accumulation_steps decide)")
     config.gradient_accumulation_steps = steps
 
 
@@ -81,6 +101,7 @@ class Llama2SFTConfig(SFTConfig):
     global_batch_size: int | None = field(default=64, metadata={
         "help": "Rows per optimizer step over all processes (64: paper §3.1); sets gradient_accumulation_steps. "
                 "None leaves gradient_accumulation_steps as given."})
+    gradient_accumulation_steps: int | None = field(default=None, metadata={"help": GRADIENT_ACCUMULATION_HELP})
     packed_attention: str = field(default="auto", metadata={
         "help": "Attention over packed rows: 'segmented' runs sdpa per example (no work on masked-out blocks; best on "
                 "CPU), 'model' keeps the model's kernel (a block-diagonal mask, or FlashAttention's varlen kernel), "
@@ -130,6 +151,18 @@ class Llama2SFTConfig(SFTConfig):
         super().__post_init__()
 
 
+def example_limit(model, max_length: int | None) -> int | None:
+    """The longest example a model can learn from: `max_length`, capped at the model's context
+    (`max_position_embeddings`). Longer examples follow `on_overlength` (refused, truncated or dropped, and counted);
+    packed rows keep `max_length` (positions restart with every example)."""
+    context = None if isinstance(model, str) else getattr(model.config, "max_position_embeddings", None)
+    if context is None or (max_length is not None and max_length <= context):
+        return max_length
+    logger.info("max_length %s is longer than the model's context (%d tokens): examples over %d tokens follow "
+                "on_overlength", max_length, context, context)
+    return context
+
+
 def load_tokenizer(model) -> Llama2Tokenizer:
     """The tokenizer saved next to a model (given as a path/id or as a model loaded from one)."""
     source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
@@ -173,6 +206,7 @@ class Llama2SFTTrainer(FullyShardedTrainerMixin, SFTTrainer):
             collator_cls = DataCollatorForPackedLM if args.packing else DataCollatorForAnswerOnlyLM
             data_collator = collator_cls(processing_class.pad_token_id, args.pad_to_multiple_of)
         self.data_reports: dict[str, DataReport] = {}
+        self._example_limit = example_limit(model, args.max_length)
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
@@ -193,7 +227,7 @@ class Llama2SFTTrainer(FullyShardedTrainerMixin, SFTTrainer):
         if "seq_lengths" in dataset.column_names:  # already packed
             return dataset
         dataset, report = prepare_sft_dataset(
-            dataset, processing_class, max_length=args.max_length, train_on=args.train_on,
+            dataset, processing_class, max_length=self._example_limit, train_on=args.train_on,
             on_invalid=args.on_invalid, on_overlength=args.on_overlength, num_proc=args.dataset_num_proc,
             name=dataset_name,
             separator_token=args.separator_token if args.sft_format == "separator_token" else None)

@@ -1,0 +1,91 @@
+"""Loading a model for the role a stage gives it, refusing weights that do not fit.
+
+transformers' `from_pretrained` loads any checkpoint into any class: weights the class expects but the checkpoint
+lacks are initialised at random, weights it does not expect are dropped, and a load report is printed. A causal LM
+given as a reward model then scores with a random head, and a checkpoint whose layers are named differently trains
+as a random model, both with exit code 0. Here every missing or unexpected weight is an error naming the folder, the
+role and the first names, raised before any work.
+
+A new head is allowed only where a stage documents it (`new_head=True`: a reward model or critic started from a
+chat model's decoder): the backbone must then load in full, and only weights outside it may be missing (the new
+head) or unused (the old one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+
+from .errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+# The load report (checked here instead) and the tensor-parallel plan's note on layers it leaves whole (our models
+# declare a plan for the layers worth sharding only; the note concerns no one who loads them).
+_REPORT_LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report",
+                   "transformers.distributed.tensor_parallel")
+_new_head_logged: set[tuple[str, str]] = set()
+
+
+@contextlib.contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """Silence transformers' load report for one load: the mismatches it lists are checked (and reported) here."""
+    loggers = [logging.getLogger(name) for name in _REPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _first(names: Iterable[str], n: int = 3) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def weight_misfit(model, info: dict, new_head: bool = False) -> str | None:
+    """What does not fit in a load's `output_loading_info`, as one phrase, or None when everything does."""
+    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()]
+    if new_head:
+        backbone = f"{model.base_model_prefix}."
+        missing = {k for k in missing if k.startswith(backbone)}
+        unexpected = {k for k in unexpected if k.startswith(backbone)}
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weights of {type(model).__name__} are missing from it ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} of its weights are not part of {type(model).__name__} "
+                     f"({_first(unexpected)})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} weights have other shapes ({_first(mismatched)})")
+    return "; ".join(parts) or None
+
+
+def load_pretrained(cls, source: str, role: str, *, new_head: bool = False, **kwargs):
+    """`cls.from_pretrained(source, **kwargs)` for the model playing `role` ("policy", "safety reward model", ...),
+    refusing (`UsageError`) a checkpoint whose weights do not all fit `cls`; see the module docstring."""
+    try:
+        with _quiet_load_report():
+            model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+    except RuntimeError as e:  # size mismatches, conversion errors: transformers raises after its report
+        first = str(e).strip().splitlines()[0]
+        raise UsageError(f"{role} {source}: its weights do not fit {cls.__name__} ({first})") from None
+    misfit = weight_misfit(model, info, new_head)
+    if misfit:
+        raise UsageError(f"{role} {source}: not a checkpoint of {cls.__name__}: {misfit}. Give the {role} a "
+                         f"checkpoint of that kind")
+    fresh = sorted(k for k in info.get("missing_keys") or () if not k.startswith(f"{model.base_model_prefix}."))
+    if new_head and fresh and (str(source), role) not in _new_head_logged:
+        _new_head_logged.add((str(source), role))
+        logger.info("%s %s: the decoder of this checkpoint starts the %s; its head (%s) is new", role, source, role,
+                    _first(fresh))
+    return model
+
+
+__all__ = ["load_pretrained", "weight_misfit"]
