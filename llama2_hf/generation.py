@@ -86,6 +86,7 @@ class ChatSamplingArguments:
         "help": "Softmax temperature (0 = greedy). 0.6 / top-p 0.9: Meta's chat_completion defaults."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold (1.0 disables it)."})
     prompt_batch_size: int = field(default=8, metadata={"help": "Conversations per generation forward pass."})
+    use_cpu: bool = field(default=False, metadata={"help": "Run on CPU even when a GPU is available."})
 
     def __post_init__(self) -> None:
         self.sampling_config()  # the same checks as SamplingConfig, at parse time

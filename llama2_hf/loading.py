@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -67,15 +68,54 @@ def weight_misfit(model, info: dict, new_head: bool = False) -> str | None:
     return "; ".join(parts) or None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def check_tokenizer_folder(source, role: str = "tokenizer") -> None:
+    """Refuse a local folder without tokenizer files, naming it (transformers would ask to install sentencepiece or
+    tiktoken, as if the files were there and a converter missing)."""
+    path = Path(str(source)).expanduser()
+    if not path.exists() and _looks_local(str(source)):
+        raise UsageError(f"{role} {source}: no such folder")
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"{role} {source}: the folder holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}); save "
+                         "the tokenizer with the model, or give tokenizer_name_or_path")
+
+
+def _looks_local(source: str) -> bool:
+    """A name that can only be a path (a Hub id is `name` or `owner/name`)."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith("/")
+
+
+def not_found(source: str, role: str, error: BaseException) -> UsageError:
+    """The error for a model that is neither a local folder nor loadable from the Hub."""
+    path = Path(source).expanduser()
+    if path.exists():
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return UsageError(f"cannot load the {role} from {source}: {first}")
+    if _looks_local(source):
+        return UsageError(f"{role} {source}: no such folder")
+    return UsageError(f"{role} {source}: no such folder here, and the Hub repo {source} could not be read "
+                      f"({type(error).__name__}; offline, or not a model the token can read)")
+
+
 def load_pretrained(cls, source: str, role: str, *, new_head: bool = False, **kwargs):
     """`cls.from_pretrained(source, **kwargs)` for the model playing `role` ("policy", "safety reward model", ...),
-    refusing (`UsageError`) a checkpoint whose weights do not all fit `cls`; see the module docstring."""
+    refusing (`UsageError`) a checkpoint whose weights do not all fit `cls`; see the module docstring. A source that
+    is neither a folder nor a loadable Hub id is a `UsageError` too."""
+    source = str(source)
     try:
         with _quiet_load_report():
             model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
     except RuntimeError as e:  # size mismatches, conversion errors: transformers raises after its report
         first = str(e).strip().splitlines()[0]
         raise UsageError(f"{role} {source}: its weights do not fit {cls.__name__} ({first})") from None
+    except OSError as e:  # no such folder / repo, offline
+        raise not_found(source, role, e) from None
+    except ValueError as e:  # huggingface_hub's repo-id validation of a name that is not a folder
+        if Path(source).expanduser().exists():
+            raise
+        raise not_found(source, role, e) from None
     misfit = weight_misfit(model, info, new_head)
     if misfit:
         raise UsageError(f"{role} {source}: not a checkpoint of {cls.__name__}: {misfit}. Give the {role} a "
@@ -88,4 +128,4 @@ def load_pretrained(cls, source: str, role: str, *, new_head: bool = False, **kw
     return model
 
 
-__all__ = ["load_pretrained", "weight_misfit"]
+__all__ = ["check_tokenizer_folder", "load_pretrained", "not_found", "weight_misfit"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from ..loading import load_pretrained
+from ..loading import check_tokenizer_folder, load_pretrained
 from .prompts import chat_prompt
 
 logger = logging.getLogger(__name__)
@@ -16,6 +16,7 @@ class RunSettings:
     """What every task runner needs besides the model: data source, batching, chat format, seeding."""
 
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass / generate call."})
+    use_cpu: bool = field(default=False, metadata={"help": "Run on CPU even when a GPU is available."})
     limit: int | None = field(default=None, metadata={
         "help": "First N examples per task (per MMLU subject, per ToxiGen group), as lm-eval --limit."})
     data_dir: str | None = field(default=None, metadata={
@@ -97,6 +98,7 @@ def load_tokenizer(name_or_path: str):
 
     from ..tokenization_llama2 import Llama2Tokenizer
 
+    check_tokenizer_folder(name_or_path)
     try:
         model_type = AutoConfig.from_pretrained(name_or_path).model_type
     except (OSError, ValueError):

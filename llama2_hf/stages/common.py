@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..rewards import SAFETY_THRESHOLD, WHITEN_MODES
 from ..errors import UsageError
-from ..loading import load_pretrained
+from ..loading import check_tokenizer_folder, load_pretrained, not_found
 from ..tokenization_llama2 import Llama2Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -28,10 +27,11 @@ LOW_PRECISION = ("bfloat16", "float16", "bf16", "fp16")
 def load_tokenizer(name_or_path) -> Llama2Tokenizer:
     """The Llama 2 tokenizer saved with a model (or a tokenizer folder / Hub id); padding uses `unk` when the
     tokenizer has no pad token (its positions are masked out of every loss and attention)."""
+    check_tokenizer_folder(name_or_path)
     try:
         tokenizer = Llama2Tokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load a Llama 2 tokenizer from {name_or_path!s}: {e}") from None
+        raise not_found(str(name_or_path), "tokenizer", e) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
@@ -68,14 +68,8 @@ def load_model(cls, model_args, name_or_path=None, *, role: str = "model", train
     source = str(name_or_path or model_args.model_name_or_path or "")
     if not source:
         raise UsageError("model_name_or_path is required")
-    looks_local = source.startswith((".", "/", "~")) or Path(source).suffix or source.count("/") > 1
-    if looks_local and not Path(source).expanduser().exists():
-        raise UsageError(f"model {source}: no such folder")
     check_trainable_dtype(model_args, trainable)
-    try:
-        return load_pretrained(cls, source, role, new_head=new_head, **{**model_init_kwargs(model_args), **overrides})
-    except OSError as e:
-        raise UsageError(f"cannot load the {role} ({cls.__name__}) from {source}: {e}") from None
+    return load_pretrained(cls, source, role, new_head=new_head, **{**model_init_kwargs(model_args), **overrides})
 
 
 def peft_config(model_args):
@@ -123,12 +117,7 @@ def load_reward(args: RewardArguments, tokenizer, device: str | torch.device = "
 
     def scorer(path: str, role: str) -> RewardModelScorer:
         source = stage_output(path, "model")
-        if not Path(source).exists() and str(source).startswith((".", "/")):
-            raise UsageError(f"{role} {source}: no such folder")
-        try:
-            model = load_pretrained(Llama2ForRewardModel, str(source), role, dtype=getattr(torch, args.reward_dtype))
-        except OSError as e:
-            raise UsageError(f"cannot load the {role} from {source}: {e}") from None
+        model = load_pretrained(Llama2ForRewardModel, str(source), role, dtype=getattr(torch, args.reward_dtype))
         return RewardModelScorer(model.to(device), tokenizer, batch_size=args.reward_batch_size)
 
     helpful = scorer(args.helpfulness_reward_model, "helpfulness reward model")

@@ -63,7 +63,7 @@ def main(config: EvalConfig, model_args: ModelConfig, vllm_args: VLLMArguments |
         raise UsageError("model_name_or_path is required")
     # Everything that can fail without computing is checked first: model folder, judges, classifier, tokenizer.
     source = _model_source(model_args.model_name_or_path)
-    distributed_state()  # join the launch's ranks before anything reads them
+    distributed_state(cpu=config.use_cpu)  # join the launch's ranks before anything reads them
     run = StageRun("eval", config.output_dir, resolved_args(config, model_args, vllm_args))
     if run.done:
         return run.record

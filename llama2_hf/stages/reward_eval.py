@@ -50,6 +50,9 @@ class RewardEvalArguments:
     unsafe_threshold: float = field(default=0.5, metadata={
         "help": "sigmoid(reward) below this flags a response unsafe, for unsafe recall (0.5: paper Table 29)."})
     use_cpu: bool = field(default=False, metadata={"help": "Score on CPU even when a GPU is available."})
+    bf16: bool = field(default=False, metadata={
+        "help": "Score under bf16 autocast (as the training stages' bf16; dtype: bfloat16 stores the weights in bf16 "
+                "instead)."})
 
 
 def main(args: RewardEvalArguments, model_args: ModelConfig) -> RunRecord:
@@ -74,9 +77,10 @@ def main(args: RewardEvalArguments, model_args: ModelConfig) -> RunRecord:
 
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
     model = load_model(Llama2ForRewardModel, model_args, source, role="reward model", trainable=False).to(device)
-    metrics = evaluate_reward_model(model, tokenizer, dataset, batch_size=args.eval_batch_size,
-                                    max_length=args.max_length, unsafe_threshold=args.unsafe_threshold,
-                                    on_invalid=args.on_invalid, on_overlength=args.on_overlength)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.bf16):
+        metrics = evaluate_reward_model(model, tokenizer, dataset, batch_size=args.eval_batch_size,
+                                        max_length=args.max_length, unsafe_threshold=args.unsafe_threshold,
+                                        on_invalid=args.on_invalid, on_overlength=args.on_overlength)
     name = args.name or f"{Path(str(source)).name} / {Path(str(paths[0])).name}"
     row = table8_row(metrics)
     logger.info("reward-model accuracy (%%):\n%s", format_table8({name: row}))
