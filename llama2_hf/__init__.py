@@ -5,7 +5,11 @@ Importing the package registers the model family with transformers' Auto classes
 marks the classes for remote code so that `save_pretrained` / `push_to_hub` write the code and a full `auto_map`.
 """
 
-from transformers import (
+from .console import drop_library_notices
+
+drop_library_notices()  # before anything imports bitsandbytes or DeepSpeed, which print them on import
+
+from transformers import (  # noqa: E402
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
