@@ -8,6 +8,7 @@ still reaches the console: nothing is silenced by level or by a global warnings 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 # logger name -> starts of the messages that say nothing a user of this package can act on
@@ -67,3 +68,19 @@ def align_pad_token(model, tokenizer) -> None:
     generation = getattr(model, "generation_config", None)
     if generation is not None and generation.pad_token_id is None:
         generation.pad_token_id = pad
+
+
+@contextlib.contextmanager
+def own_load_report(model_class: str):
+    """Drop transformers' load report (missing / unexpected weights) of `model_class` for the loads in the block: for
+    a caller that expects a mismatch and checks `from_pretrained(..., output_loading_info=True)` itself."""
+    log = logging.getLogger("transformers.modeling_utils")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return f"{model_class} LOAD REPORT" not in str(record.msg)
+
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)

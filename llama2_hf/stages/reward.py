@@ -20,6 +20,7 @@ from pathlib import Path
 
 from trl import ModelConfig
 
+from ..console import own_load_report
 from ..data import load_preference_files, mix_helpfulness_rm_data, mix_safety_rm_data
 from ..modeling_llama2 import Llama2ForRewardModel
 from ..runner import RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
@@ -71,8 +72,16 @@ def load_reward_model(model_args: ModelConfig):
     """The model to train: a reward model folder as it is, or a causal LM whose decoder starts a reward model with a
     freshly initialised scalar head (as `reward_model_from_causal_lm`; loading through `from_pretrained` keeps
     quantized and sharded loading working)."""
-    model = load_model(Llama2ForRewardModel, model_args, num_labels=1)
-    if is_causal_lm_folder(str(model_args.model_name_or_path)):
+    if not is_causal_lm_folder(str(model_args.model_name_or_path)):
+        model = load_model(Llama2ForRewardModel, model_args, num_labels=1)
+    else:
+        with own_load_report(Llama2ForRewardModel.__name__):
+            model, info = load_model(Llama2ForRewardModel, model_args, num_labels=1, output_loading_info=True)
+        # the LM head is left behind and the scalar head is new; any other difference is reported
+        others = {"missing": sorted(set(info["missing_keys"]) - {"score.weight"}),
+                  "unexpected": sorted(set(info["unexpected_keys"]) - {"lm_head.weight"})}
+        if any(others.values()):
+            logger.warning("%s: weights %s", model_args.model_name_or_path, others)
         logger.info("%s is a causal LM: its decoder starts the reward model, the scalar head is new",
                     model_args.model_name_or_path)
     model.config.architectures = ["Llama2ForRewardModel"]
