@@ -5,11 +5,7 @@ Importing the package registers the model family with transformers' Auto classes
 marks the classes for remote code so that `save_pretrained` / `push_to_hub` write the code and a full `auto_map`.
 """
 
-from .console import drop_library_notices
-
-drop_library_notices()  # before anything imports bitsandbytes or DeepSpeed, which print them on import
-
-from transformers import (  # noqa: E402
+from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
@@ -17,7 +13,12 @@ from transformers import (  # noqa: E402
     AutoTokenizer,
 )
 
-from .configuration_llama2 import LLAMA2_AUTO_MAP, Llama2Config, compute_intermediate_size
+from .configuration_llama2 import (
+    LLAMA2_AUTO_MAP,
+    Llama2Config,
+    compute_intermediate_size,
+)
+from .console import drop_library_notices
 from .modeling_llama2 import (
     Llama2ForCausalLM,
     Llama2ForRewardModel,
@@ -51,6 +52,7 @@ def _register() -> None:
 
 
 _register()
+drop_library_notices()  # importing the package imports neither bitsandbytes nor DeepSpeed: in place before they print
 
 __all__ = [
     "LLAMA2_AUTO_MAP", "Llama2Config", "Llama2ForCausalLM", "Llama2ForRewardModel", "Llama2ForSequenceClassification",
