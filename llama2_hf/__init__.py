@@ -13,7 +13,12 @@ from transformers import (
     AutoTokenizer,
 )
 
-from .configuration_llama2 import LLAMA2_AUTO_MAP, Llama2Config, compute_intermediate_size
+from .configuration_llama2 import (
+    LLAMA2_AUTO_MAP,
+    Llama2Config,
+    compute_intermediate_size,
+)
+from .console import drop_library_notices
 from .modeling_llama2 import (
     Llama2ForCausalLM,
     Llama2ForRewardModel,
@@ -47,6 +52,7 @@ def _register() -> None:
 
 
 _register()
+drop_library_notices()  # importing the package imports neither bitsandbytes nor DeepSpeed: in place before they print
 
 __all__ = [
     "LLAMA2_AUTO_MAP", "Llama2Config", "Llama2ForCausalLM", "Llama2ForRewardModel", "Llama2ForSequenceClassification",

@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
+    if name in COMMANDS:
+        from .console import library_progress
+
+        library_progress(False)  # a command with a `--progress` setting turns them back on with it
     if name in STAGES:
         from .runner import cli_main
 

@@ -147,11 +147,15 @@ def sft_messages(example: Mapping, row: int) -> list[dict]:
     """The conversation of an SFT row (either schema) as a checked message list ending with the answer."""
     if example.get("messages") is not None:
         return _messages(example["messages"], row, "messages", last_role="assistant")
-    if "prompt" not in example:
+    # A null field counts as absent: a file that mixes both schemas gives every row every column.
+    present = sorted(k for k, v in example.items() if v is not None)
+    if "prompt" not in present:
         raise InvalidExample(row, "messages", "missing_field",
                              "an SFT row needs 'messages', or 'prompt' and 'answer' (or 'completion')")
-    answer_field = "answer" if "answer" in example or "completion" not in example else "completion"
-    answer = _require(example, row, answer_field)
+    answer_field = "completion" if "completion" in present and "answer" not in present else "answer"
+    if answer_field not in present:
+        raise InvalidExample(row, "answer", "missing_field", f"missing (columns present: {present})")
+    answer = example[answer_field]
     if not isinstance(answer, str) or not answer.strip():
         raise InvalidExample(row, answer_field, "empty_response", f"must be non-empty text, got {answer!r}")
     prompt = _messages(_require(example, row, "prompt"), row, "prompt", last_role="user")
@@ -198,14 +202,13 @@ def prompt_row(example: Mapping, row: int) -> PromptRow:
 def load_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[PromptRow]:
     """Validated prompt rows of one or more files (errors name the file, line and field); duplicate ids (identical
     prompts without an `id`) are an error naming both lines."""
-    dataset = load_data_files(paths, prompt_row)
     rows, seen = [], {}
-    for n, example in enumerate(dataset.to_list(), 1):
+    for path, n, example in read_rows(paths, prompt_row):
         p = prompt_row({k: v for k, v in example.items() if v is not None or k == SAFETY_TAG}, n)
         if p.id in seen:
-            raise InvalidDataFile(f"prompt rows {seen[p.id]} and {n} have the same id {p.id!r} (identical prompts "
-                                  "without an 'id' field hash to the same id)")
-        seen[p.id] = n
+            raise InvalidDataFile(f"{path}, line {n}: same id {p.id!r} as {seen[p.id]} (identical prompts without "
+                                  "an 'id' field hash to the same id)")
+        seen[p.id] = f"{path}, line {n}"
         rows.append(p)
     return rows
 
@@ -551,19 +554,19 @@ def load_preference_files(paths: str | os.PathLike | Sequence[str | os.PathLike]
     known = PREFERENCE_COLUMNS | ANNOTATION_COLUMNS
     parts, report = [], DataReport(name=", ".join(map(str, paths)))
     for path in paths:
-        raw = load_data_files([path], known_columns=known)
-        if "prompt" not in raw.column_names:
+        located = read_rows([path], known_columns=known)
+        if not any("prompt" in row for _, _, row in located):
             if not allow_unrated:
                 raise InvalidDataFile(f"{path}: no 'prompt' and no 'rating' column: unrated pairs (HH-RLHF or TRL "
                                       f"conversations); {UNRATED_HINT}")
-            converted, sub = _unrated_rows(raw, path, on_invalid)
+            converted, sub = _unrated_rows(rows_dataset(located), path, on_invalid)
             logger.warning("%s: %d unrated pairs (margin 0), as allow_unrated asks", path, len(converted))
             report.total += sub.total
             report.dropped.update(sub.dropped)
             parts.append(converted)
             continue
         kept, unrated = [], 0
-        for n, row in enumerate(raw.to_list(), 1):
+        for _, n, row in located:
             report.total += 1
             if row.get("rating") is None:
                 if not allow_unrated:
@@ -571,17 +574,20 @@ def load_preference_files(paths: str | os.PathLike | Sequence[str | os.PathLike]
                                           f"{list(RATINGS)} or 'unsure' ({UNRATED_HINT})")
                 row["rating"], unrated = None, unrated + 1
             try:
-                validate_preference(row, n)
+                pref = validate_preference(row, n)
             except InvalidExample as err:
                 if on_invalid == "error":
                     raise InvalidDataFile(f"{path}, line {n}, field {err.field!r}: {err.detail}") from None
                 report.dropped[err.reason] += 1
                 continue
-            kept.append(row)
+            # the canonical row (text prompts as one user message), so that rows of either prompt form mix
+            kept.append({"prompt": pref.prompt, "chosen": pref.chosen, "rejected": pref.rejected,
+                         "rating": row["rating"], "safety_label": pref.safety_label,
+                         "is_safety_prompt": pref.is_safety_prompt})
         if unrated:
             logger.warning("%s: %d unrated pairs (margin 0), as allow_unrated asks", path, unrated)
         if kept:
-            parts.append(standardize_preferences(Dataset.from_list(kept)))
+            parts.append(Dataset.from_list(kept, features=PREFERENCE_FEATURES))
     report.kept = sum(len(p) for p in parts)
     report.log()
     if not parts:
@@ -659,21 +665,21 @@ class InvalidDataFile(ValueError):
     1-based line (row) and the field."""
 
 
-def load_data_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
-                    validate: Callable[[Mapping, int], Any] | None = None, on_invalid: str = "error",
-                    known_columns: Collection[str] | None = None) -> Dataset:
-    """The rows of one or more data files (JSON lines, JSON, Parquet, CSV; a name that is not on disk is loaded as
-    a Hub dataset), checked before any work starts.
+def read_rows(paths: str | os.PathLike | Sequence[str | os.PathLike],
+              validate: Callable[[Mapping, int], Any] | None = None, on_invalid: str = "error",
+              known_columns: Collection[str] | None = None) -> list[tuple[str, int, dict]]:
+    """`(file, 1-based line, row)` of every row of one or more data files (JSON lines, JSON, Parquet, CSV; a name
+    that is not on disk is loaded as a Hub dataset), checked before any work starts.
 
-    `validate(row, index)` raises `InvalidExample` for a bad row: with `on_invalid="error"` that becomes an
-    `InvalidDataFile` naming the file, the 1-based line and the field (`on_invalid="drop"` leaves the row for the
+    `validate(row, line)` raises `InvalidExample` for a bad row: with `on_invalid="error"` that becomes an
+    `InvalidDataFile` naming the file, the line and the field (`on_invalid="drop"` leaves the row for the
     preparation step to drop and count). `known_columns`: columns a file may have; any other is an error naming it
     (a misspelt optional column would otherwise be ignored silently).
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
         raise InvalidDataFile("no data file given")
-    rows: list[dict] = []
+    located: list[tuple[str, int, dict]] = []
     for path in paths:
         local = Path(path)
         if not local.exists() and (str(path).startswith((".", "/")) or local.suffix):
@@ -694,8 +700,55 @@ def load_data_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
                     validate(row, n)
                 except InvalidExample as err:
                     raise InvalidDataFile(f"{path}, line {n}, field {err.field!r}: {err.detail}") from None
-        rows.extend(file_rows)
-    return Dataset.from_list(rows)
+            located.append((str(path), n, row))
+    return located
+
+
+def load_data_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                    validate: Callable[[Mapping, int], Any] | None = None, on_invalid: str = "error",
+                    known_columns: Collection[str] | None = None) -> Dataset:
+    """The rows of `read_rows` (same arguments and checks) as one dataset, normalised by `rows_dataset`."""
+    return rows_dataset(read_rows(paths, validate, on_invalid, known_columns))
+
+
+def _normal_prompt(value: Any) -> Any:
+    """A text prompt as the one user message it stands for, so that text and message-list prompts share a column."""
+    return [{"role": "user", "content": value}] if isinstance(value, str) else value
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return "an object" if isinstance(value, Mapping) else type(value).__name__
+
+
+def rows_dataset(located: Sequence[tuple[str, int, dict]]) -> Dataset:
+    """One dataset of `(file, line, row)` rows that may mix the schemas the module docstring allows: every row gets
+    every column (null where it has none: `Dataset.from_list` would keep only the first row's columns) and a text
+    `prompt` becomes the one user message it stands for. A field whose type still differs between rows is an
+    `InvalidDataFile` naming both files and lines."""
+    columns = list(dict.fromkeys(k for _, _, row in located for k in row))
+    rows = [{k: _normal_prompt(row.get(k)) if k == "prompt" else row.get(k) for k in columns}
+            for _, _, row in located]
+    try:
+        return Dataset.from_list(rows)
+    except (ValueError, TypeError):  # pyarrow's ArrowInvalid / ArrowTypeError: one column, two types
+        first: dict[str, tuple[str, int, str]] = {}
+        for (path, n, _), row in zip(located, rows):
+            for k, v in row.items():
+                if v is None:
+                    continue
+                seen = first.setdefault(k, (path, n, _kind(v)))
+                if seen[2] != _kind(v):
+                    raise InvalidDataFile(f"{path}, line {n}, field {k!r}: {_kind(v)}, where {seen[0]}, line "
+                                          f"{seen[1]} has {seen[2]}; a field must have one type in all rows") from None
+        raise
 
 
 def load_any(path_or_name: str, split: str = "train", data_dir: str | None = None) -> Dataset:

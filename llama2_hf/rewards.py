@@ -7,8 +7,8 @@ The reward contract shared by rejection sampling, PPO, context distillation and 
 - `prompts`: chat prompts, each a string (one user message) or a message list ending with a user turn (TRL's
   conversational prompts are message lists);
 - `responses`: answer strings, or TRL conversational completions (`[{"role": "assistant", "content": ...}]`);
-- `columns`: extra dataset columns as lists aligned with the prompts (e.g. `is_safety`); TRL's extra keyword
-  arguments (`trainer_state`, `log_metric`, ...) are accepted and used for logging only.
+- `columns`: extra dataset columns as lists aligned with the prompts (e.g. `is_safety_prompt`, the safety tag);
+  TRL's extra keyword arguments (`trainer_state`, `log_metric`, ...) are accepted and used for logging only.
 
 Rewards that also expose `score(prompts, responses, **columns) -> RewardOutput` give the stages the components for
 logging and the pre-whitening score; `score_with` calls either form.
@@ -16,8 +16,10 @@ logging and the pre-whitening score; `score_with` calls either form.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -189,6 +191,12 @@ def _flags(values, n: int, name: str) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.bool)
 
 
+def _looks_like_safety_tag(name: str, tag: str) -> bool:
+    """Whether a column name reads as a safety tag (`is_safety`, `unsafe`, `is_adversarial`, a misspelt `tag`)."""
+    return bool(re.search(r"safe|safety|advers|harm", name.lower())) or bool(
+        difflib.get_close_matches(name.lower(), [tag], n=1, cutoff=0.75))
+
+
 SAFETY_THRESHOLD = 0.15
 """The safety gate on sigmoid(R_s) of the piecewise reward: 0.15, precision 0.89 / recall 0.55 on Meta Safety (paper
 §3.2.3). The one definition: `SafetyGatedReward` and the stages' `RewardArguments` read it."""
@@ -197,7 +205,7 @@ SAFETY_THRESHOLD = 0.15
 class SafetyGatedReward:
     """The paper's reward (§3.2.3, Eq. 3-4): the safety RM gates the helpfulness RM, then LOGIT and WHITEN.
 
-    `R_c = R_s` if the prompt is tagged unsafe (`is_safety`) or `sigmoid(R_s) < threshold`, else `R_h`; the reward is
+    `R_c = R_s` if the prompt is tagged unsafe (`is_safety_prompt`) or `sigmoid(R_s) < threshold`, else `R_h`; the reward is
     `WHITEN(LOGIT(R_c))`. The reward models output logits (the pre-sigmoid scalar of `Llama2ForRewardModel`), so
     LOGIT(sigmoid(r)) = r is taken exactly, without the saturation of computing the sigmoid first
     (`rm_outputs="probabilities"` is for scorers that return sigmoid scores).
@@ -215,7 +223,9 @@ class SafetyGatedReward:
             callable); they may sit on different devices or dtypes.
         threshold: `SAFETY_THRESHOLD` (0.15, paper §3.2.3).
         whiten: "batch", "running" or "none".
-        safety_column: the boolean column that tags safety prompts (absent means no prompt is tagged).
+        safety_column: the boolean column that tags safety prompts. A call without it tags no prompt and warns once;
+            another column whose name looks like a safety tag (`is_safety`, a misspelling) is a ValueError, since
+            it would gate nothing.
     """
 
     def __init__(self, helpfulness: Callable, safety: Callable, threshold: float = SAFETY_THRESHOLD,
@@ -232,6 +242,7 @@ class SafetyGatedReward:
         self.safety_column = safety_column
         self.rm_outputs = rm_outputs
         self.moments = RunningMoments()
+        self._warned_untagged = False
         self.__name__ = "safety_gated_reward"  # the name TRL logs the reward under
 
     def _scores(self, scorer: Callable, prompts, responses) -> torch.Tensor:
@@ -246,7 +257,7 @@ class SafetyGatedReward:
         if len(responses) != n:
             raise ValueError(f"got {n} prompts but {len(responses)} responses")
         responses = [response_text(r) for r in responses]
-        tagged = _flags(columns.get(self.safety_column), n, self.safety_column)
+        tagged = _flags(self._safety_tags(columns), n, self.safety_column)
         safety = self._scores(self.safety, prompts, responses)
         safety_prob = safety if self.rm_outputs == "probabilities" else torch.sigmoid(safety)
         use_safety = tagged | (safety_prob < self.threshold)
@@ -262,6 +273,19 @@ class SafetyGatedReward:
         components = {"helpfulness": helpfulness, "safety": safety, "safety_prob": safety_prob,
                       "used_safety": use_safety.float(), "gated": gated}
         return RewardOutput(rewards=rewards, raw=gated.clone(), components=components)
+
+    def _safety_tags(self, columns: dict):
+        """The safety tags among the call's columns (None: no prompt is tagged, warned once). A column that looks like
+        a misnamed safety tag is refused: ignoring it would silently gate nothing on the prompt tags."""
+        for name in columns:
+            if name != self.safety_column and _looks_like_safety_tag(name, self.safety_column):
+                raise ValueError(f"unknown column {name!r}: the safety tag of a prompt is {self.safety_column!r} "
+                                 "(a bool per prompt)")
+        if self.safety_column not in columns and not self._warned_untagged:
+            self._warned_untagged = True
+            logger.warning("%s called without %r: no prompt is tagged as a safety prompt, so only the safety RM's "
+                           "score (sigmoid < %s) chooses R_s", type(self).__name__, self.safety_column, self.threshold)
+        return columns.get(self.safety_column)
 
     def _whiten(self, gated: torch.Tensor) -> torch.Tensor:
         if self.whiten == "none":

@@ -13,8 +13,10 @@ from llama2_hf.data import (
     from_hh_rlhf,
     from_trl_preference,
     load_any,
+    load_data_files,
     load_preference_data,
     load_preference_files,
+    load_prompts,
     mix_helpfulness_rm_data,
     mix_safety_rm_data,
     parse_hh_transcript,
@@ -310,3 +312,45 @@ def test_auto_detected_unrated_set_is_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="llama2_hf.data"):
         load_preference_data(str(trl))
     assert any(r.levelno == logging.WARNING and "no 'rating' column" in r.message for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------- files that mix the allowed schemas
+
+def test_sft_file_mixing_both_schemas_and_both_prompt_forms(tmp_path, tiny_tokenizer):
+    """`messages` rows, text prompts and message-list prompts in one file: every row kept, in order, as the
+    conversation it stands for (`Dataset.from_list` alone keeps the first row's columns only)."""
+    path = jsonl(tmp_path, "sft.jsonl", [{"messages": [msg(U, "hi"), msg(A, "hello")]},
+                                         {"prompt": "2 plus 3?", "answer": "5"},
+                                         {"prompt": [msg(S, "be brief"), msg(U, "4 plus 4?")], "completion": "8"}])
+    dataset = load_data_files(path, sft_messages)
+    assert [sft_messages(row, i) for i, row in enumerate(dataset)] == [
+        [msg(U, "hi"), msg(A, "hello")], [msg(U, "2 plus 3?"), msg(A, "5")],
+        [msg(S, "be brief"), msg(U, "4 plus 4?"), msg(A, "8")]]
+    tokenized, report = prepare_sft_dataset(dataset, tiny_tokenizer, max_length=None)
+    assert report.kept == 3 and len(tokenized) == 3
+
+
+def test_preference_file_mixing_text_and_message_prompts(tmp_path):
+    path = jsonl(tmp_path, "p.jsonl", [pref(), pref(prompt=[msg(U, "hi"), msg(A, "hello"), msg(U, "2 plus 3?")])])
+    prefs, report = load_preference_files(path)
+    assert report.kept == 2
+    assert prefs["prompt"] == [[msg(U, "What is 2 plus 3?")], [msg(U, "hi"), msg(A, "hello"), msg(U, "2 plus 3?")]]
+
+
+def test_prompt_files_mixing_prompt_forms_and_duplicates_name_both_lines(tmp_path):
+    path = jsonl(tmp_path, "prompts.jsonl", [{"prompt": "hi", "is_safety_prompt": True},
+                                             {"prompt": [msg(U, "bye")]}, {"messages": [msg(U, "yo")], "id": "x"}])
+    rows = load_prompts(path)
+    assert [r.messages for r in rows] == [[msg(U, "hi")], [msg(U, "bye")], [msg(U, "yo")]]
+    assert [r.is_safety_prompt for r in rows] == [True, False, False] and rows[2].id == "x"
+    other = jsonl(tmp_path, "more.jsonl", [{"prompt": [msg(U, "hi")]}])  # the same prompt as line 1 of the first
+    with pytest.raises(InvalidDataFile, match=rf"{other}, line 1: same id '[0-9a-f]{{16}}' as {path}, line 1"):
+        load_prompts([path, other])
+
+
+def test_a_field_with_two_types_names_both_lines(tmp_path):
+    path = jsonl(tmp_path, "rows.jsonl", [{"prompt": "hi", "score": 1}, {"prompt": "yo"},
+                                          {"prompt": "bye", "score": "high"}])
+    with pytest.raises(InvalidDataFile, match=rf"{path}, line 3, field 'score': text, where {path}, line 1 has a "
+                                              "number"):
+        load_data_files(path)

@@ -208,7 +208,7 @@ def list_folder_files(folder: str | Path | None) -> dict[str, Path]:
 
 def user_turns_of(row: Mapping, index: int) -> tuple[list[str], bool]:
     """The user messages of a source dialogue row (`messages`), and whether it had a system message. A bad row
-    raises `data.InvalidExample` (row and field), which `data.load_data_files` turns into file + line."""
+    raises `data.InvalidExample` (row and field), which `data.read_rows` turns into file + line."""
     from ..data import InvalidExample
     from ..tokenization_llama2 import validate_messages
 

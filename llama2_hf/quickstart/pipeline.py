@@ -282,7 +282,7 @@ class Pipeline:
         kinds = [parse_prompt(t)[0] for t in texts]
         reward = self.reward()
         reward.whiten = "none"
-        scores = reward.score(prompts, responses, is_safety=[r["is_safety_prompt"] for r in rows])
+        scores = reward.score(prompts, responses, is_safety_prompt=[r["is_safety_prompt"] for r in rows])
         by_kind = {k: [i for i, kind in enumerate(kinds) if kind == k] for k in ("arithmetic", "harmful", "benign")}
         samples = [{"prompt": t, "response": r} for t, r in zip(texts, responses)]
         label = Path(name).parent.name or name  # "sft", or the version of a loop folder (v1/rs -> v1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..console import library_progress
 from ..convert_meta import _DTYPES, check_meta_checkpoint, check_output, write_conversion
 from ..runner import (
     RUN_ARGS, RUN_RECORD, RunRecord, Stage, StageRun, UsageError, distributed_state, replacing_folder, resolved_args
@@ -44,6 +45,7 @@ class ConvertMetaArguments:
 def main(args: ConvertMetaArguments) -> RunRecord:
     if not args.input_dir or not args.output_dir:
         raise UsageError("input_dir and output_dir are required")
+    library_progress(args.progress)
     state = distributed_state()  # under a launch one process converts
     out = Path(args.output_dir)
     values = resolved_args(args)

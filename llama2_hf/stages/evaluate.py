@@ -26,6 +26,7 @@ from pathlib import Path
 
 from trl import ModelConfig
 
+from ..console import library_progress
 from ..evaluation.api import EvalConfig, markdown_table, run_task, task_metrics, write_report
 from ..evaluation.base import ensure_pad_token, load_tokenizer
 from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, stage_output
@@ -57,6 +58,7 @@ def _model_source(name: str) -> str:
 
 def main(config: EvalConfig, model_args: ModelConfig, vllm_args: VLLMArguments | None = None) -> RunRecord:
     vllm_args = vllm_args or VLLMArguments()
+    library_progress(config.progress)
     if not config.output_dir:
         raise UsageError("output_dir is required")
     if not model_args.model_name_or_path:

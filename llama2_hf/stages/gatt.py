@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig
 
-from ..data import load_data_files
+from ..data import read_rows
 from ..gatt.data import GAttDataConfig, gatt_stats, plan_gatt_dialogues, sample_gatt_rows, user_turns_of
 from ..generation import ChatSamplingArguments
 from ..runner import (
@@ -60,7 +60,7 @@ def main(script_args: GAttArguments, config: GAttDataConfig, sampling: ChatSampl
         raise UsageError("dialogues_file is required")
     # Inputs (rows, constraint spec and lists) are checked before the model is loaded.
     paths = [stage_output(p, "data") for p in script_args.dialogues_file]
-    dialogues = load_data_files(paths, user_turns_of).to_list()[: script_args.max_dialogues]
+    dialogues = [row for _, _, row in read_rows(paths, user_turns_of)][: script_args.max_dialogues]
     try:
         sets = None if config.instructions else config.constraint_sets()
     except (ValueError, OSError) as err:

@@ -116,7 +116,7 @@ def _eval_dialogues(args: GAttEvalArguments, config: GAttEvalConfig, sets) -> li
     if args.eval_dialogues_file is None:
         return build_eval_dialogues(sets, config.num_dialogues, config.eval_max_turns, types=config.eval_types,
                                     seed=config.seed)
-    from ..data import InvalidExample, load_data_files
+    from ..data import InvalidExample, read_rows
 
     def check(row, n):
         for key in EVAL_FIELDS:
@@ -126,7 +126,7 @@ def _eval_dialogues(args: GAttEvalArguments, config: GAttEvalConfig, sets) -> li
             raise InvalidExample(n, "checks", "bad_length", f"{len(row['checks'])} checks for "
                                  f"{len(row['user_turns'])} user turns")
 
-    return load_data_files(args.eval_dialogues_file, check).to_list()
+    return [row for _, _, row in read_rows(args.eval_dialogues_file, check)]
 
 
 def _compared(folders: list[str]) -> dict[str, GAttEvalResult]:

@@ -28,7 +28,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 from trl import ModelConfig
 
 from ..configuration_llama2 import Llama2Config
-from ..data import InvalidExample, load_data_files
+from ..data import InvalidExample, read_rows
 from ..modeling_llama2 import Llama2ForCausalLM
 from ..runner import RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
 from ..trainers.sft import GRADIENT_ACCUMULATION_HELP, apply_global_batch_size
@@ -164,7 +164,7 @@ def main(script_args: PretrainArguments, config: Llama2PretrainConfig, model_arg
         raise UsageError("tokenizer_name_or_path is required for a new model (it sets the vocabulary)")
     # Every row is read and checked before a model exists.
     paths = [stage_output(p, "data") for p in script_args.train_file]
-    rows = load_data_files(paths, text_row, config.on_invalid)
+    rows = [row for _, _, row in read_rows(paths, text_row, config.on_invalid)]
     texts, dropped = [], 0
     for example in rows:
         try:

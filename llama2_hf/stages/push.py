@@ -45,7 +45,8 @@ class PushArguments:
         "help": "Commit summary (default: 'Upload <stage> with llama2_hf')."})
     model_card: bool = field(default=True, metadata={
         "help": "Generate README.md (false: upload the folder's own README.md)."})
-    dry_run: bool = field(default=False, metadata={"help": "Log the files and the card; upload nothing."})
+    dry_run: bool = field(default=False, metadata={
+        "help": "List the files and write the card to output_dir (when given); upload nothing."})
     output_dir: str | None = field(default=None, metadata={
         "help": "Optional folder for the generated card (README.md) and this push's run.json."})
 
@@ -74,8 +75,10 @@ def main(args: PushArguments) -> RunRecord:
     if state.is_main_process and args.dry_run:
         logger.info("would upload to %s:\n%s", args.repo_id, "\n".join(
             f"  {path}  ({'generated' if isinstance(src, bytes) else 'from folder'})" for path, src in files.items()))
-        if card is not None:
-            logger.info("model card:\n%s", card.decode())
+        if card is not None:  # a page of Markdown: read it in a file, not scrolled past on the console
+            where = (f"written to {Path(args.output_dir) / 'README.md'}" if args.output_dir else
+                     "give --output_dir to write it to <output_dir>/README.md")
+            logger.info("model card: %d lines, %s", card.decode().count("\n") + 1, where)
     elif state.is_main_process:
         try:
             metrics["commit_url"] = push_to_hub(folder, args.repo_id, stage=args.stage, base_model=args.base_model,

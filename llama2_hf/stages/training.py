@@ -20,9 +20,11 @@ def last_checkpoint(output_dir: str) -> str | None:
 def run_training(trainer):
     """`trainer.train()`, resuming from the newest complete checkpoint of its output folder, with its progress shown
     on the job's stage bar when one is open (`llama2_hf.progress`)."""
+    from ..console import align_pad_token
     from ..progress import attach_to_trainer
 
     attach_to_trainer(trainer)
+    align_pad_token(trainer.model, trainer.processing_class)
     return trainer.train(resume_from_checkpoint=last_checkpoint(trainer.args.output_dir))
 
 

@@ -37,7 +37,9 @@ from ..loading import load_pretrained
 from ..losses import resolve_margins, safety_auxiliary_loss
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
 from ..rm_eval import preference_metrics
-from .sft import GRADIENT_ACCUMULATION_HELP, apply_global_batch_size, example_limit, load_tokenizer
+from .sft import (
+    GRADIENT_ACCUMULATION_HELP, apply_global_batch_size, carry_checkpointing_default, example_limit, load_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ class Llama2RewardConfig(RewardConfig):
 
     def __post_init__(self):
         apply_global_batch_size(self)
+        carry_checkpointing_default(self)
         super().__post_init__()
         checked = resolve_margins(self.margin)  # fails early on an unknown preset or an incomplete map
         if isinstance(self.margin, dict):

@@ -77,13 +77,22 @@ def apply_global_batch_size(config) -> None:
     config.gradient_accumulation_steps = steps
 
 
+def carry_checkpointing_default(config) -> None:
+    """TRL's configs default the deprecated `gradient_checkpointing` to True, which makes TrainingArguments warn about
+    a setting the user never made; carry that default over to `activation_checkpointing` first (same effect). An
+    explicit `gradient_checkpointing: false` still gets transformers' deprecation warning: that one concerns the user.
+    """
+    if config.activation_checkpointing is None and config.gradient_checkpointing is True:
+        config.activation_checkpointing = True
+
+
 @dataclass
 class Llama2SFTConfig(SFTConfig):
     """`SFTConfig` with the paper's SFT recipe as defaults (§3.1) and the Llama 2 data options.
 
     The paper gives LR, schedule, weight decay, batch, length and epochs. Its warmup, final LR and AdamW betas/eps are
     not stated: we keep no warmup and a cosine decay to 0, and take the pretraining AdamW settings (§2.2).
-    On CPU pass `use_cpu=True, bf16=False, gradient_checkpointing=False` (TRL defaults to bf16 and checkpointing).
+    On CPU pass `use_cpu=True, bf16=False, activation_checkpointing=False` (TRL defaults to bf16 and checkpointing).
     """
 
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate (2e-5: paper §3.1)."})
@@ -149,6 +158,7 @@ class Llama2SFTConfig(SFTConfig):
         if self.packing and self.max_length is None:
             raise ValueError("packing needs max_length (the row length)")
         apply_global_batch_size(self)
+        carry_checkpointing_default(self)
         super().__post_init__()
 
 
