@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory import _high_water_bytes, _reset_high_water  # noqa: E402
+from bench_memory import _high_water_bytes, _reset_high_water
 
 LINES: list[dict] = []
 
@@ -168,7 +168,6 @@ def train_step(args, device: torch.device, layers: int, lora: bool) -> None:
          step_s=seconds, tokens_per_s=tokens / seconds,
          mfu=flops_per_token(mfu_config) * tokens / seconds / (args.peak_tflops * 1e12),
          peak_memory_gb=peak.bytes / 2**30, loss=loss, device=device.type)
-    del model, optimizer
 
 
 def tokenizer_for(args, out: Path):
@@ -227,9 +226,10 @@ def trainer_steps(args, device: torch.device, layers: int, tok, texts: list[str]
     ids = tok.encode(" ".join(texts), add_special_tokens=False)
     long, other = tok.decode(ids[: args.seq - 16]), tok.decode(ids[args.seq: 2 * args.seq - 16])
     prompts = [f"question {i}" for i in range(args.batch * (args.steps + 2))]
-    common = dict(max_steps=args.steps + 1, per_device_train_batch_size=args.batch, learning_rate=1e-5,
-                  report_to=[], save_strategy="no", logging_steps=1000, disable_tqdm=True, max_length=args.seq,
-                  gradient_checkpointing=False, bf16=True, use_cpu=device.type != "cuda", dataloader_num_workers=0)
+    common = {"max_steps": args.steps + 1, "per_device_train_batch_size": args.batch, "learning_rate": 1e-5,
+              "report_to": [], "save_strategy": "no", "logging_steps": 1000, "disable_tqdm": True,
+              "max_length": args.seq, "gradient_checkpointing": False, "bf16": True,
+              "use_cpu": device.type != "cuda", "dataloader_num_workers": 0}
     rows = {"sft": [{"prompt": p, "answer": long} for p in prompts],
             "reward": [{"prompt": p, "chosen": long, "rejected": other, "rating": "better"} for p in prompts]}
     trl_rows = {"sft": [{"prompt": p, "completion": long} for p in prompts],

@@ -38,10 +38,10 @@ allocator's fragmentation and the communication buffers. When it does not fit, t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import functools
+import json
 import math
 import re
 import sys
@@ -132,14 +132,14 @@ def read_recipe(path: str, stage_name: str | None = None) -> Recipe:
     return Recipe(path, stage_name, values, LAUNCHERS.get(launcher.group(1)) if launcher else None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _meta_counts(config_json: str, reward_head: bool, lora_key: tuple) -> ModelShape:
     import torch
 
     from .configuration_llama2 import Llama2Config
     from .modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
 
-    config = Llama2Config.from_dict(__import__("json").loads(config_json))
+    config = Llama2Config.from_dict(json.loads(config_json))
     with torch.device("meta"):
         model = (Llama2ForRewardModel if reward_head else Llama2ForCausalLM)(copy.deepcopy(config))
     params = sum(p.numel() for p in model.parameters())
@@ -175,7 +175,8 @@ def shape_of(config, reward_head: bool = False, lora_r: int = 0, targets: Sequen
     return _meta_counts(config.to_json_string(), reward_head, (lora_r, tuple(sorted(targets or ()))))
 
 
-def model_shape(name_or_path: str, reward_head: bool = False, lora_r: int = 0, targets: Sequence[str] = ()) -> ModelShape:
+def model_shape(name_or_path: str, reward_head: bool = False, lora_r: int = 0,
+                targets: Sequence[str] = ()) -> ModelShape:
     return shape_of(model_config(name_or_path), reward_head, lora_r, targets)
 
 
@@ -331,8 +332,8 @@ def _changes(recipe: Recipe, strategy: str, num_gpus: int) -> list[tuple[str, Re
     if v.get("helpfulness_reward_model") and v.get("reward_dtype", "float32") == "float32":
         out.append(("reward_dtype: bfloat16", edited(reward_dtype="bfloat16"), strategy, num_gpus))
     if kind != "sample" and not v.get("use_peft"):
-        lora = dict(use_peft=True, lora_r=16, lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                   "gate_proj", "up_proj", "down_proj"])
+        lora = {"use_peft": True, "lora_r": 16, "lora_target_modules": [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
         out.append(("LoRA (the *-lora.yaml variant: use_peft, lora_r 16 on every linear)", edited(**lora), "ddp",
                     num_gpus))
         out.append(("QLoRA (the *-qlora.yaml variant: LoRA over a 4-bit base)",
@@ -370,12 +371,12 @@ def report(recipe: Recipe, num_gpus: int, gpu_memory_gb: float, prompt_length: i
     """The printed plan and whether the recipe fits under its own launcher (every strategy when it names none)."""
     budget = gpu_memory_gb * GIB * headroom
     plans = {s: plan_recipe(recipe, num_gpus, s, prompt_length) for s in STRATEGIES}
-    lines = [f"llama2-hf plan: {recipe.path} (stage {recipe.stage}) on {num_gpus} GPU(s) of {gpu_memory_gb:g} GiB; "
-             f"GiB per rank, fits at <= {headroom:.0%} of the card",
-             "assumptions: AdamW with float32 moments; FSDP2 float32 shards, ZeRO-3 2+2+12 bytes per parameter; "
-             "bf16 autocast activations per token and layer 8h + 2(4h + 4h_kv) + 2(h + 4i), float32 layer inputs "
-             f"only with checkpointing; KV cache in bf16 for prompts of {prompt_length} tokens + max_new_tokens "
-             "(see `llama2_hf.plan`)"]
+    lines = [(f"llama2-hf plan: {recipe.path} (stage {recipe.stage}) on {num_gpus} GPU(s) of {gpu_memory_gb:g} "
+              f"GiB; GiB per rank, fits at <= {headroom:.0%} of the card"),
+             ("assumptions: AdamW with float32 moments; FSDP2 float32 shards, ZeRO-3 2+2+12 bytes per parameter; "
+              "bf16 autocast activations per token and layer 8h + 2(4h + 4h_kv) + 2(h + 4i), float32 layer inputs "
+              f"only with checkpointing; KV cache in bf16 for prompts of {prompt_length} tokens + max_new_tokens "
+              "(see `llama2_hf.plan`)")]
     names = list(dict.fromkeys(f"{p.name}: {part}" for ps in plans.values() for p in ps for part in p.parts))
     width = max([len(n) for n in names] + [24])
     lines.append(f"{'':<{width}}" + "".join(f"{s:>10}" for s in STRATEGIES))
@@ -400,50 +401,51 @@ def report(recipe: Recipe, num_gpus: int, gpu_memory_gb: float, prompt_length: i
         lines.append(f"verdict: the recipe does not fit with {how} (peak in {phase.name}, largest part {part}: "
                      f"{size / GIB:.1f} GiB); single changes that fit:")
         found = fixes(recipe, own[0], num_gpus, budget, prompt_length)
-        lines += [f"  - {f}" for f in found] or ["  - none of the single changes tried (other launcher, activation "
-                                                 "checkpointing, smaller batches, bf16 reward models, LoRA/QLoRA, "
-                                                 "more GPUs up to 1024)"]
+        lines += [f"  - {f}" for f in found] or [("  - none of the single changes tried (other launcher, activation "
+                                                  "checkpointing, smaller batches, bf16 reward models, LoRA/QLoRA, "
+                                                  "more GPUs up to 1024)")]
     return "\n".join(lines), fits
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2, as every llama2-hf command
-        raise UsageError(message)
+@dataclass
+class PlanArguments:
+    """`llama2-hf plan`'s flags."""
 
+    config: str = field(metadata={"help": "A stage's recipe (YAML)."})
+    num_gpus: int = field(default=8, metadata={"help": "Ranks (GPUs) the stage runs on."})
+    gpu_memory_gb: float = field(default=80.0, metadata={"help": "Memory of one GPU, GiB."})
+    stage: str | None = field(default=None, metadata={
+        "help": "The recipe's stage, when its header names no `llama2-hf <stage>` launch line."})
+    prompt_length: int = field(default=512, metadata={
+        "help": "Prompt tokens assumed for the samplers' KV cache (the recipes do not bound prompts)."})
+    headroom: float = field(default=0.9, metadata={
+        "help": "Fraction of the card the plan may use (the rest: CUDA context, fragmentation, buffers)."})
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0 or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
+    def __post_init__(self):
+        for name in ("num_gpus", "gpu_memory_gb", "prompt_length"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise UsageError(f"--{name} must be > 0, got {value}")
+        if not 0 < self.headroom <= 1:
+            raise UsageError(f"--headroom is a fraction of the card, in (0, 1], got {self.headroom}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="llama2-hf plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="a stage's recipe (YAML)")
-    parser.add_argument("--num_gpus", type=_positive(int), default=8, help="ranks (GPUs) the stage runs on")
-    parser.add_argument("--gpu_memory_gb", type=_positive(float), default=80.0, help="memory of one GPU, GiB")
-    parser.add_argument("--stage", default=None, help="the recipe's stage when its header names no launch line")
-    parser.add_argument("--prompt_length", type=_positive(int), default=512,
-                        help="prompt tokens assumed by the samplers' KV cache (the recipes do not bound prompts)")
-    parser.add_argument("--headroom", type=_positive(float), default=0.9,
-                        help="fraction of the card the plan may use (the rest: CUDA context, fragmentation)")
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str):  # one line and exit code 2, as every llama2-hf command
+            raise UsageError(message)
+
+    parser = Parser(PlanArguments, prog="llama2-hf plan", description=__doc__.split("\n\n")[0])
 
     def body(args: list[str]) -> None:
-        ns = parser.parse_args(args)
-        if ns.headroom > 1:
-            raise UsageError(f"--headroom is a fraction of the card, in (0, 1], got {ns.headroom}")
-        text, _ = report(read_recipe(ns.config, ns.stage), ns.num_gpus, ns.gpu_memory_gb, ns.prompt_length,
-                         ns.headroom)
-        print(text)
+        (ns,) = parser.parse_args_into_dataclasses(args)
+        print(report(read_recipe(ns.config, ns.stage), ns.num_gpus, ns.gpu_memory_gb, ns.prompt_length,
+                     ns.headroom)[0])
 
     return run_command("plan", sys.argv[1:] if argv is None else argv, body)
 
 
-__all__ = ["ModelShape", "Phase", "Recipe", "activation_bytes_per_token", "fixes", "kv_cache_bytes", "main",
+__all__ = ["ModelShape", "Phase", "PlanArguments", "Recipe", "activation_bytes_per_token", "fixes", "kv_cache_bytes", "main",
            "model_shape", "peak", "plan_recipe", "read_recipe", "report", "shape_of", "training_state"]

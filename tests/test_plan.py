@@ -110,7 +110,7 @@ def test_plan_of_a_local_model_folder_reads_its_config(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--config", "nope.yaml"], "nope.yaml: no such file"),
     (["--config", "recipes/sft/llama2-7b.yaml", "--num_gpus", "0"], "must be > 0"),
-    (["--config", "recipes/sft/llama2-7b.yaml", "--gpu_memory_gb", "lots"], "is not a float"),
+    (["--config", "recipes/sft/llama2-7b.yaml", "--gpu_memory_gb", "lots"], "invalid float value: 'lots'"),
     (["--config", "recipes/sft/llama2-7b.yaml", "--headroom", "1.5"], "--headroom is a fraction"),
     (["--config", "recipes/sft/llama2-7b.yaml", "--stage", "convert-meta"], "plan knows the stages"),
     (["--num_gpus", "8"], "the following arguments are required: --config"),
