@@ -17,6 +17,8 @@ OTHER_COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("llama2_hf.quickstart:main", "the whole Llama 2-Chat pipeline on a laptop-sized example"),
     "annotate": ("llama2_hf.annotate:main", "a local web page to compare response pairs (paper §3.2.1); answers "
                  "become preference rows"),
+    "plan": ("llama2_hf.plan:main", "memory per GPU of a recipe's stage under DDP, FSDP and ZeRO-3; what to change if it "
+             "does not fit"),
     "setup-vllm": ("llama2_hf.vllm_engine:setup_main", "build vLLM's own environment for generation_backend=vllm "
                    "(skipped when it exists)"),
 }

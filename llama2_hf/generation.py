@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import progress
+from .modeling_llama2 import CACHE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positi
     k = config.num_samples
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1)
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_NAME)
     if k > 1:  # share the prefill: copy the cache K times instead of recomputing it
         cache.batch_repeat_interleave(k)
     logits = out.logits[:, -1].repeat_interleave(k, dim=0)  # (n*K, V)
@@ -326,8 +327,8 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positi
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                    use_cache=True, **{CACHE_NAME: cache})
+        cache = getattr(out, CACHE_NAME)
         logits = out.logits[:, -1]
         next_position = next_position + 1
 
@@ -353,7 +354,8 @@ def generate(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], config
     """Sample `config.num_samples` responses for every prompt.
 
     Args:
-        model: a causal LM returning `.logits` and `.past_key_values` (any transformers decoder, a peft model).
+        model: a causal LM returning `.logits` and its KV cache (`.past_key_values`, `.cache` from transformers
+            5.25: any transformers decoder, a peft model).
             Put it in eval mode yourself if it has dropout; its device is used for every tensor. Or a running
             `VLLMEngine`: the prompts go to vLLM, seeded per prompt (`seeds`, else drawn from `generator`).
         prompt_ids: token ids of each prompt, e.g. `encode_dialog(tokenizer, messages)` (ends after `[/INST]`).

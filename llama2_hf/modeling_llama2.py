@@ -36,6 +36,18 @@ from .fused_linear_ce import causal_lm_loss
 
 logger = logging.get_logger(__name__)
 
+# transformers 5.25 renamed the KV cache `past_key_values` -> `cache`: in model outputs and in the arguments `generate`
+# passes (the old name is deprecated until 5.40, earlier releases know only it). The name of the installed version,
+# told by the output class itself: the models here take either name and return the cache under this one.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """The KV cache given under either name (see `CACHE_NAME`); both at once must be the same object."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`")
+    return cache if cache is not None else past_key_values
+
 
 class Llama2RMSNorm(nn.Module):
     """`x * rsqrt(mean(x^2) + eps) * weight`, normalised in float32 as Meta's code does."""
@@ -227,7 +239,7 @@ class Llama2PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Llama2DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -258,9 +270,11 @@ class Llama2Model(Llama2PreTrainedModel):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                **kwargs) -> BaseModelOutputWithPast:
+                cache: Cache | None = None, **kwargs) -> BaseModelOutputWithPast:
         """`position_ids` that restart at 0 inside a row mark packed samples: with no cache, transformers builds a
-        block-diagonal causal mask from them, so packed samples do not attend to each other."""
+        block-diagonal causal mask from them, so packed samples do not attend to each other. The KV cache comes as
+        `past_key_values` or `cache` (transformers >= 5.25 `generate`) and goes out under `CACHE_NAME`."""
+        past_key_values = one_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -271,13 +285,8 @@ class Llama2Model(Llama2PreTrainedModel):
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        # The cache goes in by position: its keyword is `past_key_values` before transformers 5.25, `cache` after.
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
         hidden_states = inputs_embeds
         cos, sin = self.rotary_emb(hidden_states, position_ids=position_ids)
         position_embeddings = (cos, fold_rotation_sign(sin))  # the form apply_rotary_pos_emb takes
@@ -285,7 +294,7 @@ class Llama2Model(Llama2PreTrainedModel):
             hidden_states = layer(hidden_states, attention_mask=causal_mask, position_embeddings=position_embeddings,
                                   position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
                                   **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: past_key_values})
 
 
 class Llama2ForCausalLM(Llama2PreTrainedModel, GenerationMixin):
@@ -306,7 +315,7 @@ class Llama2ForCausalLM(Llama2PreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                fused_loss: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+                fused_loss: bool | None = None, cache: Cache | None = None, **kwargs) -> CausalLMOutputWithPast:
         """`labels` are the input ids with -100 where no loss is taken; they are shifted inside the loss
         (`shift_labels`, `num_items_in_batch` and `ignore_index` are taken as transformers' `ForCausalLMLoss` takes
         them). `logits_to_keep=k` computes logits for the last k positions only (1 during generation).
@@ -315,7 +324,8 @@ class Llama2ForCausalLM(Llama2PreTrainedModel, GenerationMixin):
         loss chunk by chunk without the (B, T, V) logits: the output's `logits` is then None."""
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            past_key_values=one_cache(past_key_values, cache), inputs_embeds=inputs_embeds, use_cache=use_cache,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -331,8 +341,8 @@ class Llama2ForCausalLM(Llama2PreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden_states[:, keep, :])  # (B, T_keep, V)
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions, **{CACHE_NAME: getattr(outputs, CACHE_NAME)})
 
     def _head_is_plain_linear(self) -> bool:
         """Whether `lm_head.weight` is the whole projection. A PEFT-wrapped, quantised or tensor-parallel (DTensor)
@@ -382,11 +392,13 @@ class Llama2ForSequenceClassification(Llama2PreTrainedModel):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                use_cache: bool | None = None, **kwargs) -> SequenceClassifierOutputWithPast:
+                use_cache: bool | None = None, cache: Cache | None = None,
+                **kwargs) -> SequenceClassifierOutputWithPast:
         """`logits` is (B, num_labels), read at each row's last non-pad token."""
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            past_key_values=one_cache(past_key_values, cache), inputs_embeds=inputs_embeds, use_cache=use_cache,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, D)
         batch_size, seq_len = hidden_states.shape[:2]
@@ -397,8 +409,9 @@ class Llama2ForSequenceClassification(Llama2PreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
-        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                                hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                                attentions=outputs.attentions,
+                                                **{CACHE_NAME: getattr(outputs, CACHE_NAME)})
 
 
 class Llama2ForRewardModel(Llama2ForSequenceClassification):

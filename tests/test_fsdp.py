@@ -108,3 +108,22 @@ def test_gathered_weights_generate_like_unsharded_model(sharded_run, reference_r
         assert rank["gathered_is_plain"] and rank["resharded"]
         assert rank["generated"] == reference_run["generated"]
     assert len(reference_run["generated"]["llama2_hf"]) == 2
+
+
+def test_memory_plan_is_within_15_percent_of_the_measured_per_rank_state(sharded_run):
+    """`llama2-hf plan`'s FSDP accounting (float32 weights, gradients and AdamW moments, each sharded over the
+    ranks) against the bytes each rank held right after its last optimizer step; DDP's accounting would be off."""
+    from llama2_hf.plan import shape_of, training_state
+
+    result, _ = sharded_run
+    shape = shape_of(_load_script().build_model().config)
+    assert shape.params == result["full_numel"]  # the meta-device count is the real model's
+    planned = training_state(shape, "fsdp", num_gpus=2)
+    replicated = sum(training_state(shape, "ddp", num_gpus=2).values())
+    for rank in result["ranks"]:
+        measured = rank["bytes"]
+        assert measured["weights"] == 4 * rank["local_numel"]
+        for part in ("weights", "gradients", "optimizer"):
+            assert measured[part] == pytest.approx(planned[part], rel=0.15), part
+        assert sum(measured.values()) == pytest.approx(sum(planned.values()), rel=0.15)
+        assert sum(measured.values()) < 0.6 * replicated

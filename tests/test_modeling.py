@@ -74,7 +74,7 @@ def test_gradients_match_reference_and_checkpointing():
     for n, p in ref.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-6), n
     ours.zero_grad()
-    ours.gradient_checkpointing_enable()
+    ours.activation_checkpointing_enable()
     ours(ids, labels=ids).loss.backward()
     for n, p in ours.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-6), n

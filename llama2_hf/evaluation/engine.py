@@ -12,7 +12,8 @@ same stop-string handling) and differ only in how the work is scheduled:
   as one of the stop strings appears in its text, and cuts the text at the first stop string.
 
 The model must be a causal LM whose logits are `get_output_embeddings()(base_model(...).last_hidden_state)`
-(true of Llama 2 and transformers' Llama); its `base_model` must accept `past_key_values` and `position_ids`.
+(true of Llama 2 and transformers' Llama); its `base_model` must accept the KV cache (`past_key_values`, `cache` from
+transformers 5.25) and `position_ids`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import Cache, DynamicLayer
+
+from ..modeling_llama2 import CACHE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +178,7 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
         prefix_kv = None
         if shared:
             out = base(input_ids=torch.tensor([fwds[0].tokens[:shared]], device=device), use_cache=True)
-            prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            prefix_kv = [(layer.keys, layer.values) for layer in getattr(out, CACHE_NAME).layers]
         # Longest first, as lm-eval: padding stays small and any out-of-memory error shows up at once.
         fwds.sort(key=lambda f: (-len(f.tokens), f.tokens))
         for start in range(0, len(fwds), batch_size):
@@ -196,8 +199,8 @@ def _score_batch(base, head, batch: list[_Forward], shared: int, prefix_kv, devi
     input_ids = input_ids.to(device)
     position_ids = torch.arange(shared, shared + width, device=device)[None]  # (1, S)
     cache = Cache(layers=[_SharedPrefixLayer(k, v) for k, v in prefix_kv]) if prefix_kv else None
-    hidden = base(input_ids=input_ids, position_ids=position_ids, past_key_values=cache,
-                  use_cache=cache is not None).last_hidden_state  # (B, S, D)
+    hidden = base(input_ids=input_ids, position_ids=position_ids, use_cache=cache is not None,
+                  **{CACHE_NAME: cache}).last_hidden_state  # (B, S, D)
 
     n_pos = max(f.n_positions for f in batch)
     # Row r needs the hidden states that predict its continuation: positions len - n_r .. len - 1 of its suffix.

@@ -11,7 +11,8 @@ falls back to DDP on CPU, so this is how the sharded code paths are exercised wi
 AdamW steps (paper §2.2 optimizer settings, gradient clipping 1.0) on each rank's slice of a global batch, then gathers
 the full weights once (`llama2_hf.generation.full_weights_for_generation`, the paper's fix for slow generation under
 FSDP, §3.2.3, as PPO uses it), generates greedily with the KV cache, frees them again and trains one more step.
-Rank 0 writes the global losses, gradient norms, generated tokens, shard sizes and the full final weights
+Rank 0 writes the global losses, gradient norms, generated tokens, shard sizes, the bytes each rank held in weights,
+gradients and optimizer state after its last step, and the full final weights
 (safetensors) for the test to compare with an unsharded run of the same functions (`build_model`, `make_batches`,
 `make_optimizer`, `train_step`) in one process.
 """
@@ -104,6 +105,19 @@ def greedy(model: torch.nn.Module) -> dict[str, list]:
     return {"transformers": hf[0, len(PROMPTS[0]):].tolist(), "llama2_hf": [r[0] for r in ours.response_ids]}
 
 
+def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds in weights, gradients and optimizer state (the local shards of DTensors), measured right
+    after an optimizer step, when all three are alive: what `llama2-hf plan` predicts per rank."""
+    def local(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    return {"weights": sum(local(p) for p in model.parameters()),
+            "gradients": sum(local(p.grad) for p in model.parameters() if p.grad is not None),
+            "optimizer": sum(local(t) for s in optimizer.state.values() for t in s.values()
+                             if isinstance(t, torch.Tensor))}
+
+
 def run(out: str, rank: int | None = None, world_size: int | None = None, init_file: str | None = None) -> None:
     """One rank's work. With `rank=None` the process group comes from torchrun's environment (env://); otherwise the
     ranks meet through `init_file` (a FileStore: no ports, so parallel test runs cannot collide)."""
@@ -132,6 +146,8 @@ def _train_and_generate(out: str) -> None:
     local_numel = sum(p.to_local().numel() for p in model.parameters())
     all_dtensor = all(isinstance(p, DTensor) for p in model.parameters())
     optimizer = make_optimizer(model)
+    state_bytes = {}
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: state_bytes.update(held_bytes(model, opt)))
     batches = make_batches(STEPS_BEFORE_GENERATION + STEPS_AFTER_GENERATION)
 
     def step(batch: torch.Tensor) -> tuple[float, float]:
@@ -149,7 +165,7 @@ def _train_and_generate(out: str) -> None:
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     per_rank_info = [None] * world
-    dist.all_gather_object(per_rank_info, {"local_numel": local_numel, "generated": generated,
+    dist.all_gather_object(per_rank_info, {"local_numel": local_numel, "generated": generated, "bytes": state_bytes,
                                            "all_dtensor": all_dtensor, "gathered_is_plain": gathered_is_plain,
                                            "resharded": resharded})
     if rank == 0:
