@@ -86,6 +86,14 @@ class InvalidExample(ValueError):
         self.row, self.field, self.reason, self.detail = row, field_name, reason, detail
 
 
+class OverlengthExample(InvalidExample):
+    """A row longer than the limit under `on_overlength="error"` (refused whatever `on_invalid` says)."""
+
+
+# The column `load_data_files` adds: where each row was read ("<file>, line <n>").
+SOURCE_COLUMN = "_source"
+
+
 @dataclass
 class DataReport:
     """What preparing one dataset did: rows in, rows kept, rows dropped by reason, rows truncated."""
@@ -176,6 +184,7 @@ class PromptRow:
     messages: list[dict]
     is_safety_prompt: bool
     extra: dict = field(default_factory=dict)
+    source: str = field(default="", compare=False)  # "<file>, line <n>" when read from a file
 
 
 def prompt_row(example: Mapping, row: int) -> PromptRow:
@@ -208,7 +217,7 @@ def load_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         if p.id in seen:
             raise InvalidDataFile(f"{path}, line {n}: same id {p.id!r} as {seen[p.id]} (identical prompts without "
                                   "an 'id' field hash to the same id)")
-        seen[p.id] = f"{path}, line {n}"
+        seen[p.id] = p.source = f"{path}, line {n}"
         rows.append(p)
     return rows
 
@@ -270,7 +279,9 @@ def _apply_policies(dataset: Dataset, row_fn, empty: dict, name: str, on_invalid
         try:
             out = row_fn(example, row)
         except InvalidExample as err:
-            if on_invalid == "error":
+            if on_invalid == "error" or isinstance(err, OverlengthExample):
+                if example.get(SOURCE_COLUMN):  # read from a file: name it and the line
+                    raise InvalidDataFile(f"{example[SOURCE_COLUMN]}, field {err.field!r}: {err.detail}") from None
                 raise
             out = {"_status": f"drop:{err.reason}"}
         return {**empty, **out}
@@ -326,8 +337,9 @@ def prepare_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, tra
         status = "ok"
         if max_length is not None and len(ids) > max_length:
             if on_overlength == "error":
-                raise ValueError(f"row {row}, field 'messages': {len(ids)} tokens exceed max_length={max_length} "
-                                 "(set on_overlength='truncate' or 'drop' to allow it)")
+                raise OverlengthExample(row, "messages", "over_length",
+                                        f"{len(ids)} tokens exceed max_length={max_length} (set on_overlength="
+                                        "'truncate' or 'drop' to allow it)")
             if on_overlength == "drop":
                 return {"_status": "drop:over_length"}
             ids, labels, status = ids[:max_length], labels[:max_length], "truncated"
@@ -372,8 +384,9 @@ def prepare_preference_dataset(dataset: Dataset, tokenizer, max_length: int | No
         for key in ("chosen", "rejected"):
             if max_length is not None and len(ids[key]) > max_length:
                 if on_overlength == "error":
-                    raise ValueError(f"row {row}, field {key!r}: the dialog has {len(ids[key])} tokens, over "
-                                     f"max_length={max_length} (set on_overlength='truncate' or 'drop' to allow it)")
+                    raise OverlengthExample(row, key, "over_length",
+                                            f"the dialog has {len(ids[key])} tokens, over max_length={max_length} "
+                                            "(set on_overlength='truncate' or 'drop' to allow it)")
                 if on_overlength == "drop":
                     return {"_status": "drop:over_length"}
                 ids[key], status = ids[key][-max_length:], "truncated"
@@ -707,8 +720,11 @@ def read_rows(paths: str | os.PathLike | Sequence[str | os.PathLike],
 def load_data_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
                     validate: Callable[[Mapping, int], Any] | None = None, on_invalid: str = "error",
                     known_columns: Collection[str] | None = None) -> Dataset:
-    """The rows of `read_rows` (same arguments and checks) as one dataset, normalised by `rows_dataset`."""
-    return rows_dataset(read_rows(paths, validate, on_invalid, known_columns))
+    """The rows of `read_rows` (same arguments and checks) as one dataset, normalised by `rows_dataset`, with a
+    `_source` column ("<file>, line <n>") by which a row refused while it is tokenized is named (`_apply_policies`;
+    the column does not survive tokenization)."""
+    located = read_rows(paths, validate, on_invalid, known_columns)
+    return rows_dataset(located).add_column(SOURCE_COLUMN, [f"{path}, line {n}" for path, n, _ in located])
 
 
 def _normal_prompt(value: Any) -> Any:

@@ -401,7 +401,7 @@ def collect_upload(folder: str | os.PathLike, repo_id: str, stage: str | None = 
     if model_card:
         if "README.md" in files:
             logger.warning("%s/README.md is replaced by the generated model card (pass model_card=False / "
-                           "--no-card to upload it as is)", folder)
+                           "--model_card false to upload it as is)", folder)
         files["README.md"] = build_model_card(folder, repo_id, stage=stage, base_model=base_model).encode()
     return files
 

@@ -469,17 +469,19 @@ def describe_mismatch(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> 
 # A stage's run: resume check, single writer, record written last
 # ---------------------------------------------------------------------------------------------------------------------
 
-def distributed_state(cpu: bool = False):
+def prefer_cpu() -> None:
+    """A stage's `use_cpu`: run on the CPU even when a GPU is present, as `accelerate launch --cpu` does (through
+    accelerate's own `ACCELERATE_USE_CPU`). It takes effect where the process state is first made, which `StageRun`
+    does first."""
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+def distributed_state():
     """accelerate's process state. Without a GPU it must be asked for CPU processes explicitly: a bare
-    `PartialState()` under `accelerate launch --multi_gpu` on a CPU machine leaves every rank a single process.
-    `cpu=True` (a stage's `use_cpu`) runs on the CPU even when a GPU is present, as `accelerate launch --cpu` does
-    (through accelerate's own `ACCELERATE_USE_CPU`); it takes effect where the state is first made, which
-    `StageRun` does first."""
+    `PartialState()` under `accelerate launch --multi_gpu` on a CPU machine leaves every rank a single process."""
     import torch
     from accelerate import PartialState
 
-    if cpu:
-        os.environ["ACCELERATE_USE_CPU"] = "true"
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return PartialState(cpu=use_cpu or not torch.cuda.is_available())
 
@@ -505,7 +507,9 @@ class StageRun:
         self.outputs: dict[str, str] = {}
         self.metrics: dict[str, Any] = {}
         self.record: RunRecord | None = None
-        self.state = distributed_state(cpu=bool(self.args.get("use_cpu")))
+        if self.args.get("use_cpu"):
+            prefer_cpu()
+        self.state = distributed_state()
         self._start = time.perf_counter()
         self._started_inputs: dict[str, dict[str, Any]] = {}
         self._on_main(lambda: run_lock.acquire(self.dir))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 # Nothing in the tests may wait on the network (ECOSYSTEM_NOTES: offline flags; remote code lands in HF_HOME).
@@ -204,8 +206,6 @@ def accelerate_launch(args: list[str], num_processes: int = 2, config_file: str 
     several CPU processes; `--cpu --num_processes 2` silently starts one. With `config_file`, its distributed type
     (FSDP, DeepSpeed) is used and the process count is overridden."""
     import shutil
-    import subprocess
-    import sys
 
     accelerate = shutil.which("accelerate")
     if accelerate is None:
@@ -220,3 +220,23 @@ def accelerate_launch(args: list[str], num_processes: int = 2, config_file: str 
     cmd += ["--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(free_port()),
             "-m", "llama2_hf.cli", *map(str, args)]
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+# The command line as a user runs it: a fresh process (the console script's module), output captured.
+
+def llama2_hf(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`llama2-hf ARGS` in a fresh process (what a user runs), stdout and stderr captured."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "llama2_hf.cli", *map(str, args)], check=False, capture_output=True,
+                          text=True, timeout=300, env=env, cwd=cwd)
+
+
+def one_step(stage_inputs, output_dir) -> list[str]:
+    """Flags of a one-step CPU training run of the tiny policy (the sizes of conftest's TINY_TRAINING)."""
+    return ["--model_name_or_path", stage_inputs["policy"], "--output_dir", output_dir, "--use_cpu", "true",
+            "--bf16", "false", "--max_steps", "1", "--per_device_train_batch_size", "2", "--global_batch_size", "2",
+            "--max_length", "128", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
+
+
+def record(output_dir) -> dict:
+    return json.loads((output_dir / "run.json").read_text())

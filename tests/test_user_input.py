@@ -3,16 +3,12 @@ the README allows, and the console noise a command prints before its answer."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, write_jsonl
+from conftest import llama2_hf, one_step, record, write_jsonl
 
 from llama2_hf.rewards import SafetyGatedReward
 
@@ -57,24 +53,6 @@ def test_a_call_without_a_safety_tag_warns_once(caplog):
 
 
 # ------------------------------------------------------------------------------------------ through the command line
-
-def llama2_hf(*args, cwd=None) -> subprocess.CompletedProcess:
-    """`llama2-hf ARGS` in a fresh process (what a user runs), stdout and stderr captured."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "llama2_hf.cli", *map(str, args)], check=False, capture_output=True,
-                          text=True, timeout=300, env=env, cwd=cwd)
-
-
-def one_step(stage_inputs, output_dir) -> list[str]:
-    """Flags of a one-step CPU training run of the tiny policy (the sizes of conftest's TINY_TRAINING)."""
-    return ["--model_name_or_path", stage_inputs["policy"], "--output_dir", output_dir, "--use_cpu", "true",
-            "--bf16", "false", "--max_steps", "1", "--per_device_train_batch_size", "2", "--global_batch_size", "2",
-            "--max_length", "128", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
-
-
-def record(output_dir) -> dict:
-    return json.loads((output_dir / "run.json").read_text())
-
 
 def test_sft_trains_on_a_file_mixing_both_schemas(stage_inputs, tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", [

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import UsageError
 from ..tokenization_llama2 import DEFAULT_SYSTEM_PROMPT
 from .base import RunSettings, TaskResult, check_model_source, load_model, load_tokenizer
 from .data import TOXIGEN_ALL_GROUPS, TOXIGEN_GROUPS
@@ -152,6 +153,32 @@ class EvalConfig(RunSettings):
             check_model_source(self.info_judge, "TruthfulQA informativeness judge (info_judge)", OFFLINE_HINT)
         if "toxigen" in self.tasks:
             check_model_source(self.toxigen_classifier, "ToxiGen classifier (toxigen_classifier)", OFFLINE_HINT)
+
+
+def check_data(config: EvalConfig) -> None:
+    """Read every task's benchmark data before any model is loaded (it is small, and cached by the Hub loaders): a
+    missing local file or an unreachable Hub dataset is a `UsageError` naming the task and what to give instead."""
+    from .data import load_gsm8k, load_mmlu, load_toxigen_prompts, load_truthfulqa_gen, load_truthfulqa_mc
+
+    loaders = {
+        "mmlu": lambda: load_mmlu(config.data_dir, config.mmlu_config().subjects),
+        "gsm8k": lambda: load_gsm8k(config.data_dir),
+        "truthfulqa_mc": lambda: load_truthfulqa_mc(config.data_dir),
+        "truthfulqa_gen": lambda: load_truthfulqa_gen(config.data_dir),
+        "toxigen": lambda: (config.toxigen_config().source != "prompts"
+                            or load_toxigen_prompts(config.data_dir, config.toxigen_config().groups,
+                                                    config.toxigen_config().prompt_label)),
+    }
+    needed = {t for task in config.tasks for t in (("truthfulqa_mc", "truthfulqa_gen") if task == "truthfulqa"
+                                                  else (task,))}
+    for task in sorted(needed):
+        try:
+            loaders[task]()
+        except (OSError, ConnectionError, ValueError) as e:  # FileNotFoundError, offline Hub, malformed files
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            where = f"data_dir {config.data_dir}" if config.data_dir else "the Hub (no data_dir given)"
+            raise UsageError(f"{task}: cannot read its data from {where}: {reason}. Give data_dir, a folder laid "
+                             "out as llama2_hf.evaluation.data describes") from None
 
 
 def run_task(name: str, model, tokenizer, config: EvalConfig, settings: RunSettings | None = None) -> TaskResult:

@@ -114,7 +114,7 @@ class QuickstartConfig:
                              f"({self.ppo_iterations}): the policy would never be updated")
         unknown = sorted(set(self.stages) - set(STAGES))
         if unknown:
-            raise ValueError(f"unknown quickstart stages {unknown}; expected some of {list(STAGES)}")
+            raise UsageError(f"unknown quickstart stages {unknown}; expected some of {list(STAGES)}")
 
     def n(self, value: int, minimum: int = 8) -> int:
         return max(minimum, int(round(value * self.scale)))

@@ -37,6 +37,25 @@ def load_tokenizer(name_or_path) -> Llama2Tokenizer:
     return tokenizer
 
 
+def check_prompt_lengths(prompts, tokenizer, model_source) -> None:
+    """Refuse, before any model is loaded, a prompt that leaves the model no room to answer: its chat-format ids fill
+    the model's context (`max_position_embeddings` of its config). The error names the prompt's file and line."""
+    from transformers import AutoConfig
+
+    from ..tokenization_llama2 import encode_dialog
+
+    try:
+        context = AutoConfig.from_pretrained(str(model_source)).max_position_embeddings
+    except (OSError, ValueError, AttributeError):
+        return  # the model load reports what is wrong with it
+    for row in prompts:
+        n = len(encode_dialog(tokenizer, row.messages))
+        if n >= context:
+            where = row.source or f"prompt {row.id!r}"
+            raise UsageError(f"{where}: the prompt has {n} tokens in the chat format, the model's whole context is "
+                             f"{context}: no room is left for an answer (shorten or drop it)")
+
+
 def check_trainable_dtype(model_args, trainable: bool = True) -> None:
     """Refuse low-precision weights for a model an optimizer updates in full (see the module docstring)."""
     quantized = model_args.load_in_4bit or model_args.load_in_8bit

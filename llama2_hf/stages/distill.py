@@ -75,8 +75,8 @@ def main(script_args: DistillArguments, config: DistillConfig, sampling: ChatSam
     prompts = load_prompts(paths)
     try:
         preprompts = SafetyPreprompts.load(extra=config.preprompts_file)
-    except (ValueError, OSError) as err:
-        raise UsageError(f"preprompts: {err}") from None
+    except (ValueError, OSError, TypeError, AttributeError) as err:  # bad JSON or a file of another shape
+        raise UsageError(f"preprompts_file {config.preprompts_file}: {err}") from None
     for n, row in enumerate(prompts, 1):
         try:
             as_prompt_row(row, n)

@@ -27,9 +27,11 @@ from pathlib import Path
 from trl import ModelConfig
 
 from ..console import library_progress
-from ..evaluation.api import EvalConfig, markdown_table, run_task, task_metrics, write_report
+from ..evaluation.api import EvalConfig, check_data, markdown_table, run_task, task_metrics, write_report
 from ..evaluation.base import ensure_pad_token, load_tokenizer
-from ..runner import RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, stage_output
+from ..runner import (
+    RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, prefer_cpu, resolved_args, stage_output,
+)
 from ..vllm_engine import VLLMArguments, generation_engine
 from .common import load_model
 
@@ -65,11 +67,14 @@ def main(config: EvalConfig, model_args: ModelConfig, vllm_args: VLLMArguments |
         raise UsageError("model_name_or_path is required")
     # Everything that can fail without computing is checked first: model folder, judges, classifier, tokenizer.
     source = _model_source(model_args.model_name_or_path)
-    distributed_state(cpu=config.use_cpu)  # join the launch's ranks before anything reads them
+    if config.use_cpu:
+        prefer_cpu()
+    distributed_state()  # join the launch's ranks before anything reads them
     run = StageRun("eval", config.output_dir, resolved_args(config, model_args, vllm_args))
     if run.done:
         return run.record
     config.check_models()
+    check_data(config)
     vllm_args.check_installed()
     model_args = dataclasses.replace(model_args, model_name_or_path=source)
     tokenizer = _tokenizer(config.tokenizer_name_or_path or source)

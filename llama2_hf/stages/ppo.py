@@ -39,7 +39,7 @@ from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
 from ..runner import RUN_ARGS, RUN_RECORD, RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
 from ..trainers.ppo import METRICS_FILE, Llama2PPOConfig, Llama2PPOTrainer, latest_checkpoint
 from ..vllm_engine import VLLMArguments, generation_engine
-from .common import RewardArguments, load_model, load_reward, load_tokenizer, peft_config
+from .common import RewardArguments, check_prompt_lengths, load_model, load_reward, load_tokenizer, peft_config
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def main(script_args: PPOArguments, config: Llama2PPOConfig, model_args: ModelCo
         if str(critic_path).startswith((".", "/")) and not Path(critic_path).exists():
             raise UsageError(f"value_model_name_or_path {critic_path}: no such folder")
     tokenizer = load_tokenizer(script_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    check_prompt_lengths(prompts, tokenizer, model_args.model_name_or_path)
     for i, p in enumerate(prompt_paths):
         run.add_input(f"prompts_{i}", p)
     run.add_input("model", model_args.model_name_or_path)

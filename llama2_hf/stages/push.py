@@ -59,8 +59,15 @@ class PushArguments:
 def main(args: PushArguments) -> RunRecord:
     from huggingface_hub.errors import HfHubHTTPError
 
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     if not args.model_name_or_path or not args.repo_id:
         raise UsageError("model_name_or_path and repo_id are required")
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError:
+        raise UsageError(f"repo_id {args.repo_id!r} is not a Hub repo id: expected `owner/name` (letters, digits, "
+                         "'-', '_' and '.')") from None
     values = resolved_args(args)
     values.pop("hub_token")  # a secret: never in run_args.json / run.json
     state = distributed_state()  # under a launch one process uploads

@@ -65,7 +65,7 @@ from ..runner import (
     write_json_atomic,
     write_jsonl_atomic,
 )
-from .common import RewardArguments, load_model, load_reward, load_tokenizer, peft_config
+from .common import RewardArguments, check_prompt_lengths, load_model, load_reward, load_tokenizer, peft_config
 from ..vllm_engine import VLLMArguments, generation_engine
 from .training import finish_training, run_training
 
@@ -218,6 +218,7 @@ def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfi
     prompts = load_prompts(prompt_paths)
     earlier = earlier_records(script_args.pool_dirs, script_args.iteration)
     tokenizer = load_tokenizer(script_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    check_prompt_lengths(prompts, tokenizer, model_args.model_name_or_path)
     for i, p in enumerate(prompt_paths):
         run.add_input(f"prompts_{i}", p)
     for i, p in enumerate(script_args.pool_dirs):

@@ -184,10 +184,10 @@ class Llama2PPOConfig(TrainingArguments):
             raise ValueError(f"critic_warmup_iterations must be >= 0, got {self.critic_warmup_iterations}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        check_ranges(self, positive=("num_iterations", "batch_size", "mini_batch_size", "ppo_epochs", "learning_rate",
-                                     "value_learning_rate", "max_new_tokens", "generation_batch_size", "clip_range",
-                                     "clip_range_value", "max_grad_norm"),
-                     non_negative=("kl_coef", "weight_decay", "entropy_coef", "missing_eos_penalty"),
+        check_ranges(self, positive=("num_iterations", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+                                     "generation_batch_size", "clip_range", "clip_range_value", "max_grad_norm"),
+                     non_negative=("learning_rate", "value_learning_rate", "kl_coef", "weight_decay", "entropy_coef",
+                                   "missing_eos_penalty"),
                      fractions=("gamma", "lam", "top_p"))
         if self.top_p == 0:
             raise ValueError("top_p must be in (0, 1], got 0")

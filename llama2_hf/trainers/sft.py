@@ -52,9 +52,9 @@ def apply_global_batch_size(config) -> None:
     wins). Runs before TrainingArguments' own `__post_init__`, so the process count comes from the launcher's
     `WORLD_SIZE`.
     """
-    check_ranges(config, positive=("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+    check_ranges(config, positive=("per_device_train_batch_size", "per_device_eval_batch_size",
                                    "gradient_accumulation_steps", "global_batch_size", "max_length"),
-                 non_negative=("weight_decay", "warmup_steps", "max_grad_norm"))
+                 non_negative=("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm"))
     if config.max_steps < -1 or config.max_steps == 0:
         raise ValueError(f"max_steps must be > 0 (or -1: num_train_epochs decides), got {config.max_steps}")
     if config.max_steps == -1 and not config.num_train_epochs > 0:
