@@ -255,12 +255,19 @@ def run_stage(name: str, /, redo: bool = False, **values) -> RunRecord:
 
 
 def cli_main(name: str, argv: Sequence[str]) -> int:
-    """`llama2-hf <name> ...` for a stage: parse its dataclasses, run its one runner (a bare `--redo` runs again
-    in a folder that holds a finished or interrupted run)."""
+    """`llama2-hf <name> ...` for a stage: parse its dataclasses, run its one runner. Bare flags of every stage:
+    `--redo` runs again in a folder that holds a finished or interrupted run, `--progress` shows the libraries'
+    progress bars (weight loading, dataset maps; off by default), `--debug` shows the traceback of an error."""
     stage = get_stage(name)
 
     def body(args: list[str]) -> None:
         args, redo = _pop_flag(args, "--redo")
+        if "progress" not in field_names(stage):  # a stage with its own `progress` setting applies it itself
+            args, progress = _pop_flag(args, "--progress")
+            if progress:
+                from .console import library_progress
+
+                library_progress(True)
         instances = parse_args(stage, args)[0]
         with stage_call(redo):
             stage.main(*instances)
