@@ -47,7 +47,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -60,6 +59,7 @@ from . import progress
 from .data import SAFETY_TAG, InvalidDataFile, InvalidExample, jsonl_rows, load_prompts, validate_preference
 from .losses import RATINGS
 from .loading import load_pretrained
+from .rewards import SAFETY_THRESHOLD, SafetyGatedReward
 from .runner import (
     RunRecord,
     StageRun,
@@ -160,6 +160,9 @@ class IterateConfig:
     judge_margins: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.2], metadata={
         "help": "Reward-score differences at which a reward-model judge answers significantly better, better, "
                 "slightly better (below the last: negligibly better / unsure)."})
+    safety_threshold: float = field(default=SAFETY_THRESHOLD, metadata={
+        "help": "The safety gate of the reward-model judges (the loop's win-rate judge and annotator=judge): a "
+                "response is labelled unsafe when sigmoid(R_s) is below it (0.15: paper §3.2.3)."})
     reward_model_recipe: str | None = field(default=None, metadata={"help": "Recipe YAML of train-rm's settings."})
     rejection_sampling_recipe: str | None = field(default=None, metadata={
         "help": "Recipe YAML of rejection-sample's settings."})
@@ -179,6 +182,8 @@ class IterateConfig:
             raise ValueError(f"pair_temperatures needs two temperatures >= 0, got {self.pair_temperatures}")
         if not 0 <= self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not 0 < self.safety_threshold < 1:
+            raise ValueError(f"safety_threshold is a probability in (0, 1), got {self.safety_threshold}")
         if len(self.judge_margins) != 3 or list(self.judge_margins) != sorted(self.judge_margins, reverse=True):
             raise ValueError(f"judge_margins needs three decreasing score differences, got {self.judge_margins}")
         if self.annotation_batch_size < 1:
@@ -220,13 +225,14 @@ class RewardModelJudge:
     protocol then refuses the pairs of safety prompts, which need labels)."""
 
     def __init__(self, helpfulness_model: str, safety_model: str | None = None,
-                 margins: Sequence[float] = (1.0, 0.5, 0.2), safety_threshold: float | None = None,
+                 margins: Sequence[float] = (1.0, 0.5, 0.2), safety_threshold: float = SAFETY_THRESHOLD,
                  batch_size: int = 8, name: str | None = None, tokenizer_name_or_path: str | None = None):
-        from .rewards import SAFETY_THRESHOLD
-
         self.paths = {"helpfulness": helpfulness_model, "safety": safety_model}
         self.margins = list(margins)
-        self.threshold = SAFETY_THRESHOLD if safety_threshold is None else safety_threshold
+        # the safety labels come from the reward's own gate (one definition of sigmoid(R_s) < threshold)
+        self.gate = SafetyGatedReward(lambda p, r: self.scores("helpfulness", p, r),
+                                      lambda p, r: self.scores("safety", p, r), threshold=safety_threshold,
+                                      whiten="none")
         self.batch_size, self.tokenizer = batch_size, tokenizer_name_or_path
         self.name = name or "judge:" + Path(str(helpfulness_model)).name
         self._scorers: dict[str, Any] = {}
@@ -273,7 +279,7 @@ class RewardModelJudge:
             answer = {"choice": "a" if a >= b else "b", "rating": rating_for(a - b, self.margins),
                       "safety_a": None, "safety_b": None}
             if p["id"] in safety:
-                sa, sb = (("safe" if 1 / (1 + math.exp(-s)) >= self.threshold else "unsafe") for s in safety[p["id"]])
+                sa, sb = ("unsafe" if flag else "safe" for flag in self.gate.unsafe(safety[p["id"]]).tolist())
                 answer.update(safety_a=sa, safety_b=sb)
             answers.append(answer)
         return answers
@@ -295,7 +301,8 @@ class PageAnnotator:
 
 
 def load_annotator(spec: str, margins: Sequence[float] = (1.0, 0.5, 0.2), page_wait_s: float = 0.0,
-                   judge_helpfulness_model: str | None = None, judge_safety_model: str | None = None):
+                   judge_helpfulness_model: str | None = None, judge_safety_model: str | None = None,
+                   safety_threshold: float = SAFETY_THRESHOLD):
     """The annotator named on the command line: `page`, `judge` (with the judge models) or `module:callable` (a
     callable, or a class / factory without arguments returning one)."""
     if spec == "page":
@@ -303,7 +310,7 @@ def load_annotator(spec: str, margins: Sequence[float] = (1.0, 0.5, 0.2), page_w
     if spec == "judge":
         if not judge_helpfulness_model:
             raise UsageError("annotator=judge needs judge_helpfulness_model (a reward model folder)")
-        return RewardModelJudge(judge_helpfulness_model, judge_safety_model, margins)
+        return RewardModelJudge(judge_helpfulness_model, judge_safety_model, margins, safety_threshold)
     module_name, _, attr = spec.partition(":")
     if not attr:
         raise UsageError(f"annotator must be 'page', 'judge' or 'package.module:callable', got {spec!r}")
@@ -723,7 +730,7 @@ class _Loop:
                 responses = {name: self.answer(path, c.eval_temperature, eval_prompts, f"v{n}-eval-{name}")
                              for name, path in models.items()}
                 _write_jsonl(cache, [{"model": k, "path": models[k], "responses": v} for k, v in responses.items()])
-            judge = RewardModelJudge(rms["helpfulness"], rms["safety"], c.judge_margins,
+            judge = RewardModelJudge(rms["helpfulness"], rms["safety"], c.judge_margins, c.safety_threshold,
                                      name=f"reward models v{n}", tokenizer_name_or_path=c.tokenizer_name_or_path)
             win_rates: dict[str, dict] = {}
             for other in ("previous", "sft"):

@@ -251,6 +251,15 @@ class SafetyGatedReward:
             raise ValueError(f"a reward model returned {tuple(values.shape)} scores for {len(prompts)} pairs")
         return values
 
+    def safety_probability(self, safety: torch.Tensor) -> torch.Tensor:
+        """sigmoid(R_s) of the safety RM's scores (as they are when the scorer returns probabilities)."""
+        return safety if self.rm_outputs == "probabilities" else torch.sigmoid(safety)
+
+    def unsafe(self, safety: torch.Tensor) -> torch.Tensor:
+        """The gate (paper Eq. 3): which responses the safety RM's scores flag unsafe, sigmoid(R_s) < threshold. The
+        one definition the reward and the loop's reward-model annotator (its safety labels) share."""
+        return self.safety_probability(torch.as_tensor(safety, dtype=torch.float32)) < self.threshold
+
     def score(self, prompts: Sequence[Prompt], responses: Sequence, **columns) -> RewardOutput:
         """Rewards and components (helpfulness, safety, safety_prob, used_safety, gated) of a batch."""
         n = len(prompts)
@@ -259,8 +268,8 @@ class SafetyGatedReward:
         responses = [response_text(r) for r in responses]
         tagged = _flags(self._safety_tags(columns), n, self.safety_column)
         safety = self._scores(self.safety, prompts, responses)
-        safety_prob = safety if self.rm_outputs == "probabilities" else torch.sigmoid(safety)
-        use_safety = tagged | (safety_prob < self.threshold)
+        safety_prob = self.safety_probability(safety)
+        use_safety = tagged | self.unsafe(safety)
         helpfulness = torch.full((n,), float("nan"))
         rows = (~use_safety).nonzero().flatten().tolist()
         if rows:

@@ -38,7 +38,8 @@ class AnnotatorArguments:
 
 def main(annotator_args: AnnotatorArguments, config: IterateConfig) -> RunRecord:
     annotator = load_annotator(annotator_args.annotator, config.judge_margins, config.page_wait_s,
-                               annotator_args.judge_helpfulness_model, annotator_args.judge_safety_model)
+                               annotator_args.judge_helpfulness_model, annotator_args.judge_safety_model,
+                               config.safety_threshold)
     iterate(config, annotator)
     return RunRecord.read(config.output_dir)
 
