@@ -148,10 +148,11 @@ def test_weights_that_do_not_fit_their_role_are_refused(case, stage_inputs, shar
     assert not (out / "run.json").exists()
 
 
-def test_a_reward_model_may_start_from_a_chat_model_only_where_documented(stage_inputs, tmp_path, caplog):
-    from llama2_hf import Llama2ForRewardModel
+def test_a_reward_model_may_start_from_a_chat_model_only_where_documented(stage_inputs, caplog, monkeypatch):
+    from llama2_hf import Llama2ForRewardModel, loading
     from llama2_hf.loading import load_pretrained
 
+    monkeypatch.setattr(loading, "_new_head_logged", set())  # other tests may have loaded this folder already
     with caplog.at_level("INFO", logger="llama2_hf.loading"):
         model = load_pretrained(Llama2ForRewardModel, stage_inputs["policy"], "reward model", new_head=True)
         load_pretrained(Llama2ForRewardModel, stage_inputs["policy"], "reward model", new_head=True)
