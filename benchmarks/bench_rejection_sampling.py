@@ -73,7 +73,7 @@ def load_tokenizer():
 def load_prompts(n: int, multi_turn: bool) -> list[list[dict]]:
     """Chat prompts from HH-RLHF harmless-base: the first human turn, or (`multi_turn`) the whole dialogue up to its
     last human turn, as rejection sampling sees prompts with their history."""
-    from llama2_hf.data import parse_hh_transcript
+    from llama2_hf.preference_data import parse_hh_transcript
 
     path = SHARED / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
     if not path.is_file():

@@ -39,7 +39,8 @@ CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
 
 def hh_preferences(limit: int) -> Dataset:
     """The first `limit` valid HH-RLHF harmless-base test pairs in the preference schema."""
-    from llama2_hf.data import from_hh_rlhf, load_any, validate_preference
+    from llama2_hf.data import load_any, validate_preference
+    from llama2_hf.preference_data import from_hh_rlhf
 
     if not HH_TEST.is_file():
         sys.exit(f"needs the HH-RLHF test split at {HH_TEST}")

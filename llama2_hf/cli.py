@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
         library_progress(False)  # a command with a `--progress` setting turns them back on with it
     if name in STAGES:
-        from .runner import cli_main
+        from .stages import cli_main
 
         return cli_main(name, rest)
     if name in OTHER_COMMANDS:

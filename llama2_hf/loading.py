@@ -99,6 +99,21 @@ def not_found(source: str, role: str, error: BaseException) -> UsageError:
                       f"({type(error).__name__}; offline, or not a model the token can read)")
 
 
+def load_tokenizer(name_or_path):
+    """The Llama 2 tokenizer saved with a model (or a tokenizer folder / Hub id); padding uses `unk` when the
+    tokenizer has no pad token (its positions are masked out of every loss and attention)."""
+    check_tokenizer_folder(name_or_path)
+    from .tokenization_llama2 import Llama2Tokenizer
+
+    try:
+        tokenizer = Llama2Tokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as e:
+        raise not_found(str(name_or_path), "tokenizer", e) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
 def load_pretrained(cls, source: str, role: str, *, new_head: bool = False, **kwargs):
     """`cls.from_pretrained(source, **kwargs)` for the model playing `role` ("policy", "safety reward model", ...),
     refusing (`UsageError`) a checkpoint whose weights do not all fit `cls`; see the module docstring. A source that
@@ -128,4 +143,4 @@ def load_pretrained(cls, source: str, role: str, *, new_head: bool = False, **kw
     return model
 
 
-__all__ = ["check_tokenizer_folder", "load_pretrained", "not_found", "weight_misfit"]
+__all__ = ["check_tokenizer_folder", "load_pretrained", "load_tokenizer", "not_found", "weight_misfit"]

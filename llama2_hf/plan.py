@@ -113,7 +113,8 @@ def _field_defaults(stage) -> dict:
 
 def read_recipe(path: str, stage_name: str | None = None) -> Recipe:
     """The recipe's values for its stage (UsageError for a missing file, an unknown stage or key)."""
-    from .runner import _check_recipe_keys, get_stage
+    from .runner import _check_recipe_keys
+    from .stages import get_stage
 
     if not Path(path).is_file():
         raise UsageError(f"--config {path}: no such file")

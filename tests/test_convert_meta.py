@@ -17,7 +17,8 @@ from safetensors import safe_open
 from llama2_hf.cli import main as cli
 from llama2_hf.convert_meta import convert_meta_checkpoint, interleaved_to_rotate_half
 from llama2_hf.modeling_llama2 import Llama2ForCausalLM
-from llama2_hf.runner import RunRecord, UsageError, run_stage
+from llama2_hf.runner import RunRecord, UsageError
+from llama2_hf.stages import run_stage
 from llama2_hf.tokenization_llama2 import Llama2Tokenizer, train_llama2_tokenizer
 
 VOCAB = 320  # divisible by 8: the output projection is split on the vocabulary
@@ -211,7 +212,7 @@ def slow_write(self, name, tensor):  # the conversion of a large model, slowed d
     time.sleep(0.5)
 
 cm._SafetensorsWriter.write = slow_write
-from llama2_hf.runner import run_stage
+from llama2_hf.stages import run_stage
 run_stage("convert-meta", input_dir=sys.argv[1], output_dir=sys.argv[2], overwrite=True, progress=False,
           max_shard_size="200000")
 """

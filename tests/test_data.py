@@ -10,22 +10,24 @@ from datasets import Dataset
 from llama2_hf.data import (
     SAFETY_LABELS,
     InvalidDataFile,
-    from_hh_rlhf,
-    from_trl_preference,
     load_any,
     load_data_files,
-    load_preference_data,
-    load_preference_files,
     load_prompts,
-    mix_helpfulness_rm_data,
-    mix_safety_rm_data,
-    parse_hh_transcript,
     prepare_preference_dataset,
     prepare_sft_dataset,
     response_safety,
     sft_messages,
-    standardize_preferences,
     validate_preference,
+)
+from llama2_hf.preference_data import (
+    from_hh_rlhf,
+    from_trl_preference,
+    load_preference_data,
+    load_preference_files,
+    mix_helpfulness_rm_data,
+    mix_safety_rm_data,
+    parse_hh_transcript,
+    standardize_preferences,
 )
 
 U, A, S = "user", "assistant", "system"

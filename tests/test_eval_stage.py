@@ -11,7 +11,8 @@ from llama2_hf.cli import main as cli
 from llama2_hf.evaluation import EvalConfig, RunSettings, TruthfulQAConfig
 from llama2_hf.evaluation.data import load_truthfulqa_gen
 from llama2_hf.evaluation.prompts import TRUTHFULQA_PRIMER, random_truthfulqa_primer
-from llama2_hf.runner import RunRecord, UsageError, run_stage
+from llama2_hf.runner import RunRecord, UsageError
+from llama2_hf.stages import run_stage
 
 from conftest import accelerate_launch
 

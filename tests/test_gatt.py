@@ -40,7 +40,8 @@ from llama2_hf.gatt import (
 )
 from llama2_hf.cli import main as cli
 from llama2_hf.gatt import plan_gatt_dialogues
-from llama2_hf.runner import RunRecord, UsageError, run_stage, stage_output
+from llama2_hf.runner import RunRecord, UsageError, stage_output
+from llama2_hf.stages import run_stage
 from llama2_hf.tokenization_llama2 import B_SYS, E_SYS
 
 from conftest import write_jsonl

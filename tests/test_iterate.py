@@ -17,11 +17,11 @@ from llama2_hf.iterate import (
     PreferenceStore,
     collect_answers,
     format_versions,
-    iterate,
     load_annotator,
     rating_for,
 )
 from llama2_hf.runner import RunRecord, UsageError, parse_args
+from llama2_hf.stages.rlhf_loop import iterate
 
 from conftest import TINY_TRAINING, preference_rows, write_jsonl
 
@@ -302,7 +302,7 @@ def test_versions_summary(loop):
 
 
 def test_pre_loop_preferences_are_replayed_per_version(tmp_path):
-    from llama2_hf.iterate import _Loop
+    from llama2_hf.stages.rlhf_loop import _Loop
 
     rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}", "rating": "better"} for i in range(5)]
     path = write_jsonl(tmp_path / "earlier.jsonl", rows)

@@ -92,9 +92,9 @@ def test_token_logprobs_and_their_gradient_equal_autograds(temperature, dtype, r
     """`token_logprobs` (the update's log-probabilities: one (N, V) buffer in backward, row blocks on CPU) equals
     `logprobs_from_logits(logits / T)` and its autograd gradient: float32 logits kept or handed over
     (`reuse_logits`), its own float32 copy (temperature, bf16 logits)."""
-    import llama2_hf.trainers.ppo as ppo
+    import llama2_hf.trainers.ppo_parts as ppo_parts
 
-    monkeypatch.setattr(ppo, "_ROW_CHUNK_BYTES", 3 * 50 * 4)  # several row blocks, the last one short
+    monkeypatch.setattr(ppo_parts, "_ROW_CHUNK_BYTES", 3 * 50 * 4)  # several row blocks, the last one short
     torch.manual_seed(0)
     base = (torch.randn(3, 5, 50) * 3).to(dtype)
     targets = torch.randint(0, 50, (3, 5))

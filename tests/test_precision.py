@@ -14,7 +14,8 @@ import torch
 from datasets import Dataset
 
 from llama2_hf import Llama2ForCausalLM
-from llama2_hf.runner import UsageError, run_stage
+from llama2_hf.runner import UsageError
+from llama2_hf.stages import run_stage
 from llama2_hf.trainers.sft import Llama2SFTConfig, Llama2SFTTrainer
 
 from conftest import TINY_TRAINING

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama2_hf.runner import UsageError, field_names, get_stage, parse_args
+from llama2_hf.runner import UsageError, field_names, parse_args
+from llama2_hf.stages import get_stage
 from llama2_hf.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]

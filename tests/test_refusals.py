@@ -10,7 +10,8 @@ import torch
 
 from conftest import write_jsonl
 from llama2_hf.cli import main as cli
-from llama2_hf.runner import RunRecord, UsageError, run_stage
+from llama2_hf.runner import RunRecord, UsageError
+from llama2_hf.stages import run_stage
 
 from llama2_hf.refusals import (
     BORDERLINE_PROMPTS_FILE,

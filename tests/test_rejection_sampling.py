@@ -26,7 +26,8 @@ from llama2_hf.rejection_sampling import (
     report,
     select,
 )
-from llama2_hf.runner import RunRecord, UsageError, run_stage, stage_output
+from llama2_hf.runner import RunRecord, UsageError, stage_output
+from llama2_hf.stages import run_stage
 
 from conftest import TINY_TRAINING, TargetTokenReward, accelerate_launch, write_jsonl
 

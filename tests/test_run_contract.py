@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from llama2_hf import run_lock
 from llama2_hf.cli import main as cli
 from llama2_hf.errors import UsageError
-from llama2_hf.runner import RUN_ARGS, StageRun, content_hash, run_stage
+from llama2_hf.runner import RUN_ARGS, StageRun, content_hash
+from llama2_hf.stages import run_stage
 
 
 def rs_args(stage_inputs, out, **changes) -> list[str]:
@@ -341,7 +342,8 @@ def test_messages_name_what_is_wrong(stage_inputs, tmp_path, capsys):
 @pytest.mark.parametrize("command, flags", [("eval-rm", ["--bf16", "true"]), ("eval", ["--use_cpu", "true"]),
                                             ("refusals", ["--use_cpu", "true"]), ("gatt", ["--use_cpu", "true"])])
 def test_flags_the_other_commands_take_are_accepted(command, flags):
-    from llama2_hf.runner import get_stage, parse_args
+    from llama2_hf.runner import parse_args
+    from llama2_hf.stages import get_stage
 
     instances, _ = parse_args(get_stage(command), ["--output_dir", "x", *flags])
     assert any(getattr(i, flags[0][2:], None) is True for i in instances)

@@ -21,7 +21,8 @@ from llama2_hf.safety_distill import (
     select_improved,
 )
 from llama2_hf.cli import main as cli
-from llama2_hf.runner import RunRecord, UsageError, run_stage, stage_output
+from llama2_hf.runner import RunRecord, UsageError, stage_output
+from llama2_hf.stages import run_stage
 from llama2_hf.tokenization_llama2 import encode_dialog
 
 from conftest import write_jsonl

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, accelerate_launch
-from llama2_hf.runner import RunRecord, run_stage
+from llama2_hf.runner import RunRecord
+from llama2_hf.stages import run_stage
 
 RECIPES = REPO_ROOT / "recipes" / "accelerate"
 

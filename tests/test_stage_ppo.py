@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from llama2_hf.cli import main as cli
-from llama2_hf.runner import RunRecord, UsageError, run_stage, write_json_atomic
+from llama2_hf.runner import RunRecord, UsageError, write_json_atomic
+from llama2_hf.stages import run_stage
 
 from conftest import REPO_ROOT, accelerate_launch, write_jsonl
 

@@ -8,7 +8,8 @@ import torch
 from llama2_hf import Llama2ForCausalLM
 from llama2_hf.cli import main as cli
 from llama2_hf.data import InvalidDataFile
-from llama2_hf.runner import RunRecord, UsageError, run_stage
+from llama2_hf.runner import RunRecord, UsageError
+from llama2_hf.stages import run_stage
 from llama2_hf.stages.pretrain import Llama2PretrainConfig, pack_texts
 
 from conftest import TINY_TRAINING, write_jsonl

@@ -12,7 +12,8 @@ from llama2_hf import Llama2ForCausalLM, Llama2ForRewardModel
 from llama2_hf.cli import main as cli
 from llama2_hf.data import InvalidDataFile
 from llama2_hf.rm_eval import evaluate_reward_model
-from llama2_hf.runner import RunRecord, UsageError, run_stage
+from llama2_hf.runner import RunRecord, UsageError
+from llama2_hf.stages import run_stage
 from llama2_hf.stages.common import load_tokenizer
 
 from conftest import TINY_TRAINING, preference_rows, write_jsonl

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from llama2_hf.cli import main as cli
-from llama2_hf.runner import RunRecord, UsageError, run_stage
+from llama2_hf.runner import RunRecord, UsageError
+from llama2_hf.stages import run_stage
 
 from conftest import TINY_TRAINING, write_jsonl
 

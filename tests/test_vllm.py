@@ -225,7 +225,8 @@ SAMPLING_STAGES = ["rejection-sample", "ppo", "gatt", "gatt-eval", "distill", "r
 
 @pytest.mark.parametrize("name", SAMPLING_STAGES)
 def test_every_sampling_stage_reads_the_backend_from_a_recipe(name, tmp_path):
-    from llama2_hf.runner import field_names, get_stage, parse_args
+    from llama2_hf.runner import field_names, parse_args
+    from llama2_hf.stages import get_stage
 
     stage = get_stage(name)
     assert VLLMArguments in stage.dataclass_types

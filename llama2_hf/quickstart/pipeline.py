@@ -1,7 +1,7 @@
 """The whole Llama 2-Chat pipeline on the synthetic world, stage by stage, each resuming from its outputs.
 
 The stages that do not depend on the toy tokenizer's training run through the pipeline's one runner
-(`runner.run_stage(name, **fields)`, the function behind `llama2-hf <stage>`): the world's data is written to JSONL
+(`stages.run_stage(name, **fields)`, the function behind `llama2-hf <stage>`): the world's data is written to JSONL
 files under `output_dir/data/` and passed by path, with the toy sizes of `QuickstartConfig`. The quickstart's own
 steps (the tokenizer, the toy pretraining, the evaluations of the toy world) keep the runner's bookkeeping too
 (`StageRun`): a folder whose `run.json` holds the same arguments is reused, other arguments are refused. A run in a
@@ -25,7 +25,8 @@ from .. import progress, run_lock
 from ..errors import check_ranges
 from ..generation import SamplingConfig, generate_text
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
-from ..runner import RunRecord, StageRun, UsageError, run_stage, stage_output, write_json_atomic
+from ..runner import RunRecord, StageRun, UsageError, stage_output, write_json_atomic
+from ..stages import run_stage
 from ..tokenization_llama2 import Llama2Tokenizer, train_llama2_tokenizer
 from .world import PIRATE_INSTRUCTION, PIRATE_PREFIX, World, is_correct, is_refusal, is_violation, parse_prompt
 
@@ -307,7 +308,8 @@ class Pipeline:
         annotates them, both reward models (started from the ones trained on the world's preference data) are
         retrained on every annotation so far, rejection sampling (pooled over the versions, fine-tuned from SFT)
         makes the version's policy, and the last version adds PPO. Each version is one stage bar."""
-        from ..iterate import IterateConfig, iterate
+        from ..iterate import IterateConfig
+        from ..stages.rlhf_loop import iterate
         from .world import WorldChecker
 
         c = self.config

@@ -1,4 +1,5 @@
-"""The pipeline's stages, one module each: `STAGE = Stage(name, help, dataclass_types, main)` (see `llama2_hf.runner`).
+"""The pipeline's stages, one module each: `STAGE = Stage(name, help, dataclass_types, main)` (see `llama2_hf.runner`),
+and the one way to run one: `run_stage(name, **fields)` from Python, `cli_main(name, argv)` for `llama2-hf <name>`.
 
 Order of the chain (each stage reads the folders the previous ones write):
 
@@ -9,6 +10,10 @@ Order of the chain (each stage reads the folders the previous ones write):
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
+
+from ..records import RunRecord
+from ..runner import Stage, _pop_flag, build, field_names, parse_args, run_command, stage_call
 
 # command name -> module defining STAGE (imported only when the command runs, so `--help` stays fast)
 STAGES: dict[str, str] = {
@@ -30,8 +35,45 @@ STAGES: dict[str, str] = {
 }
 
 
-def load_stage(name: str):
+def get_stage(name: str) -> Stage:
     """The `Stage` of command `name` (ValueError for an unknown name)."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}")
     return importlib.import_module(STAGES[name]).STAGE
+
+
+load_stage = get_stage
+
+
+def run_stage(name: str, /, redo: bool = False, **values) -> RunRecord:
+    """Run stage `name` in this process with the given field values (the quickstart's and the tests' entry).
+    `redo=True` runs again in a folder that holds a finished or interrupted run (its contents are removed)."""
+    stage = get_stage(name)
+    instances = build(stage, **values)
+    with stage_call(redo):
+        return stage.main(*instances)
+
+
+def cli_main(name: str, argv: Sequence[str]) -> int:
+    """`llama2-hf <name> ...` for a stage: parse its dataclasses, run its one runner. Bare flags of every stage:
+    `--redo` runs again in a folder that holds a finished or interrupted run, `--progress` shows the libraries'
+    progress bars (weight loading, dataset maps; off by default), `--debug` shows the traceback of an error."""
+    stage = get_stage(name)
+
+    def body(args: list[str]) -> None:
+        args, redo = _pop_flag(args, "--redo")
+        if "progress" not in field_names(stage):  # a stage with its own `progress` setting applies it itself
+            args, progress = _pop_flag(args, "--progress")
+            if progress:
+                from ..console import library_progress
+
+                library_progress(True)
+        instances = parse_args(stage, args)[0]
+        with stage_call(redo):
+            stage.main(*instances)
+
+    return run_command(name, argv, body)
+
+
+__all__ = ["STAGES", "cli_main", "get_stage", "load_stage", "run_stage"]
+

@@ -16,25 +16,11 @@ import torch
 
 from ..rewards import SAFETY_THRESHOLD, WHITEN_MODES
 from ..errors import UsageError
-from ..loading import check_tokenizer_folder, load_pretrained, not_found
-from ..tokenization_llama2 import Llama2Tokenizer
+from ..loading import load_pretrained, load_tokenizer  # noqa: F401  (load_tokenizer: the stages' import)
 
 logger = logging.getLogger(__name__)
 
 LOW_PRECISION = ("bfloat16", "float16", "bf16", "fp16")
-
-
-def load_tokenizer(name_or_path) -> Llama2Tokenizer:
-    """The Llama 2 tokenizer saved with a model (or a tokenizer folder / Hub id); padding uses `unk` when the
-    tokenizer has no pad token (its positions are masked out of every loss and attention)."""
-    check_tokenizer_folder(name_or_path)
-    try:
-        tokenizer = Llama2Tokenizer.from_pretrained(str(name_or_path))
-    except (OSError, ValueError) as e:
-        raise not_found(str(name_or_path), "tokenizer", e) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
-    return tokenizer
 
 
 def check_prompt_lengths(prompts, tokenizer, model_source) -> None:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..iterate import IterateConfig, iterate, load_annotator
+from ..iterate import IterateConfig, load_annotator
 from ..runner import RunRecord, Stage
+from .rlhf_loop import iterate
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig
 
-from ..data import load_preference_files, mix_helpfulness_rm_data, mix_safety_rm_data
+from ..preference_data import load_preference_files, mix_helpfulness_rm_data, mix_safety_rm_data
 from ..modeling_llama2 import Llama2ForRewardModel
 from ..runner import RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
 from ..trainers.reward import Llama2RewardConfig, Llama2RewardTrainer

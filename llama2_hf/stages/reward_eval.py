@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from trl import ModelConfig
 
-from ..data import ON_OVERLENGTH, load_preference_files
+from ..data import ON_OVERLENGTH
+from ..preference_data import load_preference_files
 from ..modeling_llama2 import Llama2ForRewardModel
 from ..rm_eval import evaluate_reward_model, format_table8, table8_row
 from ..runner import RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output, write_json_atomic

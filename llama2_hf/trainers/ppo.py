@@ -41,24 +41,19 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import random
-import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import TrainingArguments
 
 from .. import progress
 from ..data import SAFETY_TAG, PromptRow, prompt_row
-from ..distributed import fsdp_plugin, full_state_dict, is_sharded, own_class, parameter_bytes, shard_model
+from ..distributed import fsdp_plugin, is_sharded, parameter_bytes, shard_model
 from ..generation import SamplingConfig, full_weights_for_generation, generate
 from ..losses import (
-    KL_ESTIMATORS,
     clipped_value_loss,
     entropy_from_logits,
     gae_advantages,
@@ -70,210 +65,15 @@ from ..losses import (
     whiten,
 )
 from ..rewards import score_with
-from ..errors import UsageError, check_ranges
 from ..tokenization_llama2 import encode_dialog
 
+from .ppo_config import KL_COEF_PRESETS, VALUE_MODEL_INITS, Llama2PPOConfig  # noqa: F401  (the public names)
+from .ppo_parts import (  # noqa: F401  (the public names)
+    METRICS_FILE, TRAINER_STATE, PPOCheckpointing, _as_float, _pad_right, _reward_model_of, complete_checkpoints,
+    is_peft_model, latest_checkpoint, token_logprobs, token_values, value_model_from_policy,
+)
+
 logger = logging.getLogger(__name__)
-
-KL_COEF_PRESETS = {"7b": 0.01, "13b": 0.01, "34b": 0.005, "70b": 0.005}
-"""beta of the KL penalty by model size (paper §3.2.3)."""
-
-VALUE_MODEL_INITS = ("reward_model", "policy")
-
-
-@dataclass
-class Llama2PPOConfig(TrainingArguments):
-    """PPO settings: the paper's values as defaults (§3.2.3); the rest are documented choices.
-
-    A `TrainingArguments` subclass (as TRL's PPOConfig was), so `output_dir`, `seed`, `bf16`, `use_cpu`,
-    `logging_steps`, `save_steps`, `save_total_limit`, `learning_rate` and the AdamW fields have their one
-    definition there. `bf16: true` is autocast compute; the policy and critic keep float32 master weights.
-    """
-
-    output_dir: str | None = field(default="ppo", metadata={
-        "help": "The policy (loadable with from_pretrained), metrics.jsonl, checkpoints and run.json."})
-    num_iterations: int = field(default=200, metadata={
-        "help": "PPO iterations (paper: 200-400 per model, early stopping on held-out prompts)."})
-    batch_size: int = field(default=512, metadata={"help": "Rollouts per iteration, over all ranks (512: paper)."})
-    mini_batch_size: int = field(default=64, metadata={
-        "help": "Rollouts per optimizer step over all ranks (64: paper; one gradient step per mini-batch)."})
-    micro_batch_size: int | None = field(default=None, metadata={
-        "help": "Rollouts per forward/backward pass on one rank (gradient accumulation inside a mini-batch); None = "
-                "the rank's share of mini_batch_size. Also the chunk size of the no-grad scoring passes."})
-    ppo_epochs: int = field(default=1, metadata={
-        "help": "Passes over each rollout batch (1: the paper's one step per mini-batch)."})
-    learning_rate: float = field(default=1e-6, metadata={"help": "Policy learning rate, constant (1e-6: paper)."})
-    value_learning_rate: float | None = field(default=None, metadata={
-        "help": "Critic learning rate (paper silent); None = learning_rate."})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (0.9: paper)."})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95: paper)."})
-    adam_epsilon: float = field(default=1e-5, metadata={"help": "AdamW epsilon (1e-5: paper)."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (0.1: paper)."})
-    max_grad_norm: float = field(default=1.0, metadata={
-        "help": "Gradient-norm clipping of the policy (1.0: paper); the critic, which the paper does not describe, "
-                "is clipped separately at the same value (our choice)."})
-    clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clipping epsilon (0.2: paper)."})
-    clip_range_value: float | None = field(default=0.2, metadata={
-        "help": "Value clipping around the rollout values (paper silent; 0.2 as the policy); None disables."})
-    kl_coef: float | None = field(default=None, metadata={
-        "help": "beta of the per-token KL penalty to pi_0; None = the preset of model_size (0.01 for 7B/13B, 0.005 "
-                "for 34B/70B: paper)."})
-    model_size: str = field(default="7b", metadata={
-        "help": "Size preset for kl_coef: 7b, 13b, 34b or 70b.", "choices": list(KL_COEF_PRESETS)})
-    kl_estimator: str = field(default="k1", metadata={
-        "help": "Per-token KL estimator (paper silent): k1 = log pi - log pi_0, k2, k3 or abs (see losses.kl_penalty).",
-        "choices": list(KL_ESTIMATORS)})
-    gamma: float = field(default=1.0, metadata={"help": "GAE discount (paper silent; 1.0 as Stiennon et al.)."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda (paper silent; 0.95 as Stiennon et al.)."})
-    whiten_advantages: bool = field(default=True, metadata={
-        "help": "Standardise advantages over the batch's response tokens, all ranks together (paper silent)."})
-    critic_warmup_iterations: int = field(default=0, metadata={
-        "help": "First iterations that train only the critic, the policy frozen (paper silent; 0 = none). A critic "
-                "started from a reward model predicts raw scores while PPO's rewards are whitened: until it fits, "
-                "its errors make up the advantages and move the policy at random."})
-    entropy_coef: float = field(default=0.0, metadata={
-        "help": "Entropy bonus coefficient (paper silent; none by default, the KL penalty regularises)."})
-    missing_eos_penalty: float | None = field(default=None, metadata={
-        "help": "Subtracted from the score of responses cut at max_new_tokens (paper silent; off)."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Rollout response length limit (paper silent)."})
-    temperature: float = field(default=1.0, metadata={
-        "help": "Rollout temperature (paper silent); log-probabilities use the same temperature. 0 = greedy "
-                "rollouts (for tests and debugging), whose log-probabilities are taken at temperature 1."})
-    top_p: float = field(default=1.0, metadata={
-        "help": "Rollout nucleus threshold (paper silent); below 1 the rollouts are slightly off-policy."})
-    rollout_logprobs: bool = field(default=True, metadata={
-        "help": "Take the rollout policy's log-probabilities and entropies from the logits of the decoding steps that "
-                "sampled the tokens (log_softmax(logits / T) before top-p, as the forward pass computes them) "
-                "instead of a second forward pass of the policy over the responses. They agree to float rounding "
-                "(float32: ~1e-6; bf16 compute rounds the cached decode and the full pass differently). The vLLM "
-                "backend always uses the forward pass."})
-    generation_batch_size: int = field(default=64, metadata={
-        "help": "Prompts per generation batch. Each batch is sampled with its own seed (seed, iteration, position "
-                "in the global batch), so rollouts do not depend on the number of ranks when each rank's share is "
-                "a multiple of it."})
-    value_model_init: str = field(default="reward_model", metadata={
-        "help": "Critic initialisation when value_model_name_or_path is not given (paper silent): 'reward_model' "
-                "copies the helpfulness RM (its regression head read at every token), 'policy' copies the policy "
-                "with a zero head.", "choices": list(VALUE_MODEL_INITS)})
-    value_model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Critic folder or Hub id (a sequence-classification model with one label); overrides "
-                "value_model_init."})
-    seed: int = field(default=42, metadata={"help": "Seed of prompt order, sampling and mini-batch shuffling."})
-    logging_steps: float = field(default=1, metadata={"help": "Iterations between metric logs."})
-    save_steps: float = field(default=50, metadata={"help": "Iterations between checkpoints (0: only at the end)."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (oldest removed first)."})
-    report_to: None | str | list[str] = field(default="none", metadata={
-        "help": "PPO logs to metrics.jsonl and the logger; no tracker integration."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.model_size not in KL_COEF_PRESETS:
-            raise ValueError(f"model_size must be one of {sorted(KL_COEF_PRESETS)}, got {self.model_size!r}")
-        if self.kl_coef is None:
-            self.kl_coef = KL_COEF_PRESETS[self.model_size]
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        if self.value_model_init not in VALUE_MODEL_INITS:
-            raise ValueError(f"value_model_init must be one of {VALUE_MODEL_INITS}, got {self.value_model_init!r}")
-        if self.batch_size % self.mini_batch_size:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
-                             f"({self.mini_batch_size})")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0: greedy rollouts), got {self.temperature}")
-        if self.critic_warmup_iterations < 0:
-            raise ValueError(f"critic_warmup_iterations must be >= 0, got {self.critic_warmup_iterations}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        check_ranges(self, positive=("num_iterations", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
-                                     "generation_batch_size", "clip_range", "clip_range_value", "max_grad_norm"),
-                     non_negative=("learning_rate", "value_learning_rate", "kl_coef", "weight_decay", "entropy_coef",
-                                   "missing_eos_penalty"),
-                     fractions=("gamma", "lam", "top_p"))
-        if self.top_p == 0:
-            raise ValueError("top_p must be in (0, 1], got 0")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Model helpers
-# ---------------------------------------------------------------------------------------------------------------------
-
-def is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
-def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor) -> torch.Tensor:
-    """Critic values at every position, (B, T): the sequence-classification head (`score`) applied to each token's
-    final hidden state instead of only the last one. Works for `Llama2ForRewardModel` and any transformers
-    `*ForSequenceClassification` with a `score` head and `num_labels=1`.
-
-    The model is called as a whole (so FSDP's root hooks gather the embeddings and the head) and the decoder's output
-    is captured with a forward hook."""
-    backbone = getattr(value_model, value_model.base_model_prefix)
-    captured = []
-    handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
-    try:
-        value_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    finally:
-        handle.remove()
-    return value_model.score(captured[0]).squeeze(-1).float()  # (B, T)
-
-
-def value_model_from_policy(policy: nn.Module) -> nn.Module:
-    """A `Llama2ForRewardModel` with the policy's decoder weights and a zero head (initial values 0)."""
-    from ..modeling_llama2 import Llama2ForRewardModel
-
-    base = policy.get_base_model() if is_peft_model(policy) else policy
-    config = copy.deepcopy(base.config)
-    config.num_labels = 1
-    critic = Llama2ForRewardModel(config)
-    # A peft policy at initialisation computes exactly its base model (LoRA's B is zero), so its base decoder is it.
-    decoder = {k.removeprefix("model."): v for k, v in base.state_dict().items()
-               if k.startswith("model.") and "lora_" not in k}
-    decoder = {k.replace(".base_layer.", "."): v for k, v in decoder.items()}
-    critic.model.load_state_dict(decoder)
-    nn.init.zeros_(critic.score.weight)
-    return critic.to(device=next(policy.parameters()).device, dtype=next(policy.parameters()).dtype)
-
-
-def _reward_model_of(reward) -> nn.Module | None:
-    """The helpfulness RM inside the reward, for the critic's initialisation (None if it has none)."""
-    for candidate in (getattr(reward, "helpfulness", None), reward):
-        model = getattr(candidate, "model", None)
-        if isinstance(model, nn.Module):
-            return model
-    return None
-
-
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """The full state dict of a `save_pretrained` directory (one or several safetensors files)."""
-    from safetensors.torch import load_file
-
-    index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
-        "model.safetensors"]
-    state = {}
-    for name in files:
-        state.update(load_file(directory / name))
-    return state
-
-
-def _load_weights(model: nn.Module, directory: Path) -> None:
-    """Load a `save_pretrained` directory's safetensors into an existing model (a peft adapter or full weights)."""
-    from safetensors.torch import load_file
-
-    adapter = directory / "adapter_model.safetensors"
-    if adapter.exists():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(adapter))
-        return
-    model.load_state_dict(_read_weights(directory), strict=True)
-
 
 @dataclass
 class Rollout:
@@ -294,7 +94,7 @@ class Rollout:
 # The trainer
 # ---------------------------------------------------------------------------------------------------------------------
 
-class Llama2PPOTrainer:
+class Llama2PPOTrainer(PPOCheckpointing):
     """PPO with a KL penalty to the initial policy against the pipeline's reward (see the module docstring).
 
     Args:
@@ -774,216 +574,6 @@ class Llama2PPOTrainer:
                 self.save_checkpoint()
         bar.close()
         return self.history
-
-    def _truncate_metrics(self, path: Path) -> None:
-        """Keep the rows of `metrics.jsonl` up to the current iteration (the restored checkpoint's), dropping those
-        a killed run logged after its last checkpoint and a torn last line."""
-        if not path.is_file():
-            return
-        text = path.read_text(encoding="utf-8")
-        kept, dropped = [], 0
-        for line in text.split("\n"):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                dropped += 1
-                continue
-            if int(row.get("iteration", 0)) <= self.iteration:
-                kept.append(line)
-            else:
-                dropped += 1
-        if dropped:
-            logger.warning("%s: dropping %d rows logged after iteration %d (they are redone)", path, dropped,
-                           self.iteration)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-            os.replace(tmp, path)
-
-    # -- checkpoints ---------------------------------------------------------------------------------------------
-
-    def _latest_checkpoint(self) -> Path | None:
-        return latest_checkpoint(self.args.output_dir)
-
-    def _full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
-        """Full (gathered) model state and optimizer state on rank 0, sharded or not; every rank must call it."""
-        if optimizer is None:
-            return full_state_dict(model), None
-        return full_state_dict(model, optimizer)
-
-    def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
-        """The policy (and tokenizer) in `output_dir`, the critic in `output_dir/value_model`: full weights,
-        gathered from the shards under FSDP (every rank must call it)."""
-        out = Path(output_dir or self.args.output_dir)
-        policy_state, _ = self._full_state(self.policy)
-        value_state, _ = self._full_state(self.value_model)
-        if self.rank == 0:
-            self._save_pretrained(self.policy, out, policy_state)
-            self.tokenizer.save_pretrained(out)
-            self._save_pretrained(self.value_model, out / "value_model", value_state)
-        self.accelerator.wait_for_everyone()
-
-    @staticmethod
-    def _save_pretrained(model: nn.Module, out: Path, state: dict) -> None:
-        if is_peft_model(model):
-            model.save_pretrained(out)  # replicated (a LoRA policy is never sharded): its own adapter weights
-        else:
-            with own_class(model):
-                model.save_pretrained(out, state_dict=state)
-
-    def save_checkpoint(self) -> Path:
-        """`checkpoint-{iteration}/`: policy and critic weights, both optimizers, iteration, data position, RNG
-        states and the reward's running statistics. `trainer_state.pt` is written last: a checkpoint without it was
-        cut by a kill and is never resumed from. Older complete checkpoints beyond `save_total_limit` are removed."""
-        path = Path(self.args.output_dir) / f"checkpoint-{self.iteration}"
-        policy_state, policy_optim = self._full_state(self.policy, self.policy_optimizer)
-        value_state, value_optim = self._full_state(self.value_model, self.value_optimizer)
-        if self.rank == 0:
-            (path / TRAINER_STATE).unlink(missing_ok=True)
-            self._save_pretrained(self.policy, path, policy_state)
-            self.tokenizer.save_pretrained(path)
-            self._save_pretrained(self.value_model, path / "value_model", value_state)
-            state = {
-                "iteration": self.iteration, "data_epoch": self.data_epoch, "data_position": self.data_position,
-                "world_size": self.world_size,
-                "policy_optimizer": policy_optim, "value_optimizer": value_optim,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "shuffle": self.shuffle_generator.get_state()},
-                "history": json.dumps(self.history),
-            }
-            if hasattr(self.reward, "state_dict"):
-                state["reward"] = self.reward.state_dict()
-            tmp = path / f".{TRAINER_STATE}.tmp"
-            torch.save(state, tmp)
-            os.replace(tmp, path / TRAINER_STATE)
-            if self.args.save_total_limit:
-                for old in complete_checkpoints(self.args.output_dir)[: -self.args.save_total_limit]:
-                    shutil.rmtree(old)
-        self.accelerator.wait_for_everyone()
-        return path
-
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore everything `save_checkpoint` wrote (weights are loaded into the existing, possibly sharded,
-        models). The world size must be the one that saved it (the data split and sampling seeds follow it)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        path = Path(path)
-        state = torch.load(path / TRAINER_STATE, weights_only=False)
-        if state.get("world_size", 1) != self.world_size:
-            raise UsageError(f"{path} was saved by {state.get('world_size', 1)} processes; resume it with the same "
-                             f"number (this launch has {self.world_size})")
-        options = StateDictOptions(full_state_dict=True)
-        for model, optimizer, folder, optim_state in (
-                (self.policy, self.policy_optimizer, path, state["policy_optimizer"]),
-                (self.value_model, self.value_optimizer, path / "value_model", state["value_optimizer"])):
-            if is_peft_model(model):
-                _load_weights(model, folder)
-                weights = {k: v for k, v in model.state_dict().items()}
-            else:
-                weights = _read_weights(folder)
-            set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_state,
-                           options=options)
-        self.iteration = state["iteration"]
-        self.data_epoch, self.data_position = state["data_epoch"], state["data_position"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        self.shuffle_generator.set_state(state["rng"]["shuffle"])
-        self.history = json.loads(state["history"])
-        if "reward" in state and hasattr(self.reward, "load_state_dict"):
-            self.reward.load_state_dict(state["reward"])
-        logger.info("resumed from %s at iteration %d", path, self.iteration)
-
-
-METRICS_FILE = "metrics.jsonl"
-TRAINER_STATE = "trainer_state.pt"
-
-
-def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """`checkpoint-*` folders of `output_dir` whose `trainer_state.pt` exists (written last), oldest first."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted((p for p in found if (p / TRAINER_STATE).is_file()), key=lambda p: int(p.name.split("-")[-1]))
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint; newer incomplete ones (a kill during their save) are skipped, with a
-    warning."""
-    complete = complete_checkpoints(output_dir)
-    newest = complete[-1] if complete else None
-    for p in Path(output_dir).glob("checkpoint-*"):
-        if p.name.split("-")[-1].isdigit() and not (p / TRAINER_STATE).is_file():
-            logger.warning("%s has no %s (its save was interrupted): skipped%s", p, TRAINER_STATE,
-                           f"; resuming from {newest.name}" if newest else "")
-    return newest
-
-
-_ROW_CHUNK_BYTES = 2**20
-"""On CPU the (N, V) passes of `token_logprobs` run over blocks of rows of about this size, which stay in cache."""
-
-
-def _row_blocks(z: torch.Tensor):
-    """Slices of rows of a 2-d tensor: blocks of ~1 MiB on CPU (each pass's reads and writes stay in cache), the
-    whole tensor elsewhere."""
-    n = z.shape[0]
-    step = n if z.device.type != "cpu" else max(1, _ROW_CHUNK_BYTES // max(1, z.shape[1] * z.element_size()))
-    return [slice(i, i + step) for i in range(0, n, step)]
-
-
-class _TokenLogProbs(torch.autograd.Function):
-    """log_softmax(logits / T)[target] per position; backward builds d/dlogits = (onehot - softmax) * grad / T in a
-    single (N, V) buffer (autograd's logsumexp + gather allocate and fill several), in place of the logits when the
-    caller hands them over."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, reuse_logits: bool):
-        z = logits.float()
-        if temperature != 1.0:
-            z = z / temperature
-        flat = z.reshape(-1, z.shape[-1])
-        lse = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
-        for rows in _row_blocks(flat):
-            torch.logsumexp(flat[rows], dim=-1, out=lse[rows])
-        lse = lse.view(z.shape[:-1])
-        ctx.save_for_backward(z, targets, lse)
-        ctx.temperature, ctx.dtype = temperature, logits.dtype
-        ctx.reuse = reuse_logits or z is not logits  # a copy made here is this function's to overwrite
-        return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        z, targets, lse = ctx.saved_tensors
-        grad = grad.float() / ctx.temperature
-        flat, lse_flat, grad_flat = z.reshape(-1, z.shape[-1]), lse.reshape(-1, 1), grad.reshape(-1, 1)
-        out = flat if ctx.reuse else torch.empty_like(flat)
-        for rows in _row_blocks(flat):  # softmax(z) * -grad, a block of rows at a time
-            torch.sub(flat[rows], lse_flat[rows], out=out[rows]).exp_().mul_(-grad_flat[rows])
-        out.scatter_add_(-1, targets.reshape(-1, 1), grad_flat)
-        return out.view(z.shape).to(ctx.dtype), None, None, None
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   reuse_logits: bool = False) -> torch.Tensor:
-    """`losses.logprobs_from_logits(logits / temperature, targets)`: float32 (B, R) log-probabilities of `targets`
-    under (B, R, V) logits, with a leaner backward (the logits' gradient made in one buffer instead of autograd's
-    several; on CPU every vocabulary-wide pass runs a cache-sized block of rows at a time). `reuse_logits=True` lets
-    the backward write that gradient over `logits` itself, for a caller that uses them for nothing else: the graph
-    can then be backpropagated once."""
-    return _TokenLogProbs.apply(logits, targets, float(temperature), reuse_logits)
-
-
-def _pad_right(rows: list[torch.Tensor], length: int) -> torch.Tensor:
-    """Per-response 1-d tensors as one (B, length) float32 tensor, zero after each response's end."""
-    out = torch.zeros((len(rows), length), dtype=torch.float32)
-    for i, row in enumerate(rows):
-        out[i, :row.shape[0]] = row
-    return out
-
-
-def _as_float(norm) -> float:
-    from torch.distributed.tensor import DTensor
-
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 __all__ = ["Llama2PPOConfig", "Llama2PPOTrainer", "KL_COEF_PRESETS", "Rollout", "complete_checkpoints",
