@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import llama2_hf.rejection_sampling as rs_lib
-from llama2_hf import runner
+from llama2_hf import records, runner
 from llama2_hf.cli import main as cli
 from llama2_hf.data import load_data_files, prompt_row, sft_messages
 from llama2_hf.generation import SamplingConfig, generate_text
@@ -288,7 +288,7 @@ def test_two_processes_equal_one_and_a_killed_process_resumes(stage_inputs, tmp_
     real_generate = rs_lib.generate
     monkeypatch.setattr(rs_lib, "generate", lambda *a, **k: calls.append(len(a[1])) or real_generate(*a, **k))
     for rank in (1, 0):  # each process of the relaunch, one after the other
-        monkeypatch.setattr(runner, "distributed_state", lambda rank=rank: FakeState(rank, 2))
+        monkeypatch.setattr(records, "distributed_state", lambda rank=rank: FakeState(rank, 2))
         run_stage("rejection-sample", **args)
     assert calls == [2]  # only the batch of the torn prompt was sampled again (prompts 6 and 7)
     resumed = read_jsonl(two / "candidates.jsonl")
