@@ -41,12 +41,18 @@ import torch
 from tqdm.auto import tqdm
 
 from . import progress
+from .errors import UsageError
 from .modeling_llama2 import CACHE_NAME
 
 logger = logging.getLogger(__name__)
 
 Messages = list[dict]
 Prompt = str | Sequence[dict]
+
+
+class PromptTooLong(UsageError):
+    """A prompt that fills the model's context: nothing can be generated after it. A user's data error (one line on
+    the command line); stages that read prompt files name the file and line before sampling."""
 
 
 @dataclass
@@ -386,8 +392,8 @@ def generate(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], config
         if not ids:
             raise ValueError(f"prompt_ids[{i}] is empty: a prompt needs at least one token (e.g. BOS)")
         if max_context is not None and len(ids) >= max_context:
-            raise ValueError(f"prompt_ids[{i}] has {len(ids)} tokens, no room left in the model's context of "
-                             f"{max_context}")
+            raise PromptTooLong(f"prompt_ids[{i}] has {len(ids)} tokens, no room left in the model's context of "
+                                f"{max_context} (shorten or drop the prompt)")
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     responses: list[list[list[int]] | None] = [None] * len(prompts)
     finished: list[list[bool] | None] = [None] * len(prompts)
@@ -561,7 +567,7 @@ def sampler_limits(sampler, max_length: int | None, token_counter):
 
 
 __all__ = [
-    "SamplingConfig", "GenerationOutput", "as_messages", "is_engine", "engine_seeds", "sample_categorical",
+    "SamplingConfig", "GenerationOutput", "PromptTooLong", "as_messages", "is_engine", "engine_seeds", "sample_categorical",
     "sample_top_p", "sample_next_token", "sample_next_token_with_logprobs", "generate", "generate_text",
     "full_weights_for_generation", "ChatSamplingArguments", "ChatSampler", "Sampler", "rollout", "sampler_limits",
 ]

@@ -347,3 +347,15 @@ def test_flags_the_other_commands_take_are_accepted(command, flags):
 
     instances, _ = parse_args(get_stage(command), ["--output_dir", "x", *flags])
     assert any(getattr(i, flags[0][2:], None) is True for i in instances)
+
+
+def test_a_prompt_that_fills_the_context_is_a_user_error_in_every_sampler(tiny_model_factory):
+    from llama2_hf.generation import PromptTooLong, SamplingConfig, generate
+    from llama2_hf.runner import user_error_message
+
+    model = tiny_model_factory()
+    with pytest.raises(PromptTooLong) as info:
+        generate(model, [[1, 2, 3], [1] * model.config.max_position_embeddings], SamplingConfig(max_new_tokens=2))
+    assert user_error_message(info.value) == (f"prompt_ids[1] has {model.config.max_position_embeddings} tokens, no "
+                                              "room left in the model's context of "
+                                              f"{model.config.max_position_embeddings} (shorten or drop the prompt)")
