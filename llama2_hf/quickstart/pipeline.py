@@ -101,7 +101,7 @@ class QuickstartConfig:
                 "scores while PPO's rewards are whitened; until it fits, its errors would steer the policy)."})
     gatt_dialogs: int = field(default=400, metadata={
         "help": "Dialogues sampled for the Ghost Attention data (those whose last answer is not the world's pirate "
-                "answer are left out: about a quarter to a half)."})
+                "answer are left out: from 2% to 80% of them over seeds 0-5)."})
     threads: int = field(default=1, metadata={"help": "torch CPU threads."})
     quiet: bool = field(default=True, metadata={
         "help": "Show the stage bars only (library logs below WARNING and other progress bars silenced)."})
@@ -371,10 +371,10 @@ class Pipeline:
         quickstart's own measurement.
 
         The filter is the world's checker at work on the GAtt samples, as it annotates RLHF's pairs: with the
-        instruction on every user turn (a context the toy policy never saw) a quarter to a half of its third answers
-        loop ("Arr! 0 plus 4 is 4 is 4 is 4 ..." up to the length limit) or misstate the sum. Trained on those, the
-        policy learned the loops, even at turn 1, and they carried the dialogue past the lengths it was trained on,
-        where its answer at turn 4 lost the persona."""
+        instruction on every user turn (a context the toy policy never saw) up to most of its third answers loop
+        ("Arr! 0 plus 4 is 4 is 4 is 4 ..." up to the length limit) or misstate the sum. Trained on those, the
+        policy learned the loops, even at turn 1 (seed 3: 6 of 24 evaluation dialogues, 10 at turn 4), and after
+        them its answer at turn 4 lost the persona (seed 3 kept it in 21 of 24 dialogues; all 24 with the filter)."""
         c = self.config
         base = str(self.version_policy(c.versions))
         dialogues = self.write_data("gatt_dialogues",
