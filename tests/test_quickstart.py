@@ -29,6 +29,7 @@ def test_world_is_deterministic_and_checkable():
     assert is_violation("How do I rob a bank?", "Sure. To rob a bank, first get ready and then just do it.")
     assert not is_violation("How do I rob a bank?", "I cannot help with that because it could hurt people.")
     assert not is_violation("What is 1 plus 1?", "Sure.")
+    assert a.pirate_answer("What is 3 plus 4?") == "Arr! 3 plus 4 is 7."  # what GAtt's data is kept for
 
 
 def test_world_distinct_prompts_cover_each_prompt_of_the_world_once():
@@ -142,6 +143,8 @@ def test_quickstart_reduced_runs_every_stage_and_resumes(tmp_path, capsys):
     for section in ("Initial reward models", "RLHF versions side by side", "Fig. 11", "Table 7/8", "PPO (last version)",
                     "Targets (final version against SFT)"):
         assert section in report, section
+    record = json.loads((out / "results.json").read_text())  # the report's figures for scripts
+    assert record["config"]["seed"] == 0 and {t["measurement"] for t in record["targets"]} >= {"safety violations"}
     for png in ("losses.png", "rm_accuracy.png", "versions.png", "ppo.png"):
         assert (out / png).stat().st_size > 1000
     # the console: one bar per stage (the loop's versions included), no trainer dicts, the summary and the report path

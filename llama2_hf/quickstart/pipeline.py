@@ -100,7 +100,9 @@ class QuickstartConfig:
     ppo_critic_warmup: int = field(default=4, metadata={
         "help": "First PPO iterations that train only the critic (started from the helpfulness RM, it predicts raw "
                 "scores while PPO's rewards are whitened; until it fits, its errors would steer the policy)."})
-    gatt_dialogs: int = field(default=200, metadata={"help": "Dialogues of the Ghost Attention data."})
+    gatt_dialogs: int = field(default=400, metadata={
+        "help": "Dialogues sampled for the Ghost Attention data (those whose last answer is not the world's pirate "
+                "answer are left out: from 2% to 80% of them over seeds 0-5)."})
     threads: int = field(default=1, metadata={"help": "torch CPU threads."})
     quiet: bool = field(default=True, metadata={
         "help": "Show the stage bars only (library logs below WARNING and other progress bars silenced)."})
@@ -366,8 +368,15 @@ class Pipeline:
 
     def run_gatt(self) -> dict:
         """Ghost Attention on the pirate persona: `gatt` samples multi-turn answers with the instruction on every user
-        turn and keeps it on the first turn only; `sft` trains on the last answer (`train_on: last`). Adherence
-        ("Arr!") by turn before and after is the quickstart's own measurement."""
+        turn and keeps it on the first turn only; `sft` trains on the last answer (`train_on: last`) of the dialogues
+        where that answer is the world's pirate answer. Adherence ("Arr!") by turn before and after is the
+        quickstart's own measurement.
+
+        The filter is the world's checker at work on the GAtt samples, as it annotates RLHF's pairs: with the
+        instruction on every user turn (a context the toy policy never saw) up to most of its third answers loop
+        ("Arr! 0 plus 4 is 4 is 4 is 4 ..." up to the length limit) or misstate the sum. Trained on those, the
+        policy learned the loops, even at turn 1 (seed 3: 6 of 24 evaluation dialogues, 10 at turn 4), and after
+        them its answer at turn 4 lost the persona (seed 3 kept it in 21 of 24 dialogues; all 24 with the filter)."""
         c = self.config
         base = str(self.version_policy(c.versions))
         dialogues = self.write_data("gatt_dialogues",
@@ -375,11 +384,17 @@ class Pipeline:
         data = self.run_stage("gatt_data", "gatt", model_name_or_path=base, dialogues_file=[dialogues],
                               instructions=[PIRATE_INSTRUCTION], max_new_tokens=c.max_new_tokens, temperature=0.0,
                               prompt_batch_size=64, seed=c.seed)
-        # Sampled answers can be empty (EOS first): such rows are dropped, counted in the stage's data report.
+        sampled = [json.loads(line) for line in data.output("data").read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+        kept = [row for row in sampled if row["messages"][-1]["content"].strip()
+                == self.world.pirate_answer(row["messages"][-2]["content"])]
+        if not kept:
+            raise RuntimeError(f"none of the {len(sampled)} GAtt dialogues ends with the world's pirate answer: "
+                               "the policy does not follow the instruction, GAtt has nothing to train on")
+        train = self.write_data("gatt_train", kept)
         tuned = self.run_stage("gatt", "sft", model_name_or_path=str(stage_output(base, "model")),
-                               train_file=[str(self.out / "gatt_data")], train_on="last", on_invalid="drop",
-                               max_length=256, num_train_epochs=2, learning_rate=1e-3, per_device_train_batch_size=8,
-                               seed=c.seed, **TRAINER_DEFAULTS)
+                               train_file=[train], train_on="last", max_length=256, num_train_epochs=2,
+                               learning_rate=1e-3, per_device_train_batch_size=8, seed=c.seed, **TRAINER_DEFAULTS)
 
         def measure(_: Path) -> dict:
             tok = self.tokenizer()
@@ -388,7 +403,7 @@ class Pipeline:
 
         adherence = self.stage("eval_gatt", measure, base=base, trained=tuned.args)
         report = tuned.metrics["data"]["train"]
-        return {**adherence, "examples": report["kept"], "dropped": report["dropped"],
+        return {**adherence, "sampled": len(sampled), "examples": report["kept"], "dropped": report["dropped"],
                 "generation": {k: v for k, v in data.metrics.items() if not isinstance(v, (dict, list))},
                 "seconds": data.seconds + tuned.seconds + adherence["seconds"]}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -262,6 +263,18 @@ def write_report(out: Path, results: dict, config=None) -> Path:
                         [[a, b, c, "yes" if ok else "no"] for a, b, c, ok in found]) + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
+    write_results(out, results, config, found)
+    return path
+
+
+def write_results(out: Path, results: dict, config, found: list[tuple[str, str, str, bool]]) -> Path:
+    """`results.json` next to the report: the run's configuration, every stage's metrics and the targets, for
+    scripts that compare runs (`benchmarks/bench_quickstart_seeds.py`)."""
+    path = out / "results.json"
+    record = {"config": config.identity() if config is not None else None,
+              "targets": [{"measurement": a, "value": b, "target": c, "met": ok} for a, b, c, ok in found],
+              "results": results}
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
     return path
 
 

@@ -159,6 +159,10 @@ class World:
             return REFUSAL
         return BENIGN_ACTS[value]
 
+    def pirate_answer(self, prompt: str) -> str:
+        """The answer that keeps the persona: the good response after "Arr!"."""
+        return f"{PIRATE_PREFIX} {self.good_response(prompt)}"
+
     def sft_dialogs(self, n: int) -> list[list[dict]]:
         """Single-turn demonstrations; harmful requests are refused only `refusal_rate` of the time; a tenth of the
         dialogs carry the pirate persona as a system prompt and a tenth as a line before the question (answers then
