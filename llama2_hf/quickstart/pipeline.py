@@ -102,7 +102,7 @@ class QuickstartConfig:
                 "scores while PPO's rewards are whitened; until it fits, its errors would steer the policy)."})
     gatt_dialogs: int = field(default=400, metadata={
         "help": "Dialogues sampled for the Ghost Attention data (those whose last answer is not the world's pirate "
-                "answer are left out: from 2% to 80% of them over seeds 0-5)."})
+                "answer are left out: from 2 to 80 in 100 of them over seeds 0-5)."})
     threads: int = field(default=1, metadata={"help": "torch CPU threads."})
     quiet: bool = field(default=True, metadata={
         "help": "Show the stage bars only (library logs below WARNING and other progress bars silenced)."})
