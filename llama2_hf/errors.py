@@ -9,8 +9,6 @@ class UsageError(ValueError):
     the command line prints it as one line and exits with code 2."""
 
 
-
-
 def check_ranges(config, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
                  fractions: tuple[str, ...] = ()) -> None:
     """Refuse (ValueError naming the field and its value) settings outside their meaningful range: `positive`

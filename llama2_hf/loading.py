@@ -75,14 +75,14 @@ def check_tokenizer_folder(source, role: str = "tokenizer") -> None:
     """Refuse a local folder without tokenizer files, naming it (transformers would ask to install sentencepiece or
     tiktoken, as if the files were there and a converter missing)."""
     path = Path(str(source)).expanduser()
-    if not path.exists() and _looks_local(str(source)):
+    if not path.exists() and looks_local(str(source)):
         raise UsageError(f"{role} {source}: no such folder")
     if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise UsageError(f"{role} {source}: the folder holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}); save "
                          "the tokenizer with the model, or give tokenizer_name_or_path")
 
 
-def _looks_local(source: str) -> bool:
+def looks_local(source: str) -> bool:
     """A name that can only be a path (a Hub id is `name` or `owner/name`)."""
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith("/")
 
@@ -93,7 +93,7 @@ def not_found(source: str, role: str, error: BaseException) -> UsageError:
     if path.exists():
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return UsageError(f"cannot load the {role} from {source}: {first}")
-    if _looks_local(source):
+    if looks_local(source):
         return UsageError(f"{role} {source}: no such folder")
     return UsageError(f"{role} {source}: no such folder here, and the Hub repo {source} could not be read "
                       f"({type(error).__name__}; offline, or not a model the token can read)")
@@ -136,11 +136,12 @@ def load_pretrained(cls, source: str, role: str, *, new_head: bool = False, **kw
         raise UsageError(f"{role} {source}: not a checkpoint of {cls.__name__}: {misfit}. Give the {role} a "
                          f"checkpoint of that kind")
     fresh = sorted(k for k in info.get("missing_keys") or () if not k.startswith(f"{model.base_model_prefix}."))
-    if new_head and fresh and (str(source), role) not in _new_head_logged:
-        _new_head_logged.add((str(source), role))
+    if new_head and fresh and (source, role) not in _new_head_logged:
+        _new_head_logged.add((source, role))
         logger.info("%s %s: the decoder of this checkpoint starts the %s; its head (%s) is new", role, source, role,
                     _first(fresh))
     return model
 
 
-__all__ = ["check_tokenizer_folder", "load_pretrained", "load_tokenizer", "not_found", "weight_misfit"]
+__all__ = ["check_tokenizer_folder", "load_pretrained", "load_tokenizer", "looks_local", "not_found",
+           "weight_misfit"]

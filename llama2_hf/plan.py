@@ -49,7 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runner import UsageError, run_command
+from .runner import UsageError, one_line_errors, run_command
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 4, None: 4}
@@ -434,11 +434,8 @@ class PlanArguments:
 def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
-    class Parser(HfArgumentParser):
-        def error(self, message: str):  # one line and exit code 2, as every llama2-hf command
-            raise UsageError(message)
-
-    parser = Parser(PlanArguments, prog="llama2-hf plan", description=__doc__.split("\n\n")[0])
+    parser = one_line_errors(HfArgumentParser(PlanArguments, prog="llama2-hf plan",
+                                              description=__doc__.split("\n\n")[0]))
 
     def body(args: list[str]) -> None:
         (ns,) = parser.parse_args_into_dataclasses(args)
@@ -448,5 +445,5 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("plan", sys.argv[1:] if argv is None else argv, body)
 
 
-__all__ = ["ModelShape", "Phase", "PlanArguments", "Recipe", "activation_bytes_per_token", "fixes", "kv_cache_bytes", "main",
-           "model_shape", "peak", "plan_recipe", "read_recipe", "report", "shape_of", "training_state"]
+__all__ = ["ModelShape", "Phase", "PlanArguments", "Recipe", "activation_bytes_per_token", "fixes", "kv_cache_bytes",
+           "main", "model_shape", "peak", "plan_recipe", "read_recipe", "report", "shape_of", "training_state"]

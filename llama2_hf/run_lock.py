@@ -36,7 +36,7 @@ def _holder_text(fd: int) -> str:
         return "another process"
 
 
-def acquire(folder: str | os.PathLike, what: str = "run") -> Path:
+def acquire(folder: str | os.PathLike) -> Path:
     """Lock `folder` (created if missing) for this process, or raise `UsageError` naming the run that holds it.
     Returns the lock file's path."""
     folder = Path(folder)
@@ -53,7 +53,7 @@ def acquire(folder: str | os.PathLike, what: str = "run") -> Path:
     except BlockingIOError:
         holder = _holder_text(fd)
         os.close(fd)
-        raise UsageError(f"{folder} is in use by another {what} ({holder}): wait for it to finish, or choose "
+        raise UsageError(f"{folder} is in use by another run ({holder}): wait for it to finish, or choose "
                          "another output_dir") from None
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}

@@ -87,12 +87,24 @@ def make_parser(stage: Stage):
     parser = TrlParser(stage.dataclass_types, prog=f"llama2-hf {stage.name}", allow_abbrev=False,
                        description=f"{stage.help}. A bare --debug shows the traceback of an error; a bare --redo "
                                    "runs again in a folder that holds a finished or interrupted run.")
-    parser.error = _parser_error  # one line (a UsageError), not argparse's usage dump and exit
+    return one_line_errors(parser)
+
+
+def one_line_errors(parser):
+    """`parser` (argparse, HfArgumentParser, TrlParser) with its errors raised as `UsageError`: one line and exit code
+    2 through `run_command`, not argparse's usage dump and exit. Every command's parser goes through it."""
+    parser.error = _parser_error
     return parser
 
 
 def _parser_error(message: str):
     raise UsageError(message)
+
+
+def _closest(name: str, names: Sequence[str]) -> str | None:
+    """The argument name nearest to a misspelt `name`, if any is close."""
+    close = difflib.get_close_matches(name, names, n=1)
+    return close[0] if close else None
 
 
 def check_flags(argv: Sequence[str], names: Sequence[str], command: str) -> None:
@@ -103,8 +115,8 @@ def check_flags(argv: Sequence[str], names: Sequence[str], command: str) -> None
             continue
         name = token[2:].split("=", 1)[0].replace("-", "_")
         if name and name not in names:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean --{close[0]}?" if close else f" (`llama2-hf {command} --help` lists them)"
+            close = _closest(name, names)
+            hint = f"; did you mean --{close}?" if close else f" (`llama2-hf {command} --help` lists them)"
             raise UsageError(f"{token.split('=', 1)[0]} is not an argument of `llama2-hf {command}`{hint}")
 
 
@@ -160,8 +172,8 @@ def _check_recipe_keys(stage: Stage, path: str) -> dict:
         if key == "env":
             continue
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            close = _closest(key, names)
+            hint = f"; did you mean {close!r}?" if close else ""
             raise UsageError(f"--config {path}: {key!r} is not an argument of `llama2-hf {stage.name}`{hint}")
         if isinstance(value, str) and _is_float_text(value):
             raise UsageError(f"--config {path}: {key}: {value!r} is read by YAML as a string; write it with a dot "
@@ -212,9 +224,9 @@ def build(stage: Stage, **values) -> tuple:
     names = field_names(stage)
     for key in values:
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+            close = _closest(key, names)
             raise UsageError(f"{key!r} is not an argument of stage {stage.name!r}"
-                             + (f"; did you mean {close[0]!r}?" if close else ""))
+                             + (f"; did you mean {close!r}?" if close else ""))
     instances = []
     for cls in stage.dataclass_types:
         own = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -282,7 +294,6 @@ def setup_logging() -> None:
 
 def _comparable(args: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in args.items() if k not in OBSERVATION_FIELDS}
-
 
 
 def describe_mismatch(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> str:

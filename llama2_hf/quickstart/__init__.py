@@ -38,14 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
     from ..errors import UsageError
-    from ..runner import check_flags, run_command
+    from ..runner import check_flags, one_line_errors, run_command
 
-    parser = HfArgumentParser(QuickstartConfig, prog="llama2-hf quickstart", description=__doc__, allow_abbrev=False)
-
-    def refuse(message: str):
-        raise UsageError(message)
-
-    parser.error = refuse  # one line, not argparse's usage dump
+    parser = one_line_errors(HfArgumentParser(QuickstartConfig, prog="llama2-hf quickstart", description=__doc__,
+                                              allow_abbrev=False))
 
     def body(args: list[str]) -> None:
         check_flags(args, [f.name for f in fields(QuickstartConfig)], "quickstart")

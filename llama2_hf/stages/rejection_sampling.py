@@ -39,6 +39,7 @@ from pathlib import Path
 from trl import ModelConfig
 
 from ..data import InvalidDataFile, PromptRow, load_prompts
+from ..loading import looks_local
 from ..generation import full_weights_for_generation
 from ..modeling_llama2 import Llama2ForCausalLM
 from ..rejection_sampling import (
@@ -192,10 +193,6 @@ def _mean_text(value: float | None) -> str:
     return "none (nothing scored)" if value is None else f"{value:.4f}"
 
 
-def _looks_local(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.count("/") > 1
-
-
 def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfig, reward_args: RewardArguments,
          model_args: ModelConfig, vllm_args: VLLMArguments | None = None) -> RunRecord:
     vllm_args = vllm_args or VLLMArguments()
@@ -211,7 +208,7 @@ def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfi
         raise UsageError("pool_dirs is read only by an iteration with pool=all (it would be ignored here)")
     vllm_args.check_installed()
     start = config.finetune_model_name_or_path
-    if config.finetune and start and _looks_local(start) and not Path(start).expanduser().exists():
+    if config.finetune and start and looks_local(start) and not Path(start).expanduser().exists():
         raise UsageError(f"finetune_model_name_or_path {start}: no such folder")
     # Every input is read and checked before a model is loaded.
     prompt_paths = [stage_output(p, "data") for p in script_args.prompts_file]

@@ -33,7 +33,7 @@ from ..collators import (
 from ..data import ON_INVALID, ON_OVERLENGTH, DataReport, check_policies, prepare_sft_dataset
 from ..distributed import FullyShardedTrainerMixin
 from ..errors import check_ranges
-from ..loading import check_tokenizer_folder
+from ..loading import load_tokenizer as load_llama2_tokenizer
 from ..tokenization_llama2 import Llama2Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -179,8 +179,7 @@ def load_tokenizer(model) -> Llama2Tokenizer:
     source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
     if not source:
         raise ValueError("pass processing_class: the model was not loaded from a path, so its tokenizer is unknown")
-    check_tokenizer_folder(source)
-    return Llama2Tokenizer.from_pretrained(source)
+    return load_llama2_tokenizer(source)  # the stages' loader: missing folders named, pad = unk when unset
 
 
 class Llama2SFTTrainer(FullyShardedTrainerMixin, SFTTrainer):
