@@ -29,7 +29,7 @@ import time
 import torch
 
 from llama2_hf.rewards import RewardModelScorer, SafetyGatedReward
-from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer
+from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer, PPOSampling
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_rejection_sampling import build, load_prompts, load_tokenizer  # noqa: E402
@@ -67,8 +67,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as out:
         cfg = Llama2PPOConfig(output_dir=out, num_iterations=args.iterations + 1, batch_size=args.batch_size,
                               mini_batch_size=args.mini_batch_size, micro_batch_size=args.micro_batch_size,
-                              max_new_tokens=args.max_new_tokens, save_steps=0)
-        trainer = Llama2PPOTrainer(cfg, policy, tok, reward, prompts, peft_config=peft_config)
+                              save_steps=0)
+        sampling = PPOSampling(max_new_tokens=args.max_new_tokens).sampling_config()
+        trainer = Llama2PPOTrainer(cfg, policy, tok, reward, prompts, peft_config=peft_config, sampler=sampling)
         print(json.dumps({"setup": dict(params=sum(x.numel() for x in policy.parameters()),
                                         batch_size=args.batch_size, mini_batch_size=args.mini_batch_size,
                                         max_new_tokens=args.max_new_tokens, lora_r=args.lora_r,

@@ -67,7 +67,7 @@ def run_ours(settings: dict) -> int:
 
     from llama2_hf.modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
     from llama2_hf.rewards import RewardModelScorer
-    from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer
+    from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer, PPOSampling
 
     s = settings
     torch.set_num_threads(s["threads"])
@@ -80,12 +80,13 @@ def run_ours(settings: dict) -> int:
     with tempfile.TemporaryDirectory() as out:
         cfg = Llama2PPOConfig(
             output_dir=out, use_cpu=True, num_iterations=iterations, batch_size=s["batch_size"],
-            mini_batch_size=s["mini_batch_size"], ppo_epochs=s["ppo_epochs"], max_new_tokens=s["max_new_tokens"],
-            temperature=s["temperature"], generation_batch_size=s["rollout_batch_size"],
+            mini_batch_size=s["mini_batch_size"], ppo_epochs=s["ppo_epochs"],
             learning_rate=s["learning_rate"], kl_coef=s["kl_coef"], kl_estimator=s["kl_estimator"],
             gamma=s["gamma"], lam=s["lam"], whiten_advantages=True, save_steps=0, seed=s["seed"])
+        sampling = PPOSampling(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
+                               prompt_batch_size=s["rollout_batch_size"]).sampling_config()
         trainer = Llama2PPOTrainer(cfg, policy, tok, reward, [{"prompt": p} for p in s["prompts"]],
-                                   value_model=critic)
+                                   value_model=critic, sampler=sampling)
         cpu = {}
 
         def cpu_timed(name, fn):
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="rollouts per iteration (paper: 512)")
     p.add_argument("--mini-batch-size", type=int, default=8, help="rollouts per optimizer step (paper: 64)")
     p.add_argument("--rollout-batch-size", type=int, default=32,
-                   help="prompts per generation batch (ours: generation_batch_size; TRL: "
+                   help="prompts per generation batch (ours: prompt_batch_size; TRL: "
                         "local_rollout_forward_batch_size, also its scoring chunk)")
     p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each batch (paper: 1; TRL's default 4)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length limit")

@@ -43,6 +43,7 @@ from llama2_hf.data import prompt_row
 from llama2_hf.rejection_sampling import RejectionSampler, RejectionSamplingConfig, prompt_batches
 from llama2_hf.rewards import RewardModelScorer, SafetyGatedReward
 from llama2_hf.runner import RankParts
+from llama2_hf.sampling.torch_backend import TorchSampler
 from llama2_hf.tokenization_llama2 import encode_dialog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,11 +171,11 @@ def main(argv=None) -> int:
 
     def pipeline_ours():
         with tempfile.TemporaryDirectory() as d:
-            config = RejectionSamplingConfig(output_dir=d, use_cpu=True, num_samples=k, temperature=1.0, top_p=1.0,
-                                             max_new_tokens=new, prompt_batch_size=args.prompt_batch_size,
-                                             finetune=False)
-            rs = RejectionSampler(policy, tok, reward, config)
-            return rs.sample_batches(prompt_batches(rows, config.prompt_batch_size), 1,
+            config = RejectionSamplingConfig(output_dir=d, use_cpu=True, num_samples=k, finetune=False)
+            sampling = SamplingConfig(max_new_tokens=new, temperature=1.0, top_p=1.0,
+                                      prompt_batch_size=args.prompt_batch_size)
+            rs = RejectionSampler(TorchSampler(policy, tok, sampling), reward, config)
+            return rs.sample_batches(prompt_batches(rows, args.prompt_batch_size), 1,
                                      write=RankParts(d, "candidates").append)
 
     methods = {"naive": naive_generate, "hf_batched": hf_batched, "ours": ours,

@@ -41,7 +41,10 @@ from bench_rejection_sampling import load_prompts, load_tokenizer  # noqa: E402
 from llama2_hf import Llama2Config, Llama2ForCausalLM  # noqa: E402
 from llama2_hf.data import prompt_row  # noqa: E402
 from llama2_hf.rejection_sampling import RejectionSampler, RejectionSamplingConfig, prompt_batches  # noqa: E402
-from llama2_hf.vllm_engine import VLLMArguments, VLLMEngine  # noqa: E402
+from llama2_hf.sampling import BackendArguments, SamplingConfig  # noqa: E402
+from llama2_hf.sampling.torch_backend import TorchSampler  # noqa: E402
+from llama2_hf.sampling.vllm_backend import VLLMSampler  # noqa: E402
+from llama2_hf.sampling.vllm_engine import VLLMEngine  # noqa: E402
 
 
 def _emit(**record) -> None:
@@ -85,17 +88,17 @@ def main(argv=None) -> int:
     policy = Llama2ForCausalLM(config).eval()
     prompts = [prompt_row({"messages": m, "id": f"p{i}"}, i) for i, m in enumerate(load_prompts(args.prompts, False))]
     batches = prompt_batches(prompts, args.prompt_batch_size)
-    rs = RejectionSamplingConfig(output_dir="unused", num_samples=args.num_samples, temperature=1.0, top_p=1.0,
-                                 max_new_tokens=args.max_new_tokens, prompt_batch_size=args.prompt_batch_size,
-                                 use_cpu=True, report_to=[])
-    ours = RejectionSampler(policy, tokenizer, zero_reward, rs)
+    rs = RejectionSamplingConfig(output_dir="unused", num_samples=args.num_samples, use_cpu=True, report_to=[])
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0,
+                              prompt_batch_size=args.prompt_batch_size)
+    ours = RejectionSampler(TorchSampler(policy, tokenizer, sampling), zero_reward, rs)
     common = dict(prompts=len(prompts), num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                   layers=args.layers, hidden=args.hidden, vocab=len(tokenizer), threads=torch.get_num_threads())
 
     start = time.perf_counter()
-    with VLLMEngine.start_for_model(policy, VLLMArguments(generation_backend="vllm")) as engine:
+    with VLLMEngine.start_for_model(policy, BackendArguments(generation_backend="vllm")) as engine:
         _emit(measurement="vllm_engine_startup", seconds=round(time.perf_counter() - start, 2), **common)
-        theirs = RejectionSampler(policy, tokenizer, zero_reward, rs, engine=engine)
+        theirs = RejectionSampler(VLLMSampler(engine, tokenizer, sampling), zero_reward, rs)
         run_backend(theirs, batches[:1])  # warm-up of both backends (first-call allocations), not timed
         run_backend(ours, batches[:1])
         rates = {"torch": [], "vllm": []}

@@ -270,7 +270,7 @@ def trainer_steps(args, device: torch.device, layers: int, tok, texts: list[str]
 def sampling_and_ppo(args, device: torch.device, layers: int, tok, texts: list[str], out: Path) -> None:
     from llama2_hf import Llama2ForCausalLM, Llama2ForRewardModel
     from llama2_hf.generation import SamplingConfig, generate
-    from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer
+    from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer, PPOSampling
 
     config = model_config(args, layers, vocab=len(tok))
     torch.manual_seed(0)
@@ -301,10 +301,11 @@ def sampling_and_ppo(args, device: torch.device, layers: int, tok, texts: list[s
 
     ppo_args = Llama2PPOConfig(output_dir=str(out / "ppo"), num_iterations=1, batch_size=args.rollouts,
                                mini_batch_size=args.rollouts, micro_batch_size=args.batch,
-                               max_new_tokens=args.new_tokens, generation_batch_size=args.rollouts,
                                value_model_init="policy", save_steps=0, bf16=True, learning_rate=1e-6,
                                use_cpu=device.type != "cuda")
-    trainer = Llama2PPOTrainer(ppo_args, policy.train(), tok, reward, [{"prompt": t} for t in texts[:args.rollouts]])
+    rollout = PPOSampling(max_new_tokens=args.new_tokens, prompt_batch_size=args.rollouts).sampling_config()
+    trainer = Llama2PPOTrainer(ppo_args, policy.train(), tok, reward, [{"prompt": t} for t in texts[:args.rollouts]],
+                               sampler=rollout)
     with PeakMemory(device) as peak:
         start = time.perf_counter()
         metrics = trainer.step()

@@ -19,8 +19,8 @@ OTHER_COMMANDS: dict[str, tuple[str, str]] = {
                  "become preference rows"),
     "plan": ("llama2_hf.plan:main", "memory per GPU of a recipe's stage under DDP, FSDP and ZeRO-3; what to change if it "
              "does not fit"),
-    "setup-vllm": ("llama2_hf.vllm_engine:setup_main", "build vLLM's own environment for generation_backend=vllm "
-                   "(skipped when it exists)"),
+    "setup-vllm": ("llama2_hf.sampling.vllm_engine:setup_main", "build vLLM's own environment for the vLLM sampling "
+                   "backend (skipped when it exists)"),
 }
 
 STAGE_HELP = {

@@ -1,8 +1,8 @@
-"""The one sampling helper of the pipeline: batched, KV-cached, K samples per prompt from one prefill.
+"""The PyTorch decoding kernel of the package: batched, KV-cached, K samples per prompt from one prefill.
 
-Every stage that samples from a policy (rejection sampling, PPO rollouts, Ghost Attention data, safety context
-distillation, evaluation) goes through `generate` (token ids in, token ids out) or `generate_text` (chat messages in,
-strings out), so that a faster backend can later be swapped in here, in one place.
+The sampling sites do not call it directly: they hold a `sampling.Sampler`, whose PyTorch backend
+(`sampling.torch_backend.TorchSampler`) runs `generate` (token ids in, token ids out); `generate_text` (chat
+messages in, strings out) is the short path for scripts and notebooks.
 
 How it works, per batch of prompts:
 1. the prompts are left-padded and run through the model once (the prefill), filling a `DynamicCache`;
@@ -34,15 +34,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from . import progress
 from .errors import UsageError
 from .modeling_llama2 import CACHE_NAME
+from .sampling.config import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -53,54 +53,6 @@ Prompt = str | Sequence[dict]
 class PromptTooLong(UsageError):
     """A prompt that fills the model's context: nothing can be generated after it. A user's data error (one line on
     the command line); stages that read prompt files name the file and line before sampling."""
-
-
-@dataclass
-class SamplingConfig:
-    """How to sample. Defaults are Meta's chat defaults (`chat_completion`: temperature 0.6, top-p 0.9)."""
-
-    max_new_tokens: int = 256
-    """Most tokens generated per sample (EOS included); also capped by the model's context length."""
-    temperature: float = 0.6
-    """Softmax temperature; 0 means greedy decoding."""
-    top_p: float = 0.9
-    """Nucleus sampling: keep the smallest set of tokens whose probability mass reaches top_p (1.0 disables)."""
-    num_samples: int = 1
-    """K, the samples drawn per prompt, all sharing the prompt's prefill."""
-    prompt_batch_size: int = 8
-    """Prompts per forward pass; each batch decodes prompt_batch_size * num_samples rows."""
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.num_samples < 1 or self.prompt_batch_size < 1:
-            raise ValueError(f"num_samples and prompt_batch_size must be >= 1, got {self.num_samples} and "
-                             f"{self.prompt_batch_size}")
-
-
-
-@dataclass
-class ChatSamplingArguments:
-    """Sampling settings of a stage that answers chat conversations once each (GAtt, distillation, refusals): the
-    command-line face of `SamplingConfig` with `num_samples=1`. Defaults: Meta's chat defaults."""
-
-    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens generated per answer (EOS included)."})
-    temperature: float = field(default=0.6, metadata={
-        "help": "Softmax temperature (0 = greedy). 0.6 / top-p 0.9: Meta's chat_completion defaults."})
-    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold (1.0 disables it)."})
-    prompt_batch_size: int = field(default=8, metadata={"help": "Conversations per generation forward pass."})
-    use_cpu: bool = field(default=False, metadata={"help": "Run on CPU even when a GPU is available."})
-
-    def __post_init__(self) -> None:
-        self.sampling_config()  # the same checks as SamplingConfig, at parse time
-
-    def sampling_config(self) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              num_samples=1, prompt_batch_size=self.prompt_batch_size)
 
 
 @dataclass
@@ -217,22 +169,7 @@ def sample_next_token_with_logprobs(logits: torch.Tensor, temperature: float, to
     return token, token_logp, entropy
 
 
-def is_engine(model) -> bool:
-    """True for a generation engine (`VLLMEngine`) rather than a PyTorch model: it samples with per-prompt seeds."""
-    return callable(getattr(model, "generate_output", None))
-
-
-def engine_seeds(generator: torch.Generator | None, n: int) -> list[int] | None:
-    """Per-prompt seeds for an engine, drawn from the caller's seeded generator: a stage that reseeds its generator
-    per chunk of work gets the same samples for the same rows on either backend's resume. None: unseeded."""
-    if generator is None:
-        return None
-    return torch.randint(0, 2 ** 62, (n,), generator=generator, device=generator.device).tolist()
-
-
 def _model_device(model: torch.nn.Module) -> torch.device:
-    if is_engine(model):  # an engine runs in its own process; the caller's tensors stay on the CPU
-        return torch.device("cpu")
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -356,35 +293,27 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positi
 def generate(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig | None = None, *,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, progress: bool = False,
-             seeds: Sequence[int] | None = None, return_logprobs: bool = False) -> GenerationOutput:
+             return_logprobs: bool = False) -> GenerationOutput:
     """Sample `config.num_samples` responses for every prompt.
 
     Args:
         model: a causal LM returning `.logits` and its KV cache (`.past_key_values`, `.cache` from transformers
             5.25: any transformers decoder, a peft model).
-            Put it in eval mode yourself if it has dropout; its device is used for every tensor. Or a running
-            `VLLMEngine`: the prompts go to vLLM, seeded per prompt (`seeds`, else drawn from `generator`).
+            Put it in eval mode yourself if it has dropout; its device is used for every tensor.
         prompt_ids: token ids of each prompt, e.g. `encode_dialog(tokenizer, messages)` (ends after `[/INST]`).
         config: sampling settings (`SamplingConfig()` if None).
         eos_token_id: id(s) that end a sample; default `model.config.eos_token_id`.
         pad_token_id: id used for padding rows; default `model.config.pad_token_id`, else 0.
         generator: a `torch.Generator` on the model's device, for reproducible sampling.
         progress: show a progress bar over prompt batches.
-        seeds: engine only: one seed per prompt (its K samples use seed, seed+1, ... inside vLLM).
         return_logprobs: also return each token's log-probability under `log_softmax(logits / T)` (T = 1 when
             greedy; before top-p) and the entropy of that distribution (`GenerationOutput.logprobs`, `.entropy`),
-            computed from the decoding step's logits. PyTorch models only (an engine raises ValueError).
+            computed from the decoding step's logits.
 
     Prompts are processed in batches of `config.prompt_batch_size`, longest first (less padding), and returned in
     the input order. A prompt longer than the model's context raises ValueError; generation stops at the context.
     """
     config = config or SamplingConfig()
-    if is_engine(model):
-        if return_logprobs:
-            raise ValueError("return_logprobs is for PyTorch models: an engine's samples come without them")
-        if seeds is None:
-            seeds = engine_seeds(generator, len(prompt_ids))
-        return model.generate_output(prompt_ids, config, seeds=seeds, eos_token_id=eos_token_id)
     eos_ids, pad_id = _generation_ids(model, eos_token_id, pad_token_id)
     max_context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     prompts = [list(p) for p in prompt_ids]
@@ -416,12 +345,14 @@ def generate_text(model: torch.nn.Module, tokenizer, prompts: Sequence[Prompt], 
                   *, generator: torch.Generator | None = None, progress: bool = False) -> list[list[str]]:
     """Chat prompts in, decoded answers out, indexed `[prompt][sample]`.
 
-    Each prompt is a string (one user message) or a message list ending with a user turn; its ids are Meta's chat
-    format (`encode_dialog`). Answers are decoded without special tokens and stripped, as Meta's `chat_completion`.
+    Each prompt is a string (one user message) or a message list ending with a user turn; its ids are the
+    tokenizer's chat format (`chat_format.chat_format_for`: Meta's for Llama 2). Answers are decoded without special
+    tokens and stripped, as Meta's `chat_completion`.
     """
-    from .tokenization_llama2 import encode_dialog
+    from .chat_format import chat_format_for
 
-    ids = [encode_dialog(tokenizer, as_messages(p)) for p in prompts]
+    chat_format = chat_format_for(tokenizer)
+    ids = [chat_format.prompt_ids(as_messages(p)) for p in prompts]
     out = generate(model, ids, config, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                    generator=generator, progress=progress)
     return [[tokenizer.decode(r, skip_special_tokens=True).strip() for r in rs] for rs in out.response_ids]
@@ -465,109 +396,8 @@ def full_weights_for_generation(model: torch.nn.Module) -> Iterator[torch.nn.Mod
                 group.post_forward_mesh_info = info
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Chat samplers: one answer per conversation, and turn-by-turn rollouts of many dialogues
-# ---------------------------------------------------------------------------------------------------------------------
-
-Sampler = Callable[[list[Messages]], list[str]]
-"""`sampler(conversations) -> one answer per conversation`; each conversation ends with a user message."""
-
-
-class ChatSampler:
-    """Answers a batch of chat conversations with a causal LM through the pipeline's `generation.generate_text`.
-
-    `config` is a `generation.SamplingConfig` with `num_samples=1` (default: Meta's chat defaults, temperature 0.6,
-    top-p 0.9; temperature 0 is greedy). Also counts prompt tokens (`count_tokens`) and knows the model's context
-    (`max_length`), so turn-by-turn rollouts can stop at the context length.
-    """
-
-    def __init__(self, model, tokenizer, config=None, seed: int | None = None, progress: bool = False):
-        self.config = config if config is not None else SamplingConfig()
-        if self.config.num_samples != 1:
-            raise ValueError(f"ChatSampler answers once per conversation: num_samples must be 1, got "
-                             f"{self.config.num_samples}")
-        self.model = model if is_engine(model) else model.eval()  # an engine: see `generate`
-        self.tokenizer = tokenizer
-        self.max_length = getattr(model.config, "max_position_embeddings", None)
-        self.generator = None
-        if seed is not None:
-            self.generator = torch.Generator(device=_model_device(model)).manual_seed(seed)
-        self.progress = progress
-
-    def reseed(self, seed: int) -> None:
-        """Restart the random stream at `seed`: a stage reseeds per chunk of work (seed + the chunk's first row), so
-        a resumed or rank-split run draws the same samples for the same rows."""
-        self.generator = torch.Generator(device=_model_device(self.model)).manual_seed(seed)
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str, tokenizer_dir: str | None = None, config=None,
-                        **kwargs) -> "ChatSampler":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
-        return cls(model, tokenizer, config, **kwargs)
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.config.max_new_tokens
-
-    def count_tokens(self, messages: Messages) -> int:
-        from .tokenization_llama2 import encode_dialog
-
-        return len(encode_dialog(self.tokenizer, messages))
-
-    def __call__(self, conversations: list[Messages]) -> list[str]:
-        if not conversations:
-            return []
-        out = generate_text(self.model, self.tokenizer, conversations, self.config, generator=self.generator,
-                            progress=self.progress)
-        return [samples[0] for samples in out]
-
-
-def rollout(sampler: Sampler, num_turns: Sequence[int], build_messages: Callable[[int, int, list[str]], Messages],
-            max_length: int | None = None, token_counter: Callable[[Messages], int] | None = None,
-            reserve_tokens: int = 0, desc: str = "turns") -> list[list[str]]:
-    """Generate the assistant's answers of many dialogues turn by turn, batching all dialogues at each turn.
-
-    `build_messages(i, k, answers)` returns the conversation of dialogue i up to its user turn k (0-based), given its
-    answers to turns 0..k-1. Dialogue i runs for `num_turns[i]` turns, or stops early once the prompt plus
-    `reserve_tokens` exceeds `max_length` tokens (when `max_length` and `token_counter` are given). Returns each
-    dialogue's answers (possibly fewer than its turns).
-    """
-    answers: list[list[str]] = [[] for _ in num_turns]
-    stopped = [False] * len(num_turns)
-    for k in tqdm(range(max(num_turns, default=0)), desc=desc, disable=len(num_turns) < 2 or progress.active()):
-        batch, conversations = [], []
-        for i, n in enumerate(num_turns):
-            if stopped[i] or k >= n:
-                continue
-            messages = build_messages(i, k, answers[i])
-            if max_length is not None and token_counter is not None and \
-                    token_counter(messages) + reserve_tokens > max_length:
-                stopped[i] = True
-                continue
-            batch.append(i)
-            conversations.append(messages)
-        if not batch:
-            break
-        responses = sampler(conversations)
-        if len(responses) != len(batch):
-            raise ValueError(f"the sampler returned {len(responses)} answers for {len(batch)} conversations")
-        for i, response in zip(batch, responses):
-            answers[i].append(response)
-    return answers
-
-
-def sampler_limits(sampler, max_length: int | None, token_counter):
-    """Context limit, token counter and reserved answer length, from the arguments or the sampler."""
-    max_length = max_length if max_length is not None else getattr(sampler, "max_length", None)
-    token_counter = token_counter or getattr(sampler, "count_tokens", None)
-    return max_length, token_counter, getattr(sampler, "max_new_tokens", 0)
-
-
 __all__ = [
-    "SamplingConfig", "GenerationOutput", "PromptTooLong", "as_messages", "is_engine", "engine_seeds", "sample_categorical",
+    "SamplingConfig", "GenerationOutput", "PromptTooLong", "Messages", "Prompt", "as_messages", "sample_categorical",
     "sample_top_p", "sample_next_token", "sample_next_token_with_logprobs", "generate", "generate_text",
-    "full_weights_for_generation", "ChatSamplingArguments", "ChatSampler", "Sampler", "rollout", "sampler_limits",
+    "full_weights_for_generation",
 ]

@@ -58,6 +58,7 @@ from .data import SAFETY_TAG, InvalidDataFile, validate_preference
 from .losses import RATINGS
 from .loading import load_pretrained, load_tokenizer
 from .rewards import SAFETY_THRESHOLD, SafetyGatedReward
+from .sampling import SamplingConfig
 from .runner import (
     UsageError,
     stage_output,
@@ -181,6 +182,11 @@ class IterateConfig:
             raise ValueError(f"annotation_batch_size must be >= 1, got {self.annotation_batch_size}")
         if self.preference_replay is not None and self.preference_replay < 0:
             raise ValueError(f"preference_replay must be >= 0 rows (or None: all), got {self.preference_replay}")
+
+    def sampling(self, temperature: float) -> SamplingConfig:
+        """The loop's own sampling (pairs, evaluation answers) at `temperature`, one answer per prompt."""
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=self.top_p,
+                              num_samples=1, prompt_batch_size=self.sampling_batch_size)
 
     def ppo_in(self) -> set[int]:
         chosen = {self.versions} if self.ppo_versions is None else set(self.ppo_versions) - {0}
@@ -442,12 +448,6 @@ def _write_jsonl(path: Path, rows: Sequence[Mapping]) -> Path:
     from .runner import write_jsonl_atomic
 
     return write_jsonl_atomic(path, rows)
-
-
-def _seed(seed: int, tag: str) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"{seed}:{tag}".encode()).digest()[:4], "little")
 
 
 def _outcome(won: bool, rating: str) -> float:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import PromptRow, load_prompts
-from .generation import Prompt, Sampler, as_messages
+from .generation import Prompt, as_messages
+from .sampling.chat import Answerer
 
 logger = logging.getLogger(__name__)
 
@@ -207,13 +208,13 @@ def load_borderline_prompts(path: str | Path | None = None) -> list[PromptRow]:
     return load_prompts(path or BORDERLINE_PROMPTS_FILE)
 
 
-def false_refusal_rates(sampler: Sampler, prompt_sets: Mapping[str, Sequence[Prompt | PromptRow]],
+def false_refusal_rates(sampler: Answerer, prompt_sets: Mapping[str, Sequence[Prompt | PromptRow]],
                         detector: RefusalDetector | None = None,
                         system_prompt: str | None = None) -> tuple[dict[str, RefusalStats], dict[str, list[str]]]:
     """Generate a response to every prompt of every set and measure its refusal rate.
 
     Prompts are texts, message lists ending with a user turn, or `PromptRow`s. `sampler(conversations) ->
-    responses` answers a batch of chat conversations (see `generation.ChatSampler`); `system_prompt` is added to
+    responses` answers a batch of chat conversations (see `sampling.ChatSampler`); `system_prompt` is added to
     every conversation when given (none by default: the paper does not say whether its measurement used one). Returns
     the stats and the responses, per set name.
     """

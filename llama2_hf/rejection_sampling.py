@@ -2,11 +2,11 @@
 
 The pieces of one iteration (the `rejection-sample` stage, `llama2_hf.stages.rejection_sampling`, wires them):
 1. `prompt_batches` cuts the prompts into fixed batches of `prompt_batch_size`; each batch is seeded from (seed,
-   iteration, its first prompt's id), so the samples of a prompt do not depend on how many processes share the
-   work, nor on whether a run was interrupted and resumed;
-2. `RejectionSampler.sample_batches` samples K responses per prompt from the current policy
-   (`generation.generate`: one prefill per prompt shared by its K samples; or a vLLM engine, `generation_backend:
-   vllm`, seeded per prompt from (seed, iteration, the prompt's id)), scores them with the reward together
+   iteration, its first prompt's id) by `sampling.derive_seed`, so the samples of a prompt do not depend on how many
+   processes share the work, nor on whether a run was interrupted and resumed;
+2. `RejectionSampler.sample_batches` samples K responses per prompt from the current policy with a
+   `sampling.Sampler` (PyTorch: one prefill per prompt shared by its K samples; or a vLLM engine), scores them with
+   the reward together
    with the prompt's best response of earlier iterations rescored by the same reward (the pool, below), and hands
    one record per prompt (all K responses, scores, components, the pool entry and the winner) to a writer;
 3. `select` builds the SFT rows (`messages` ending with the chosen answer), `report` the counts and the Figure 7
@@ -30,7 +30,6 @@ starting from the base model on each new RLHF version").
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -40,9 +39,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import SAFETY_TAG, PromptRow
-from .generation import SamplingConfig, generate, is_engine
 from .rewards import score_with
-from .tokenization_llama2 import encode_dialog
+from .sampling import Sampler, SamplingConfig, derive_seed
 from .trainers.sft import Llama2SFTConfig, Llama2SFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -58,14 +56,6 @@ class RejectionSamplingConfig(Llama2SFTConfig):
 
     num_samples: int = field(default=8, metadata={
         "help": "K, responses sampled per prompt (paper silent on one number: Figure 7 plots N up to 100)."})
-    temperature: float = field(default=1.0, metadata={
-        "help": "Sampling temperature (paper Figure 8: the best one moves with each RLHF version; sweep it)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus threshold (1.0: plain sampling at temperature)."})
-    max_new_tokens: int = field(default=256, metadata={
-        "help": "Response length limit; samples that hit it (no EOS) are kept in candidates.jsonl but not selected "
-                "unless select_unfinished."})
-    prompt_batch_size: int = field(default=8, metadata={
-        "help": "Prompts per generation batch: the unit of seeding, of the split across processes and of a resume."})
     select_unfinished: bool = field(default=False, metadata={
         "help": "Also select samples cut at max_new_tokens (SFT then closes them with EOS)."})
     pool: str = field(default="all", metadata={
@@ -86,26 +76,20 @@ class RejectionSamplingConfig(Llama2SFTConfig):
     def __post_init__(self):
         if self.pool not in POOL_MODES:
             raise ValueError(f"pool must be one of {POOL_MODES}, got {self.pool!r}")
-        for temperature in self.temperature_sweep or [self.temperature]:
-            self.sampling(temperature)  # SamplingConfig refuses K < 1, T < 0, top_p outside (0, 1], ...
+        for temperature in self.temperature_sweep or []:
+            SamplingConfig(temperature=temperature)  # refuses T < 0
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         super().__post_init__()
 
-    def sampling(self, temperature: float | None = None) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_new_tokens,
-                              temperature=self.temperature if temperature is None else temperature,
-                              top_p=self.top_p, num_samples=self.num_samples,
-                              prompt_batch_size=self.prompt_batch_size)
-
-    def signature(self, iteration: int, temperature: float | None = None, backend: str = "torch") -> dict:
+    def signature(self, iteration: int, sampling: SamplingConfig, backend: str = "torch") -> dict:
         """What determines a record's samples: stored in every record, so that records drawn with other settings
-        (or by another generation backend: the two draw different random streams) are never mixed into one
-        output."""
-        signature = {"iteration": iteration, "num_samples": self.num_samples,
-                     "temperature": self.temperature if temperature is None else temperature, "top_p": self.top_p,
-                     "max_new_tokens": self.max_new_tokens, "prompt_batch_size": self.prompt_batch_size,
-                     "seed": self.seed}
+        (or by another backend: the two draw different random streams) are never mixed into one output."""
+        signature = {"iteration": iteration, "num_samples": sampling.num_samples, "temperature": sampling.temperature,
+                     "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens,
+                     "prompt_batch_size": sampling.prompt_batch_size, "seed": self.seed}
         if backend != "torch":
-            signature["generation_backend"] = backend
+            signature["backend"] = backend
         return signature
 
 
@@ -190,13 +174,6 @@ def _json_list(values: torch.Tensor) -> list[float | None]:
     return [None if math.isnan(v) else v for v in values.tolist()]
 
 
-def _batch_seed(seed: int, tag, prompt_id: str) -> int:
-    """The seed of a batch: a hash of (seed, iteration or sweep tag, the batch's first prompt id), nothing that
-    depends on the process that samples it or on what was sampled before."""
-    digest = hashlib.sha1(f"{seed}/{tag}/{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def prompt_batches(prompts: Sequence[PromptRow], batch_size: int) -> list[list[tuple[int, PromptRow]]]:
     """`(index, prompt)` batches of the whole prompt list, in order. Processes share batches, not prompts
     (`RankParts.my_share(batches)`): a batch's composition, hence its seed and its samples, is the same for any
@@ -219,23 +196,23 @@ class RejectionSampler:
     """Best-of-K sampling and scoring of prompt batches.
 
     Args:
-        model: the policy (a causal LM, sampled in eval mode).
-        tokenizer: its tokenizer (chat format via `encode_dialog`).
+        sampler: a `sampling.Sampler` over the policy (either backend); its config sets temperature, top-p, length
+            and the prompt batch; K is `config.num_samples`.
         reward: a reward of the contract `reward(prompts, responses, **columns)`; it receives `is_safety_prompt`.
-        config: the sampling settings (`RejectionSamplingConfig`).
-        engine: a running `VLLMEngine` over the policy's weights that samples instead of `model` (None: `model`).
+        config: the selection settings (`RejectionSamplingConfig`).
     """
 
-    def __init__(self, model, tokenizer, reward: Callable, config: RejectionSamplingConfig, engine=None):
-        self.model = model
-        self.tokenizer = tokenizer
+    def __init__(self, sampler: Sampler, reward: Callable, config: RejectionSamplingConfig):
+        self.sampler = sampler
         self.reward = reward
         self.config = config
-        self.engine = engine
 
-    @property
-    def backend(self) -> str:
-        return "vllm" if is_engine(self.engine) else "torch"
+    def sampling(self, temperature: float | None = None) -> SamplingConfig:
+        """The sampler's config with K samples per prompt (and a sweep's temperature)."""
+        changes = {"num_samples": self.config.num_samples}
+        if temperature is not None:
+            changes["temperature"] = temperature
+        return self.sampler.with_config(**changes)
 
     def sample_batches(self, batches: Sequence[Sequence[tuple[int, PromptRow]]], iteration: int,
                        earlier: Mapping[str, Mapping] | None = None, done: Collection[int] = (),
@@ -249,9 +226,9 @@ class RejectionSampler:
         done (a write cut by a kill) is sampled again whole, with the same seed and so the same samples, and only
         its missing prompts are written.
         """
-        sampling = self.config.sampling(temperature)
+        sampling = self.sampling(temperature)
         tag = iteration if temperature is None else f"T{temperature}"
-        signature = self.config.signature(iteration, temperature, self.backend)
+        signature = self.config.signature(iteration, sampling, self.sampler.backend)
         out: list[dict] = []
         for batch in batches:
             if all(i in done for i, _ in batch):
@@ -266,19 +243,9 @@ class RejectionSampler:
     def _sample_batch(self, batch: Sequence[tuple[int, PromptRow]], iteration: int, sampling: SamplingConfig,
                       signature: dict, tag, earlier: Mapping[str, Mapping]) -> list[dict]:
         rows = [row for _, row in batch]
-        prompt_ids = [encode_dialog(self.tokenizer, row.messages) for row in rows]
-        if self.engine is not None:
-            # vLLM seeds each prompt (its K samples: seed + k), from the prompt's own id: the same samples for
-            # any batching, number of processes or resume.
-            out = generate(self.engine, prompt_ids, sampling, eos_token_id=self.tokenizer.eos_token_id,
-                           seeds=[_batch_seed(self.config.seed, tag, row.id) for row in rows])
-        else:
-            device = next(self.model.parameters()).device
-            generator = torch.Generator(device=device).manual_seed(_batch_seed(self.config.seed, tag, rows[0].id))
-            self.model.eval()
-            out = generate(self.model, prompt_ids, sampling, eos_token_id=self.tokenizer.eos_token_id,
-                           pad_token_id=self.tokenizer.pad_token_id, generator=generator)
-        samples = [[(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), done)
+        out = self.sampler.sample_ids([self.sampler.encode(row.messages) for row in rows], config=sampling,
+                                      seed=derive_seed(self.config.seed, tag, rows[0].id))
+        samples = [[(self.sampler.decode(ids), done)
                     for ids, done in zip(sample_ids, finished)]
                    for sample_ids, finished in zip(out.response_ids, out.finished)]
         pool = [self._pool_entry(earlier.get(row.id)) for row in rows]

@@ -271,7 +271,7 @@ def run_command(name: str, argv: Sequence[str], body: Callable[[list[str]], Any]
 def user_error_message(error: BaseException) -> str | None:
     """The one-line message of an error the user can fix (bad arguments, files, data), or None for a bug."""
     from .data import InvalidDataFile, InvalidExample
-    from .vllm_engine import VLLMNotInstalled
+    from .sampling.vllm_engine import VLLMNotInstalled
 
     if isinstance(error, (UsageError, InvalidDataFile, InvalidExample, FileNotFoundError, json.JSONDecodeError,
                           VLLMNotInstalled)):

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import SAFETY_TAG, InvalidExample, PromptRow, prompt_row
-from .generation import Sampler
+from .sampling.chat import Answerer
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def as_prompt_row(row: Mapping | PromptRow, index: int) -> PromptRow:
     return parsed
 
 
-def distill_records(rows: Iterable[tuple[int, Mapping | PromptRow]], sampler: Sampler, safety_reward: Callable,
+def distill_records(rows: Iterable[tuple[int, Mapping | PromptRow]], sampler: Answerer, safety_reward: Callable,
                     preprompts: SafetyPreprompts | None = None,
                     config: DistillConfig | None = None) -> list[dict]:
     """One record per `(index, prompt row)`: `status` "scored" (both answers and their safety scores, `kept`),
@@ -317,7 +317,7 @@ def summarize(records: Sequence[Mapping]) -> tuple[list[dict], list[dict], Disti
     return kept_rows, candidates, report
 
 
-def distill(rows: Iterable[Mapping | PromptRow], sampler: Sampler, safety_reward: Callable,
+def distill(rows: Iterable[Mapping | PromptRow], sampler: Answerer, safety_reward: Callable,
             preprompts: SafetyPreprompts | None = None,
             config: DistillConfig | None = None) -> tuple[list[dict], list[dict], DistillReport]:
     """Targeted safety context distillation in one process.
@@ -325,7 +325,7 @@ def distill(rows: Iterable[Mapping | PromptRow], sampler: Sampler, safety_reward
     Args:
         rows: prompt rows (`data.prompt_row` schema: `prompt` or `messages`, the safety tag `is_safety_prompt`,
             optional `id` and `risk_category`), or `PromptRow`s.
-        sampler: `sampler(conversations) -> answers` (e.g. `generation.ChatSampler` on the model being distilled).
+        sampler: `sampler(conversations) -> answers` (e.g. `sampling.ChatSampler` on the model being distilled).
         safety_reward: the safety RM as a reward of the pipeline contract, `reward(prompts, responses) -> scores`
             (`rewards.RewardModelScorer`, or any callable; a `score` method's `raw` scores are used when present).
         preprompts: default `SafetyPreprompts.load()`.

@@ -55,7 +55,7 @@ def test_recipe_chain_on_two_processes(stage_inputs, shared_data, tmp_path):
             "--output_dir", out / "rs", *TINY_TRAINER)
     _launch("ppo", "ppo/llama2-7b.yaml", "--model_name_or_path", out / "rs", "--prompts_file", stage_inputs["prompts"],
             *rm_args, "--num_iterations", "1", "--batch_size", "4", "--mini_batch_size", "2", "--micro_batch_size",
-            "1", "--max_new_tokens", "6", "--generation_batch_size", "4", "--save_steps", "0", "--use_cpu", "true",
+            "1", "--max_new_tokens", "6", "--prompt_batch_size", "4", "--save_steps", "0", "--use_cpu", "true",
             "--bf16", "false", "--report_to", "none", "--output_dir", out / "ppo")
     _launch("gatt", "gatt/llama2-7b.yaml", "--model_name_or_path", out / "ppo", "--dialogues_file", dialogues,
             "--instructions", "Always answer as a pirate.", "--dtype", "float32", *SAMPLING,

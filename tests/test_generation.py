@@ -140,8 +140,11 @@ def test_sampled_logprobs_equal_a_forward_pass(tiny_tokenizer, tiny_model_factor
             torch.testing.assert_close(logp, full.gather(-1, torch.tensor(sample)[:, None]).squeeze(-1), atol=1e-5,
                                        rtol=0)
             torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="return_logprobs"):
-        generate(type("Engine", (), {"generate_output": lambda *a, **k: None})(), ids, cfg, return_logprobs=True)
+    from llama2_hf.sampling.vllm_backend import VLLMSampler
+
+    engine = type("Engine", (), {"generate_output": lambda *a, **k: None, "config": model.config})()
+    with pytest.raises(ValueError, match="no log-probabilities"):  # an engine's samples come without them
+        VLLMSampler(engine, tiny_tokenizer, cfg).sample_ids(ids, seed=0, return_logprobs=True)
 
 
 def test_cpu_decoding_runs_the_head_as_one_matmul_and_restores_it(tiny_tokenizer, tiny_model_factory):
@@ -228,7 +231,8 @@ def test_full_weights_for_generation_under_fsdp2(tmp_path):
 
 
 def test_chat_sampling_arguments_reseed_and_rollout(tiny_tokenizer, tiny_model_factory):
-    from llama2_hf.generation import ChatSampler, ChatSamplingArguments, rollout
+    from llama2_hf.sampling import ChatSampler, rollout
+    from llama2_hf.stages.sampling import ChatSamplingArguments
 
     args = ChatSamplingArguments(max_new_tokens=5, temperature=1.0, top_p=0.9, prompt_batch_size=2)
     assert args.sampling_config() == SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=0.9, num_samples=1,

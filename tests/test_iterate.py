@@ -183,7 +183,7 @@ def test_command_line_arguments_and_bad_settings(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 TINY_RS = {**TINY_TRAINING, "num_samples": 2, "max_new_tokens": 6, "prompt_batch_size": 4, "select_unfinished": True}
-TINY_PPO = {"use_cpu": True, "batch_size": 4, "mini_batch_size": 4, "generation_batch_size": 4, "max_new_tokens": 4,
+TINY_PPO = {"use_cpu": True, "batch_size": 4, "mini_batch_size": 4, "prompt_batch_size": 4, "max_new_tokens": 4,
             "num_iterations": 1, "save_steps": 1, "value_model_init": "reward_model", "disable_tqdm": True}
 STAGE_ARGS = {"train-rm": TINY_TRAINING, "rejection-sample": TINY_RS, "ppo": TINY_PPO, "eval-rm": {"use_cpu": True},
               "train-rm:safety": {"safety_aux_loss_coef": 0.5}}

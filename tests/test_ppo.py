@@ -9,16 +9,25 @@ import torch
 from llama2_hf import Llama2Config, Llama2ForRewardModel
 from llama2_hf.rewards import RewardModelScorer
 from llama2_hf.losses import entropy_from_logits, logprobs_from_logits
-from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer, token_logprobs, token_values
+from llama2_hf.trainers.ppo import Llama2PPOConfig, Llama2PPOTrainer, PPOSampling, token_logprobs, token_values
 from tests.conftest import TargetTokenReward
 
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "prompt_batch_size")
 PROMPTS = [{"prompt": f"say the magic words, number {i}", "is_safety_prompt": i % 4 == 0} for i in range(32)]
 
 
 def small_config(tmp_path, **overrides):
+    """(PPO config, rollout sampling): the sampling fields of `overrides` go to the second."""
     base = dict(output_dir=str(tmp_path / "ppo"), num_iterations=2, batch_size=8, mini_batch_size=4,
                 max_new_tokens=4, learning_rate=1e-3, value_model_init="policy", save_steps=0)
-    return Llama2PPOConfig(**{**base, **overrides})
+    values = {**base, **overrides}
+    sampling = PPOSampling(**{k: values.pop(k) for k in SAMPLING_FIELDS if k in values}).sampling_config()
+    return Llama2PPOConfig(**values), sampling
+
+
+def ppo_trainer(setup, *args, **kwargs) -> Llama2PPOTrainer:
+    config, sampling = setup
+    return Llama2PPOTrainer(config, *args, sampler=sampling, **kwargs)
 
 
 def test_config_defaults_are_the_papers():
@@ -37,7 +46,7 @@ def test_config_defaults_are_the_papers():
 
 @pytest.mark.parametrize("rollout_logprobs", [True, False])
 def test_first_iteration_has_zero_kl_and_unit_ratio(tmp_path, tok, tiny_model_factory, rollout_logprobs):
-    trainer = Llama2PPOTrainer(small_config(tmp_path, rollout_logprobs=rollout_logprobs), tiny_model_factory(), tok,
+    trainer = ppo_trainer(small_config(tmp_path, rollout_logprobs=rollout_logprobs), tiny_model_factory(), tok,
                                TargetTokenReward(tok), PROMPTS)
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     m = trainer.step()
@@ -63,7 +72,7 @@ def test_rollout_logprobs_from_sampling_equal_a_forward_pass(tmp_path, tok, tiny
     runs = {}
     for flag in (True, False):
         cfg = small_config(tmp_path / str(flag), rollout_logprobs=flag, num_iterations=1, temperature=0.8)
-        trainer = Llama2PPOTrainer(cfg, tiny_model_factory(), tok, TargetTokenReward(tok), PROMPTS)
+        trainer = ppo_trainer(cfg, tiny_model_factory(), tok, TargetTokenReward(tok), PROMPTS)
         calls = []
         handle = trainer.policy.register_forward_pre_hook(lambda *a: calls.append(1))
         rollout, metrics = trainer._rollout(*trainer._next_prompts())
@@ -120,7 +129,7 @@ def test_chunks_cut_shared_left_padding_without_changing_the_scores(tmp_path, to
     """Scoring and update chunks drop the prompt padding that all their rows share; the log-probabilities and
     values of every chunk equal those of the full-width batch."""
     prompts = [{"prompt": "hi"}, {"prompt": "a much longer prompt with many many more words in it, " * 2}] * 4
-    trainer = Llama2PPOTrainer(small_config(tmp_path), tiny_model_factory(), tok, TargetTokenReward(tok), prompts)
+    trainer = ppo_trainer(small_config(tmp_path), tiny_model_factory(), tok, TargetTokenReward(tok), prompts)
     rollout, _ = trainer._rollout(*trainer._next_prompts())
     tensors = {"input_ids": rollout.query_responses, "attention_mask": rollout.attention_mask,
                "position_ids": rollout.position_ids}
@@ -143,7 +152,7 @@ def test_adamw_is_fused_unless_optim_says_otherwise(tmp_path, tok, tiny_model_fa
     loop; both make the same update."""
     weights = {}
     for optim in ("adamw_torch_fused", "adamw_torch"):
-        trainer = Llama2PPOTrainer(small_config(tmp_path / optim, optim=optim, num_iterations=1),
+        trainer = ppo_trainer(small_config(tmp_path / optim, optim=optim, num_iterations=1),
                                    tiny_model_factory(), tok, TargetTokenReward(tok), PROMPTS)
         assert bool(trainer.policy_optimizer.defaults["fused"]) == (optim == "adamw_torch_fused")
         assert bool(trainer.value_optimizer.defaults["fused"]) == (optim == "adamw_torch_fused")
@@ -156,7 +165,7 @@ def test_adamw_is_fused_unless_optim_says_otherwise(tmp_path, tok, tiny_model_fa
 def test_gradient_accumulation_matches_full_mini_batches(tmp_path, tok, tiny_model_factory):
     weights = []
     for micro in (4, 1):
-        trainer = Llama2PPOTrainer(small_config(tmp_path, micro_batch_size=micro, num_iterations=1),
+        trainer = ppo_trainer(small_config(tmp_path, micro_batch_size=micro, num_iterations=1),
                                    tiny_model_factory(), tok, TargetTokenReward(tok), PROMPTS)
         trainer.step()
         weights.append(trainer.policy.state_dict())
@@ -169,7 +178,7 @@ def test_ppo_raises_the_mean_reward(tmp_path, tok, tiny_model_factory):
     least 0.05 above the first two's (about 0.06 -> 0.13; a random policy stays near 0.07)."""
     cfg = small_config(tmp_path, num_iterations=8, batch_size=32, mini_batch_size=8, max_new_tokens=8,
                        learning_rate=5e-3, kl_coef=0.01)
-    trainer = Llama2PPOTrainer(cfg, tiny_model_factory(), tok, TargetTokenReward(tok), PROMPTS)
+    trainer = ppo_trainer(cfg, tiny_model_factory(), tok, TargetTokenReward(tok), PROMPTS)
     history = trainer.train()
     rewards = [m["reward/mean"] for m in history]
     assert sum(rewards[-2:]) / 2 >= sum(rewards[:2]) / 2 + 0.05, rewards
@@ -183,7 +192,7 @@ def test_lora_policy_uses_its_disabled_adapter_as_reference(tmp_path, tok, tiny_
     base = tiny_model_factory()
     frozen = {k: v.clone() for k, v in base.state_dict().items()}
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = Llama2PPOTrainer(small_config(tmp_path, learning_rate=1e-2), base, tok, TargetTokenReward(tok),
+    trainer = ppo_trainer(small_config(tmp_path, learning_rate=1e-2), base, tok, TargetTokenReward(tok),
                                PROMPTS, peft_config=lora)
     assert trainer.ref_model is None
     assert trainer.step()["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # sampling-step log-probs: rounding
@@ -194,7 +203,7 @@ def test_lora_policy_uses_its_disabled_adapter_as_reference(tmp_path, tok, tiny_
 
 
 def test_critic_warmup_trains_the_critic_alone_then_both(tmp_path, tok, tiny_model_factory):
-    trainer = Llama2PPOTrainer(small_config(tmp_path, critic_warmup_iterations=2, num_iterations=3),
+    trainer = ppo_trainer(small_config(tmp_path, critic_warmup_iterations=2, num_iterations=3),
                                tiny_model_factory(), tok, TargetTokenReward(tok), PROMPTS)
 
     def snapshot(model):
@@ -224,27 +233,27 @@ def test_critic_is_initialised_from_the_reward_model(tmp_path, tok, tiny_model_f
     values = token_values(rm, ids, mask, torch.arange(5)[None])
     # the per-token head read at the last token is the reward model's sequence score
     assert values[0, -1].item() == pytest.approx(rm(input_ids=ids).logits[0, 0].item(), abs=1e-5)
-    trainer = Llama2PPOTrainer(small_config(tmp_path, value_model_init="reward_model"), tiny_model_factory(), tok,
+    trainer = ppo_trainer(small_config(tmp_path, value_model_init="reward_model"), tiny_model_factory(), tok,
                                RewardModelScorer(rm, tok), PROMPTS)
     assert trainer.value_model is not rm
     for (name, a), b in zip(trainer.value_model.state_dict().items(), rm.state_dict().values()):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="value_model_init='reward_model' needs a reward"):
-        Llama2PPOTrainer(small_config(tmp_path, value_model_init="reward_model"), tiny_model_factory(), tok,
+        ppo_trainer(small_config(tmp_path, value_model_init="reward_model"), tiny_model_factory(), tok,
                          TargetTokenReward(tok), PROMPTS)
 
 
 def test_checkpoint_resume_reproduces_an_uninterrupted_run(tmp_path, tok, tiny_model_factory):
     reward = TargetTokenReward(tok)
-    straight = Llama2PPOTrainer(small_config(tmp_path / "a", num_iterations=3), tiny_model_factory(), tok, reward,
+    straight = ppo_trainer(small_config(tmp_path / "a", num_iterations=3), tiny_model_factory(), tok, reward,
                                 PROMPTS)
     straight.train()
 
-    first = Llama2PPOTrainer(small_config(tmp_path / "b", num_iterations=2, save_steps=2), tiny_model_factory(),
+    first = ppo_trainer(small_config(tmp_path / "b", num_iterations=2, save_steps=2), tiny_model_factory(),
                              tok, reward, PROMPTS)
     first.train()
     assert (tmp_path / "b" / "ppo" / "checkpoint-2" / "trainer_state.pt").exists()
-    resumed = Llama2PPOTrainer(small_config(tmp_path / "b", num_iterations=3), tiny_model_factory(), tok, reward,
+    resumed = ppo_trainer(small_config(tmp_path / "b", num_iterations=3), tiny_model_factory(), tok, reward,
                                PROMPTS)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.iteration == 3 and len(resumed.history) == 3
@@ -275,12 +284,12 @@ def test_bf16_compute_keeps_the_fp32_update_at_the_papers_learning_rate(tmp_path
         return small_config(tmp_path, learning_rate=1e-6, batch_size=8, mini_batch_size=8, max_new_tokens=6,
                             num_iterations=1, **overrides)
 
-    maker = Llama2PPOTrainer(config(), tiny_model_factory(), tok, reward, PROMPTS)
+    maker = ppo_trainer(config(), tiny_model_factory(), tok, reward, PROMPTS)
     rollout, _ = maker._rollout(*maker._next_prompts())
     deltas = {}
     for name, bf16, dtype in (("fp32", False, torch.float32), ("bf16_compute", True, torch.float32),
                               ("bf16_weights", False, torch.bfloat16)):
-        trainer = Llama2PPOTrainer(config(bf16=bf16, use_cpu=True), tiny_model_factory().to(dtype), tok, reward,
+        trainer = ppo_trainer(config(bf16=bf16, use_cpu=True), tiny_model_factory().to(dtype), tok, reward,
                                    PROMPTS)
         before = {k: p.detach().float().clone() for k, p in trainer.policy.named_parameters()}
         trainer._train_on(rollout)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import llama2_hf.rejection_sampling as rs_lib
 from llama2_hf import records, runner
 from llama2_hf.cli import main as cli
 from llama2_hf.data import load_data_files, prompt_row, sft_messages
@@ -27,6 +26,8 @@ from llama2_hf.rejection_sampling import (
     select,
 )
 from llama2_hf.runner import RunRecord, UsageError, stage_output
+from llama2_hf.sampling.torch_backend import TorchSampler
+from llama2_hf.stages.rejection_sampling import RejectionSampling
 from llama2_hf.stages import run_stage
 
 from conftest import TINY_TRAINING, TargetTokenReward, accelerate_launch, write_jsonl
@@ -39,9 +40,14 @@ CPU_TRAINING = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, repo
 
 
 def config(tmp_path, **overrides) -> RejectionSamplingConfig:
-    values = dict(output_dir=str(tmp_path / "trainer"), num_samples=4, max_new_tokens=6, prompt_batch_size=4,
-                  select_unfinished=True, **CPU_TRAINING)
+    values = dict(output_dir=str(tmp_path / "trainer"), num_samples=4, select_unfinished=True, **CPU_TRAINING)
     return RejectionSamplingConfig(**{**values, **overrides})
+
+
+def rejection_sampler(model, tok, reward, cfg, max_new_tokens=6, prompt_batch_size=4) -> RejectionSampler:
+    """The stage's sampling defaults (temperature 1, top-p 1) on the PyTorch backend."""
+    sampling = RejectionSampling(max_new_tokens=max_new_tokens, prompt_batch_size=prompt_batch_size)
+    return RejectionSampler(TorchSampler(model, tok, sampling.sampling_config()), reward, cfg)
 
 
 def test_expected_order_statistics_match_enumeration():
@@ -67,8 +73,10 @@ def test_config_refuses_bad_sampling_values(tmp_path):
         config(tmp_path, pool="best")
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         config(tmp_path, temperature_sweep=[0.7, -1.0])
-    with pytest.raises(ValueError, match="num_samples and prompt_batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
         config(tmp_path, num_samples=0)
+    with pytest.raises(ValueError, match="num_samples and prompt_batch_size must be >= 1"):
+        RejectionSampling(prompt_batch_size=0)
     # batches are cut over the whole list: the same batches whatever the number of processes
     assert [[i for i, _ in b] for b in prompt_batches(PROMPTS[:5], 2)] == [[0, 1], [2, 3], [4]]
 
@@ -77,7 +85,7 @@ def test_pool_keeps_the_best_of_earlier_iterations(tmp_path, tok, tiny_model_fac
     def length_reward(prompts, responses, **columns):
         return [float(len(r)) for r in responses]
 
-    sampler = RejectionSampler(tiny_model_factory(), tok, length_reward, config(tmp_path, num_samples=2))
+    sampler = rejection_sampler(tiny_model_factory(), tok, length_reward, config(tmp_path, num_samples=2))
     prompts = PROMPTS[:4]
     first = sampler.sample_batches(prompt_batches(prompts, 4), 1)
     # iteration 1's winners replaced by a long answer, as a better earlier model would have produced
@@ -106,16 +114,15 @@ def test_rejection_sampling_raises_the_mean_reward(tmp_path, tok, tiny_model_fac
 
     def mean_reward():
         texts = generate_text(model, tok, [p.messages for p in prompts],
-                              SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1.0, num_samples=4),
+                              SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1.0, num_samples=16),
                               generator=torch.Generator().manual_seed(123))
         flat = [t for ts in texts for t in ts]
         return sum(reward(None, flat)) / len(flat)
 
     before = mean_reward()
-    cfg = config(tmp_path, num_samples=16, max_new_tokens=8, prompt_batch_size=16, learning_rate=1e-2,
-                 num_train_epochs=4, lr_scheduler_type="constant", max_length=64, per_device_train_batch_size=16,
-                 seed=0)
-    sampler = RejectionSampler(model, tok, reward, cfg)
+    cfg = config(tmp_path, num_samples=16, learning_rate=1e-2, num_train_epochs=4, lr_scheduler_type="constant",
+                 max_length=64, per_device_train_batch_size=16, seed=0)
+    sampler = rejection_sampler(model, tok, reward, cfg, max_new_tokens=8, prompt_batch_size=16)
     earlier = {}
     for iteration in (1, 2):
         records = sampler.sample_batches(prompt_batches(prompts, 16), iteration, earlier)
@@ -285,8 +292,9 @@ def test_two_processes_equal_one_and_a_killed_process_resumes(stage_inputs, tmp_
         run_stage("rejection-sample", **{**args, "temperature": 0.7})
 
     calls = []
-    real_generate = rs_lib.generate
-    monkeypatch.setattr(rs_lib, "generate", lambda *a, **k: calls.append(len(a[1])) or real_generate(*a, **k))
+    real_sample = TorchSampler.sample_ids
+    monkeypatch.setattr(TorchSampler, "sample_ids",
+                        lambda self, ids, **k: calls.append(len(ids)) or real_sample(self, ids, **k))
     for rank in (1, 0):  # each process of the relaunch, one after the other
         monkeypatch.setattr(records, "distributed_state", lambda rank=rank: FakeState(rank, 2))
         run_stage("rejection-sample", **args)

@@ -19,7 +19,7 @@ from conftest import REPO_ROOT, accelerate_launch, write_jsonl
 
 # Tiny PPO: 8 rollouts per iteration in one mini-batch (one optimizer step), 4 new tokens, both reward models
 # unwhitened (batch whitening uses each rank's own rollouts, the only statistic that depends on the world size).
-TINY_PPO = {"use_cpu": True, "batch_size": 8, "mini_batch_size": 8, "generation_batch_size": 4,
+TINY_PPO = {"use_cpu": True, "batch_size": 8, "mini_batch_size": 8, "prompt_batch_size": 4,
             "max_new_tokens": 4, "learning_rate": 1e-3, "save_steps": 1, "save_total_limit": None,
             "value_model_init": "reward_model", "reward_whitening": "none", "disable_tqdm": True}
 # Metrics of an iteration that a 2-process run must reproduce (the rest are timings and counts).

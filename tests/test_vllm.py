@@ -17,9 +17,11 @@ import torch
 import yaml
 
 from llama2_hf import Llama2Config, Llama2ForCausalLM, Llama2ForRewardModel
-from llama2_hf.generation import ChatSampler, SamplingConfig, generate
+from llama2_hf.generation import SamplingConfig, generate
+from llama2_hf.sampling import BackendArguments, ChatSampler, derive_seed
+from llama2_hf.sampling.vllm_backend import VLLMSampler
+from llama2_hf.sampling.vllm_engine import VLLMEngine, VLLMNotInstalled, vllm_python
 from llama2_hf.tokenization_llama2 import encode_dialog
-from llama2_hf.vllm_engine import VLLMArguments, VLLMEngine, VLLMNotInstalled, vllm_python
 from tests.conftest import TargetTokenReward, write_jsonl
 
 try:
@@ -56,7 +58,7 @@ def make_policy(tokenizer, seed: int = 0) -> Llama2ForCausalLM:
 def engine(llama2_tokenizer):
     if not HAVE_VLLM:
         pytest.skip("vLLM's environment is not built (llama2-hf setup-vllm)")
-    with VLLMEngine.start_for_model(make_policy(llama2_tokenizer), VLLMArguments(generation_backend="vllm")) as e:
+    with VLLMEngine.start_for_model(make_policy(llama2_tokenizer), BackendArguments(generation_backend="vllm")) as e:
         yield e
 
 
@@ -71,18 +73,21 @@ def test_greedy_continuations_equal_the_torch_backend(engine, llama2_tokenizer):
     prompts = chat_ids(llama2_tokenizer)
     config = SamplingConfig(max_new_tokens=24, temperature=0.0, num_samples=1, prompt_batch_size=4)
     ours = generate(policy, prompts, config, eos_token_id=llama2_tokenizer.eos_token_id)
-    theirs = generate(engine, prompts, config, eos_token_id=llama2_tokenizer.eos_token_id)
+    sampler = VLLMSampler(engine, llama2_tokenizer, config)
+    theirs = sampler.sample_ids(prompts, seed=None)
     assert theirs.response_ids == ours.response_ids
     assert theirs.finished == ours.finished
     assert all(len(r[0]) == 24 for r in ours.response_ids)  # a random model never says EOS: 24 real tokens each
 
-    # Sampling: per-prompt seeds make it reproducible and independent of batching; the K samples differ.
+    # Sampling: a call's seed makes it reproducible (prompt i seeded with derive_seed(seed, i)); the K samples
+    # differ; another seed draws other samples.
     sampled = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, num_samples=4)
-    a = generate(engine, prompts, sampled, eos_token_id=llama2_tokenizer.eos_token_id, seeds=range(10, 16))
-    b = generate(engine, prompts[2:3], sampled, eos_token_id=llama2_tokenizer.eos_token_id, seeds=[12])
+    a = sampler.sample_ids(prompts, seed=10, config=sampled)
+    assert sampler.sample_ids(prompts, seed=10, config=sampled).response_ids == a.response_ids
+    b = engine.generate_output(prompts[2:3], sampled, seeds=[derive_seed(10, 2)])
     assert b.response_ids[0] == a.response_ids[2]
     assert len({tuple(s) for s in a.response_ids[0]}) > 1
-    c = generate(engine, prompts, sampled, eos_token_id=llama2_tokenizer.eos_token_id, seeds=range(20, 26))
+    c = sampler.sample_ids(prompts, seed=20, config=sampled)
     assert c.response_ids != a.response_ids
 
 
@@ -92,7 +97,7 @@ def test_chat_sampler_over_the_engine_answers_as_the_torch_model(engine, llama2_
     engine.load_weights(policy)
     config = SamplingConfig(max_new_tokens=10, temperature=0.0, num_samples=1)
     expected = ChatSampler(policy, llama2_tokenizer, config, seed=0)(MESSAGES[:3])
-    sampler = ChatSampler(engine, llama2_tokenizer, config, seed=0)
+    sampler = ChatSampler(VLLMSampler(engine, llama2_tokenizer, config), seed=0)
     assert sampler.max_length == policy.config.max_position_embeddings
     assert sampler(MESSAGES[:3]) == expected
 
@@ -110,7 +115,8 @@ def test_evaluation_generation_with_the_engine_equals_the_torch_model(engine, ll
     contexts = ["Question: What is 2 + 3?\nAnswer:", "Q: Name a colour.\nA:", "The capital of France is"]
     common = dict(stop=["\n", "."], sampling=EvalSampling(max_new_tokens=12), batch_size=2, progress=False)
     expected = generate_until(policy, tokenizer, contexts, **common)
-    assert generate_until(policy, tokenizer, contexts, engine=engine, **common) == expected
+    sampler = VLLMSampler(engine, tokenizer)
+    assert generate_until(policy, tokenizer, contexts, sampler=sampler, **common) == expected
 
 
 @needs_vllm
@@ -119,14 +125,14 @@ def test_ppo_rollouts_come_from_the_weights_after_the_previous_update(engine, ll
 
     prompts = [{"prompt": m[-1]["content"], "is_safety_prompt": False} for m in MESSAGES[:4]]
     config = Llama2PPOConfig(output_dir=str(tmp_path / "ppo"), num_iterations=2, batch_size=4, mini_batch_size=4,
-                             max_new_tokens=6, temperature=0.0, learning_rate=0.5, value_model_init="policy",
-                             save_steps=0, use_cpu=True, report_to=[])
+                             learning_rate=0.5, value_model_init="policy", save_steps=0, use_cpu=True, report_to=[])
+    rollout = SamplingConfig(max_new_tokens=6, temperature=0.0, top_p=1.0, prompt_batch_size=64)
     # Adam moves every weight with a gradient by about the learning rate: 0.5 makes one update change the greedy
     # answers, so that rollouts from stale weights cannot pass for fresh ones.
     policy = make_policy(llama2_tokenizer, seed=3)  # the engine starts with other weights: the push must land
     initial = copy.deepcopy(policy)
     trainer = Llama2PPOTrainer(config, policy, llama2_tokenizer, TargetTokenReward(llama2_tokenizer), prompts,
-                               engine=engine)
+                               sampler=VLLMSampler(engine, llama2_tokenizer, rollout))
     rollouts = []
     generate_output = engine.generate_output
 
@@ -181,7 +187,6 @@ def rs_recipe(inputs, out, **extra) -> dict:
 @needs_vllm
 def test_rejection_sampling_stage_with_the_vllm_backend_from_a_recipe(rs_inputs, llama2_tokenizer, engine, tmp_path):
     from llama2_hf.cli import main as cli
-    from llama2_hf.rejection_sampling import _batch_seed
     from llama2_hf.runner import RunRecord
 
     out = tmp_path / "rs"
@@ -196,8 +201,7 @@ def test_rejection_sampling_stage_with_the_vllm_backend_from_a_recipe(rs_inputs,
     assert [c["prompt_id"] for c in candidates] == [f"p{i}" for i in range(len(MESSAGES))]
     for c in candidates:
         assert c["sampling"] == {"iteration": 1, "num_samples": 3, "temperature": 1.0, "top_p": 1.0,
-                                 "max_new_tokens": 8, "prompt_batch_size": 4, "seed": 7,
-                                 "generation_backend": "vllm"}
+                                 "max_new_tokens": 8, "prompt_batch_size": 4, "seed": 7, "backend": "vllm"}
         assert len(c["responses"]) == len(c["finished"]) == len(c["scores"]) == len(c["rewards"]) == 3
         assert all(isinstance(s, float) for s in c["scores"])
         assert c["is_safety_prompt"] == (int(c["prompt_id"][1:]) % 3 == 0)
@@ -206,15 +210,15 @@ def test_rejection_sampling_stage_with_the_vllm_backend_from_a_recipe(rs_inputs,
         source = next(c for c in candidates if c["messages"] == row["messages"][:-1])
         assert row["messages"][-1] == {"role": "assistant", "content": source["best"]["response"]}
 
-    # The samples are vLLM's, seeded per prompt from (seed, iteration, prompt id): the module's engine, given the
-    # same weights, draws prompt p2's three samples again.
+    # The samples are vLLM's, each batch seeded from (seed, iteration, its first prompt id) and prompt i of the batch
+    # from that: the module's engine, given the same weights, draws prompt p2's three samples again.
     from llama2_hf.stages.common import load_tokenizer
 
     tokenizer = load_tokenizer(str(rs_inputs["policy"]))  # the stage's own
     engine.load_weights(Llama2ForCausalLM.from_pretrained(str(rs_inputs["policy"])))
     config = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1.0, num_samples=3)
-    out = generate(engine, [encode_dialog(tokenizer, MESSAGES[2])], config, eos_token_id=tokenizer.eos_token_id,
-                   seeds=[_batch_seed(7, 1, "p2")])
+    out = engine.generate_output([encode_dialog(tokenizer, MESSAGES[2])], config,
+                                 seeds=[derive_seed(derive_seed(7, 1, "p0"), 2)], eos_token_id=tokenizer.eos_token_id)
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out.response_ids[0]]
     assert candidates[2]["responses"] == texts, out
     assert candidates[2]["finished"] == out.finished[0]
@@ -229,17 +233,17 @@ def test_every_sampling_stage_reads_the_backend_from_a_recipe(name, tmp_path):
     from llama2_hf.stages import get_stage
 
     stage = get_stage(name)
-    assert VLLMArguments in stage.dataclass_types
+    assert any(issubclass(t, BackendArguments) for t in stage.dataclass_types)
     values = {"output_dir": str(tmp_path / "out"), "generation_backend": "vllm", "vllm_tensor_parallel_size": 2}
     if "use_cpu" in field_names(stage):  # Trainer-based stages refuse their bf16 default without a GPU
         values["use_cpu"] = True
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(values))
     instances, _ = parse_args(stage, ["--config", str(recipe)])
-    chosen = next(i for i in instances if isinstance(i, VLLMArguments))
+    chosen = next(i for i in instances if isinstance(i, BackendArguments))
     assert (chosen.generation_backend, chosen.vllm_tensor_parallel_size) == ("vllm", 2)
     instances, _ = parse_args(stage, ["--config", str(recipe), "--generation_backend", "torch"])
-    assert next(i for i in instances if isinstance(i, VLLMArguments)).generation_backend == "torch"
+    assert next(i for i in instances if isinstance(i, BackendArguments)).generation_backend == "torch"
 
 
 def test_a_missing_vllm_environment_stops_the_stage_before_any_model_load(rs_inputs, tmp_path, capsys):

@@ -33,9 +33,9 @@ class RunSettings:
         "help": "Torch device of the judges / classifier; unset: the evaluated model's."})
     # (rank, world size) of a launch: each task evaluates only this rank's contiguous share of its examples.
     shard: tuple = field(default=(0, 1), init=False, repr=False, compare=False)
-    # A running `VLLMEngine` over the evaluated weights (`generation_backend: vllm`): generation tasks sample with it,
+    # A `sampling.Sampler` on an engine over the evaluated weights (vLLM): generation tasks sample with it,
     # log-likelihood tasks keep using the PyTorch model.
-    engine: object = field(default=None, init=False, repr=False, compare=False)
+    sampler: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.batch_size < 1:

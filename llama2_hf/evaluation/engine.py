@@ -272,16 +272,16 @@ class SamplingConfig:
 def generate_until(model, tokenizer, contexts: Sequence[str], *, stop: Sequence[str],
                    sampling: SamplingConfig | None = None, batch_size: int = 8, max_length: int | None = None,
                    seed: int | None = None, progress: bool = True, desc: str = "generate",
-                   engine=None) -> list[str]:
+                   sampler=None) -> list[str]:
     """Continuation text of each context, cut at the first stop string (the EOS string is always a stop string).
 
     Contexts are encoded as lm-eval does (tokenizer defaults, so BOS), sorted longest first, left-padded with the
     tokenizer's pad token and left-truncated to `max_length - max_new_tokens` tokens (logged). Decoding skips special
     tokens. `seed` seeds torch before the first batch so that sampled runs repeat.
 
-    `engine`: a running `VLLMEngine` over `model`'s weights generates instead (the same encoded, truncated contexts;
-    stop strings are applied to the decoded text afterwards, since the engine stops only at EOS; context i is
-    seeded with `seed + i`).
+    `sampler`: a `sampling.Sampler` on an engine over `model`'s weights (`sampling.engine_sampler`: vLLM) generates
+    instead (the same encoded, truncated contexts; stop strings are applied to the decoded text afterwards, since the
+    engine stops only at EOS; the call is seeded with `seed`).
     """
     sampling = sampling or SamplingConfig()
     if tokenizer.pad_token_id is None:
@@ -299,14 +299,10 @@ def generate_until(model, tokenizer, contexts: Sequence[str], *, stop: Sequence[
         logger.warning("%d of %d contexts exceed %d tokens and were cut from the left", n_cut, len(encoded),
                        max_context)
     encoded = [e[-max_context:] for e in encoded]
-    if engine is not None:
-        from ..generation import SamplingConfig as EngineSampling
-        from ..generation import generate
-
-        config = EngineSampling(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                                top_p=sampling.top_p, num_samples=1, prompt_batch_size=batch_size)
-        out = generate(engine, encoded, config, eos_token_id=tokenizer.eos_token_id,
-                       seeds=None if seed is None else [seed + i for i in range(len(encoded))])
+    if sampler is not None:
+        config = sampler.with_config(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                     top_p=sampling.top_p, num_samples=1, prompt_batch_size=batch_size)
+        out = sampler.sample_ids(encoded, config=config, seed=seed)
         return [truncate_at_stop(tokenizer.decode(r[0], skip_special_tokens=True), stop) for r in out.response_ids]
     order = sorted(range(len(contexts)), key=lambda i: (-len(encoded[i]), contexts[i]))
     gen_config = sampling.generation_config(tokenizer)

@@ -110,7 +110,7 @@ def run_toxigen(model, tokenizer, settings: RunSettings, config: ToxiGenConfig |
     generations = generate_until(model, tokenizer, contexts, stop=stop,
                                  sampling=SamplingConfig(config.max_new_tokens, config.temperature, config.top_p),
                                  batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed,
-                                 progress=settings.progress, desc="toxigen", engine=settings.engine)
+                                 progress=settings.progress, desc="toxigen", sampler=settings.sampler)
     texts = [g.strip() for g in generations]
     device = settings.device or str(next(model.parameters()).device)
     scored = []

@@ -136,7 +136,7 @@ def run_truthfulqa_gen(model, tokenizer, settings: RunSettings, config: Truthful
     generations = generate_until(model, tokenizer, contexts, stop=["\n\n"], sampling=sampling,
                                  batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed,
                                  progress=settings.progress, desc="truthfulqa generation",
-                                 engine=settings.engine)
+                                 sampler=settings.sampler)
     answers = [trim_truthfulqa_answer(g) for g in generations]
     questions = [d["question"] for d in docs]
     device = settings.device or str(next(model.parameters()).device)

@@ -47,7 +47,8 @@ Modules: `data` (constraint sets, instructions, `make_gatt_data`, validation, to
 sampler and the turn-by-turn `rollout` live in `llama2_hf.generation` and are re-exported here.
 """
 
-from ..generation import ChatSampler, Messages, Sampler, rollout
+from ..sampling import ChatSampler, rollout
+from ..sampling.chat import Answerer, Messages
 from .data import (
     CONSTRAINTS_FILE,
     EVAL_USER_TURNS_FILE,
@@ -96,7 +97,7 @@ __all__ = [
     "CONSTRAINTS_FILE", "EVAL_USER_TURNS_FILE", "GATT_COLUMNS", "JUDGE_PROMPT", "PLACEMENTS", "RESOURCES",
     "STOPWORDS", "SUPPORTED_LANGUAGES", "TABLE30_TURNS", "UNKNOWN_LANGUAGE", "ChatSampler", "Checker",
     "ConstraintSet", "GAttDataConfig", "GAttEvalResult", "GAttPlan", "Instruction", "JudgeChecker", "KeywordChecker",
-    "LanguageChecker", "Messages", "ModelJudge", "Sampler", "TurnStats", "build_eval_dialogues",
+    "LanguageChecker", "Messages", "ModelJudge", "Answerer", "TurnStats", "build_eval_dialogues",
     "canonical_language", "detect_language", "evaluate_gatt", "first_turn", "format_table30", "gatt_stats",
     "generate_constraint_list", "interleave", "keywords_of", "list_folder_files", "load_constraint_sets",
     "make_gatt_data", "parse_generated_list", "plan_gatt_dialogues", "plot_adherence", "read_list_file", "rollout",

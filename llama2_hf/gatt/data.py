@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..generation import Messages, Sampler, rollout, sampler_limits
+from ..sampling import rollout, sampler_limits
+from ..sampling.chat import Answerer, Messages
 from .language import SUPPORTED_LANGUAGES
 
 logger = logging.getLogger(__name__)
@@ -276,7 +277,7 @@ def plan_gatt_dialogues(dialogues: Iterable[Mapping], constraint_sets: Mapping[s
     return plans
 
 
-def sample_gatt_rows(plans: Sequence[GAttPlan], sampler: Sampler, config: GAttDataConfig | None = None,
+def sample_gatt_rows(plans: Sequence[GAttPlan], sampler: Answerer, config: GAttDataConfig | None = None,
                      token_counter: Callable[[Messages], int] | None = None) -> list[dict]:
     """Sample the answers of planned dialogues turn by turn, the long instruction concatenated to every user
     message, then keep the instruction in the first turn only. Rows follow the schema of the package docstring."""
@@ -331,7 +332,7 @@ def gatt_stats(plans: Sequence[GAttPlan], rows: Sequence[Mapping]) -> dict:
     return stats
 
 
-def make_gatt_data(dialogues: Iterable[Mapping], sampler: Sampler,
+def make_gatt_data(dialogues: Iterable[Mapping], sampler: Answerer,
                    constraint_sets: Mapping[str, ConstraintSet] | None = None,
                    config: GAttDataConfig | None = None,
                    token_counter: Callable[[Messages], int] | None = None) -> tuple[list[dict], dict]:
@@ -435,7 +436,7 @@ def parse_generated_list(text: str, max_words: int = 6) -> list[str]:
     return items
 
 
-def generate_constraint_list(sampler: Sampler, constraint_set: ConstraintSet, n: int, existing: Iterable[str] = (),
+def generate_constraint_list(sampler: Answerer, constraint_set: ConstraintSet, n: int, existing: Iterable[str] = (),
                              samples_per_round: int = 4, max_rounds: int = 10) -> list[str]:
     """Ask a chat model for `n` new values of a constraint type (`constraint_set.list_prompt`), parse and dedupe.
 

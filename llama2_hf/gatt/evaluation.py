@@ -10,7 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..generation import Messages, Sampler, rollout, sampler_limits
+from ..sampling import rollout, sampler_limits
+from ..sampling.chat import Answerer, Messages
 from .data import EVAL_USER_TURNS_FILE, PLACEMENTS, ConstraintSet, first_turn, interleave, load_constraint_sets, \
     read_list_file, sample_instruction
 from .language import canonical_language, detect_language
@@ -230,7 +231,7 @@ class GAttEvalResult:
         return cls(turns=turns, transcripts=list(data.get("transcripts", [])))
 
 
-def evaluate_gatt(sampler: Sampler, dialogues: Sequence[Mapping], checkers: Sequence[Checker],
+def evaluate_gatt(sampler: Answerer, dialogues: Sequence[Mapping], checkers: Sequence[Checker],
                   placement: str = "system", max_length: int | None = None,
                   token_counter: Callable[[Messages], int] | None = None) -> GAttEvalResult:
     """Instruction adherence by turn (paper Table 30, Fig. 28).

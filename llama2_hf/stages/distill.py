@@ -13,7 +13,7 @@ the preprompt, what `sft` trains on), `candidates.jsonl` (one record per prompt 
 Under `accelerate launch` each rank answers and scores its own contiguous share of the prompts into a part file,
 chunk by chunk (resumable); rank 0 merges the parts, checking that no row is lost or repeated.
 
-`generation_backend: vllm` (`VLLMArguments`) samples with a vLLM engine, one per process, started after every input
+The vLLM backend (`sampling.BackendArguments`) samples with a vLLM engine, one per process, started after every input
 is checked; each chunk's prompts are seeded from the chunk's seed as on the PyTorch backend.
 """
 
@@ -25,15 +25,14 @@ from dataclasses import dataclass, field
 from trl import ModelConfig
 
 from ..data import InvalidExample, load_prompts
-from ..generation import ChatSamplingArguments
 from ..runner import (
     RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, stage_output,
     write_jsonl_atomic,
 )
 from ..safety_distill import DistillConfig, SafetyPreprompts, as_prompt_row, distill_records, summarize
 from .common import RewardArguments, load_reward
-from ..vllm_engine import VLLMArguments
-from .sampling import chat_sampling, chunks
+from ..sampling import derive_seed
+from .sampling import ChatSamplingArguments, chat_sampling, chunks
 
 
 @dataclass
@@ -59,11 +58,10 @@ def safety_scorer(reward_args: RewardArguments, tokenizer, device):
 
 
 def main(script_args: DistillArguments, config: DistillConfig, sampling: ChatSamplingArguments,
-         reward_args: RewardArguments, model_args: ModelConfig, vllm_args: VLLMArguments | None = None) -> RunRecord:
+         reward_args: RewardArguments, model_args: ModelConfig) -> RunRecord:
     distributed_state()  # join the launch's ranks before anything reads them
-    vllm_args = vllm_args or VLLMArguments()
     run = StageRun("distill", script_args.output_dir,
-                   resolved_args(script_args, config, sampling, reward_args, model_args, vllm_args))
+                   resolved_args(script_args, config, sampling, reward_args, model_args))
     if run.done:
         return run.record
     if not script_args.prompts_file:
@@ -89,7 +87,7 @@ def main(script_args: DistillArguments, config: DistillConfig, sampling: ChatSam
                 raise UsageError(f"prompt row {n}, field {config.category_field!r}: unknown risk category "
                                  f"{label!r}; known: {sorted(preprompts.categories)} (or set "
                                  "unknown_category: generic)")
-    vllm_args.check_installed()
+    sampling.check_installed()
     for i, p in enumerate(paths):
         run.add_input(f"prompts_{i}", p)
     run.add_input("model", model_args.model_name_or_path)
@@ -101,11 +99,10 @@ def main(script_args: DistillArguments, config: DistillConfig, sampling: ChatSam
     if todo:
         from accelerate import PartialState
 
-        with chat_sampling(model_args, script_args.tokenizer_name_or_path, sampling, config.seed,
-                           vllm_args) as sampler:
+        with chat_sampling(model_args, script_args.tokenizer_name_or_path, sampling, config.seed) as sampler:
             reward = safety_scorer(reward_args, sampler.tokenizer, PartialState().device)
             for chunk in chunks(todo, sampling.prompt_batch_size):
-                sampler.reseed(config.seed + chunk[0][0])
+                sampler.reseed(derive_seed(config.seed, chunk[0][0]))
                 parts.append(distill_records(chunk, sampler, reward, preprompts, config))
     records = parts.merge(run.dir / "candidates.jsonl", expected=len(prompts))
     kept, _, report = summarize(records)
@@ -117,5 +114,5 @@ def main(script_args: DistillArguments, config: DistillConfig, sampling: ChatSam
 
 
 STAGE = Stage("distill", "targeted safety context distillation (paper §4.2.4)",
-              (DistillArguments, DistillConfig, ChatSamplingArguments, RewardArguments, ModelConfig, VLLMArguments),
+              (DistillArguments, DistillConfig, ChatSamplingArguments, RewardArguments, ModelConfig),
               main)

@@ -11,13 +11,13 @@ and computes the metrics from all of them. Output in `output_dir`: `results.json
 per example, with its task), `results.md` (the headline table) and `run.json`. A rerun with the same arguments
 returns the record; an interrupted run is redone task by task.
 
-`generation_backend: vllm` (`VLLMArguments`): GSM8K, TruthfulQA generation and ToxiGen generate with a vLLM engine
-per process (context i seeded with seed + i); MMLU and TruthfulQA MC stay log-likelihoods of the PyTorch model.
+On the vLLM backend (`sampling.BackendArguments`) GSM8K, TruthfulQA generation and ToxiGen generate with a vLLM
+engine per process (each call seeded with the task's seed); MMLU and TruthfulQA MC stay log-likelihoods of the
+PyTorch model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import shutil
@@ -32,7 +32,7 @@ from ..evaluation.base import ensure_pad_token, load_tokenizer
 from ..runner import (
     RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, prefer_cpu, resolved_args, stage_output,
 )
-from ..vllm_engine import VLLMArguments, generation_engine
+from ..sampling import BackendArguments, engine_sampler
 from .common import load_model
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ def _model_source(name: str) -> str:
     return name
 
 
-def main(config: EvalConfig, model_args: ModelConfig, vllm_args: VLLMArguments | None = None) -> RunRecord:
-    vllm_args = vllm_args or VLLMArguments()
+def main(config: EvalConfig, model_args: ModelConfig, backend: BackendArguments | None = None) -> RunRecord:
+    backend = backend or BackendArguments()
     library_progress(config.progress)
     if not config.output_dir:
         raise UsageError("output_dir is required")
@@ -70,12 +70,12 @@ def main(config: EvalConfig, model_args: ModelConfig, vllm_args: VLLMArguments |
     if config.use_cpu:
         prefer_cpu()
     distributed_state()  # join the launch's ranks before anything reads them
-    run = StageRun("eval", config.output_dir, resolved_args(config, model_args, vllm_args))
+    run = StageRun("eval", config.output_dir, resolved_args(config, model_args, backend))
     if run.done:
         return run.record
     config.check_models()
     check_data(config)
-    vllm_args.check_installed()
+    backend.check_installed()
     model_args = dataclasses.replace(model_args, model_name_or_path=source)
     tokenizer = _tokenizer(config.tokenizer_name_or_path or source)
     from transformers import AutoModelForCausalLM
@@ -92,13 +92,10 @@ def main(config: EvalConfig, model_args: ModelConfig, vllm_args: VLLMArguments |
     settings = config.settings()
     settings.shard = (run.state.process_index, run.state.num_processes)
     results, samples, timing = {}, {}, {}
-    # generation_backend=vllm: GSM8K, TruthfulQA generation and ToxiGen sample with this process's engine (started
-    # only when one of them runs); MMLU and the log-likelihood tasks keep the PyTorch model.
+    # On an engine backend (vLLM) GSM8K, TruthfulQA generation and ToxiGen sample with this process's engine
+    # (started only when one of them runs); MMLU and the log-likelihood tasks keep the PyTorch model.
     generative = {"gsm8k", "toxigen", "truthfulqa", "truthfulqa_gen"} & set(config.tasks)
-    engines = contextlib.ExitStack()
-    if generative and vllm_args.use_vllm:
-        settings.engine = engines.enter_context(generation_engine(model, vllm_args, seed=config.seed))
-    with engines:
+    with engine_sampler(model, tokenizer, backend if generative else None, seed=config.seed) as settings.sampler:
         _run_tasks(config, model, tokenizer, settings, out, results, samples, timing)
 
     if run.is_main:
@@ -130,4 +127,4 @@ def _run_tasks(config: EvalConfig, model, tokenizer, settings, out: Path, result
 
 
 STAGE = Stage("eval", "MMLU, GSM8K, TruthfulQA and ToxiGen on a checkpoint (paper §2.3, §4.1)",
-              (EvalConfig, ModelConfig, VLLMArguments), main)
+              (EvalConfig, ModelConfig, BackendArguments), main)

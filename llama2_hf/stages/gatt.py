@@ -11,10 +11,10 @@ the instruction is then kept in the first turn only (schema: `llama2_hf.gatt`). 
 
 Under `accelerate launch` every rank draws the same plan (instructions from `seed`) and samples its own contiguous
 share of the dialogues into a part file (`parts/`), chunk by chunk; a killed run resumes from the finished chunks,
-and rank 0 merges the parts (nothing lost or repeated). Each chunk reseeds the sampler with `seed + its first
-row`, so the rows do not depend on the number of ranks with greedy decoding, nor on a resume.
+and rank 0 merges the parts (nothing lost or repeated). Each chunk reseeds the sampler from `seed` and its first
+row (`sampling.derive_seed`), so the rows do not depend on the number of ranks with greedy decoding, nor on a resume.
 
-`generation_backend: vllm` (`VLLMArguments`) samples with a vLLM engine, one per process, started after every input
+The vLLM backend (`sampling.BackendArguments`) samples with a vLLM engine, one per process, started after every input
 is checked; each chunk's prompts are seeded from the chunk's seed as on the PyTorch backend.
 """
 
@@ -26,13 +26,12 @@ from trl import ModelConfig
 
 from ..data import read_rows
 from ..gatt.data import GAttDataConfig, gatt_stats, plan_gatt_dialogues, sample_gatt_rows, user_turns_of
-from ..generation import ChatSamplingArguments
 from ..runner import (
     RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, stage_output,
     write_jsonl_atomic,
 )
-from ..vllm_engine import VLLMArguments
-from .sampling import chat_sampling, chunks
+from ..sampling import derive_seed
+from .sampling import ChatSamplingArguments, chat_sampling, chunks
 
 
 @dataclass
@@ -49,11 +48,10 @@ class GAttArguments:
 
 
 def main(script_args: GAttArguments, config: GAttDataConfig, sampling: ChatSamplingArguments,
-         model_args: ModelConfig, vllm_args: VLLMArguments | None = None) -> RunRecord:
+         model_args: ModelConfig) -> RunRecord:
     distributed_state()  # join the launch's ranks before anything reads them
-    vllm_args = vllm_args or VLLMArguments()
     run = StageRun("gatt", script_args.output_dir,
-                   resolved_args(script_args, config, sampling, model_args, vllm_args))
+                   resolved_args(script_args, config, sampling, model_args))
     if run.done:
         return run.record
     if not script_args.dialogues_file:
@@ -66,7 +64,7 @@ def main(script_args: GAttArguments, config: GAttDataConfig, sampling: ChatSampl
     except (ValueError, OSError) as err:
         raise UsageError(f"constraint spec: {err}") from None
     plans = plan_gatt_dialogues(dialogues, sets, config)
-    vllm_args.check_installed()
+    sampling.check_installed()
     for i, p in enumerate(paths):
         run.add_input(f"dialogues_{i}", p)
     run.add_input("model", model_args.model_name_or_path)
@@ -75,10 +73,9 @@ def main(script_args: GAttArguments, config: GAttDataConfig, sampling: ChatSampl
     done = parts.done_indices()
     todo = [plan for _, plan in parts.my_share(plans) if plan.index not in done]
     if todo:
-        with chat_sampling(model_args, script_args.tokenizer_name_or_path, sampling, config.seed,
-                           vllm_args) as sampler:
+        with chat_sampling(model_args, script_args.tokenizer_name_or_path, sampling, config.seed) as sampler:
             for chunk in chunks(todo, sampling.prompt_batch_size):
-                sampler.reseed(config.seed + chunk[0].index)
+                sampler.reseed(derive_seed(config.seed, chunk[0].index))
                 rows = sample_gatt_rows(chunk, sampler, config)
                 parts.append({"index": plan.index, "rows": [r for r in rows if r["source_index"] == plan.index]}
                              for plan in chunk)
@@ -92,4 +89,4 @@ def main(script_args: GAttArguments, config: GAttDataConfig, sampling: ChatSampl
 
 
 STAGE = Stage("gatt", "Ghost Attention training data (paper §3.3)",
-              (GAttArguments, GAttDataConfig, ChatSamplingArguments, ModelConfig, VLLMArguments), main)
+              (GAttArguments, GAttDataConfig, ChatSamplingArguments, ModelConfig), main)

@@ -12,7 +12,7 @@ Without `model_name_or_path` nothing is generated: the table and plot merge the 
 baseline with a GAtt model needs). Under `accelerate launch` each rank answers its own share of the dialogues into a
 part file (resumable); rank 0 merges them and writes the table.
 
-`generation_backend: vllm` (`VLLMArguments`) samples with a vLLM engine, one per process, started after every input
+The vLLM backend (`sampling.BackendArguments`) samples with a vLLM engine, one per process, started after every input
 is checked; each chunk's prompts are seeded from the chunk's seed as on the PyTorch backend.
 """
 
@@ -37,13 +37,12 @@ from ..gatt.evaluation import (
     format_table30,
     plot_adherence,
 )
-from ..generation import ChatSamplingArguments
 from ..loading import load_pretrained
 from ..runner import (
     RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, write_json_atomic
 )
-from ..vllm_engine import VLLMArguments
-from .sampling import chat_sampling, chunks
+from ..sampling import derive_seed
+from .sampling import ChatSamplingArguments, chat_sampling, chunks
 
 EVAL_FIELDS = ("instruction", "constraints", "user_turns", "checks")
 
@@ -141,10 +140,9 @@ def _compared(folders: list[str]) -> dict[str, GAttEvalResult]:
 
 
 def main(args: GAttEvalArguments, config: GAttEvalConfig, sampling: ChatSamplingArguments,
-         model_args: ModelConfig, vllm_args: VLLMArguments | None = None) -> RunRecord:
+         model_args: ModelConfig) -> RunRecord:
     distributed_state()  # join the launch's ranks before anything reads them
-    vllm_args = vllm_args or VLLMArguments()
-    run = StageRun("gatt-eval", args.output_dir, resolved_args(args, config, sampling, model_args, vllm_args))
+    run = StageRun("gatt-eval", args.output_dir, resolved_args(args, config, sampling, model_args))
     if run.done:
         return run.record
     results = _compared(args.compare)
@@ -152,16 +150,16 @@ def main(args: GAttEvalArguments, config: GAttEvalConfig, sampling: ChatSampling
         sets = load_constraint_sets(config.eval_constraints_file, list_folder_files(config.eval_constraint_lists))
         dialogues = _eval_dialogues(args, config, sets)
         checkers = _checkers(config, sets)
-        vllm_args.check_installed()
+        sampling.check_installed()
         name = args.eval_name or Path(model_args.model_name_or_path).name
         run.add_input("model", model_args.model_name_or_path)
         parts = RankParts(run.dir / "parts", "transcripts")
         done = parts.done_indices()
         todo = [(i, d) for i, d in parts.my_share(dialogues) if i not in done]
         if todo:
-            with chat_sampling(model_args, args.tokenizer_name_or_path, sampling, config.seed, vllm_args) as sampler:
+            with chat_sampling(model_args, args.tokenizer_name_or_path, sampling, config.seed) as sampler:
                 for chunk in chunks(todo, sampling.prompt_batch_size):
-                    sampler.reseed(config.seed + chunk[0][0])
+                    sampler.reseed(derive_seed(config.seed, chunk[0][0]))
                     result = evaluate_gatt(sampler, [d for _, d in chunk], checkers,
                                            placement=config.eval_placement, max_length=config.eval_max_length)
                     parts.append({"index": i, **t} for (i, _), t in zip(chunk, result.transcripts))
@@ -184,4 +182,4 @@ def main(args: GAttEvalArguments, config: GAttEvalConfig, sampling: ChatSampling
 
 
 STAGE = Stage("gatt-eval", "Ghost Attention adherence by turn (paper Table 30 / Figure 28)",
-              (GAttEvalArguments, GAttEvalConfig, ChatSamplingArguments, ModelConfig, VLLMArguments), main)
+              (GAttEvalArguments, GAttEvalConfig, ChatSamplingArguments, ModelConfig), main)

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from trl import ModelConfig
 
 from ..gatt.data import generate_constraint_list, load_constraint_sets
-from ..generation import ChatSamplingArguments
 from ..runner import RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args
-from .sampling import chat_sampler
+from ..sampling import sampling_arguments
+from .sampling import ChatSamplingArguments, chat_sampling
 
 
 @dataclass
@@ -39,11 +39,9 @@ class GAttListsArguments:
     output_dir: str = field(default="gatt-lists", metadata={"help": "Where TYPE.txt files and run.json go."})
 
 
-@dataclass
-class ListSampling(ChatSamplingArguments):
-    """Decoding of the list answers: temperature 1.0 by default, so that rounds give different lists."""
-
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (0 = greedy)."})
+ListSampling = sampling_arguments(
+    "ListSampling", "Decoding of the list answers: temperature 1.0 by default, so that rounds give different lists.",
+    base=ChatSamplingArguments, temperature=1.0)
 
 
 def main(args: GAttListsArguments, sampling: ListSampling, model_args: ModelConfig) -> RunRecord:
@@ -64,16 +62,16 @@ def main(args: GAttListsArguments, sampling: ListSampling, model_args: ModelConf
     run.add_input("model", model_args.model_name_or_path)
     counts = {}
     if run.is_main:
-        sampler = chat_sampler(model_args, args.tokenizer_name_or_path, sampling, args.seed)
-        for name in types:
-            existing = sets[name].values if args.merge else []
-            new = generate_constraint_list(sampler, sets[name], args.num_values, existing=existing,
-                                           samples_per_round=args.samples_per_round, max_rounds=args.max_rounds)
-            path = run.dir / f"{name}.txt"
-            path.write_text(f"# {name}: {len(new)} values written by {model_args.model_name_or_path}\n"
-                            + "\n".join([*existing, *new]) + "\n", encoding="utf-8")
-            counts[name] = len(new)
-            run.outputs[name] = path.name
+        with chat_sampling(model_args, args.tokenizer_name_or_path, sampling, args.seed) as sampler:
+            for name in types:
+                existing = sets[name].values if args.merge else []
+                new = generate_constraint_list(sampler, sets[name], args.num_values, existing=existing,
+                                               samples_per_round=args.samples_per_round, max_rounds=args.max_rounds)
+                path = run.dir / f"{name}.txt"
+                path.write_text(f"# {name}: {len(new)} values written by {model_args.model_name_or_path}\n"
+                                + "\n".join([*existing, *new]) + "\n", encoding="utf-8")
+                counts[name] = len(new)
+                run.outputs[name] = path.name
     run.outputs["lists"] = "."
     run.metrics["new_values"] = counts
     return run.finish()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from ..iterate import IterateConfig, load_annotator
 from ..runner import RunRecord, Stage
+from ..sampling import BackendArguments
 from .rlhf_loop import iterate
 
 
@@ -37,13 +38,13 @@ class AnnotatorArguments:
         "help": "annotator=judge: the safety reward model that judges safety prompts and labels responses unsafe."})
 
 
-def main(annotator_args: AnnotatorArguments, config: IterateConfig) -> RunRecord:
+def main(annotator_args: AnnotatorArguments, config: IterateConfig, backend: BackendArguments | None = None) -> RunRecord:
     annotator = load_annotator(annotator_args.annotator, config.judge_margins, config.page_wait_s,
                                annotator_args.judge_helpfulness_model, annotator_args.judge_safety_model,
                                config.safety_threshold)
-    iterate(config, annotator)
+    iterate(config, annotator, backend=backend)
     return RunRecord.read(config.output_dir)
 
 
 STAGE = Stage("iterate", "iterative RLHF: versions of annotation, reward models, rejection sampling and PPO "
-              "(paper §3.2)", (AnnotatorArguments, IterateConfig), main)
+              "(paper §3.2)", (AnnotatorArguments, IterateConfig, BackendArguments), main)

@@ -15,8 +15,8 @@ compute. Distribution: under `accelerate launch` every rank rolls out its share 
 config shards the policy, critic and reference with FSDP2 per decoder layer (on CPU too), other configs replicate
 them and average gradients; the reward models are replicated (see `Llama2PPOTrainer`).
 
-Generation backend: `generation_backend: vllm` (`VLLMArguments`) rolls out with a vLLM engine, one per process,
-started after every input is checked; before each rollout the policy's current weights (LoRA merged, FSDP shards
+Sampling: `PPOSampling` (temperature, top-p, length, prompt batch, backend). The vLLM backend rolls out with a vLLM
+engine, one per process, started after every input is checked; before each rollout the policy's current weights (LoRA merged, FSDP shards
 gathered) are pushed to it, so rollouts never come from stale weights (`time/weight_sync` in the metrics).
 
 Restart: a folder whose run finished with the same arguments returns its record; an interrupted run with the same
@@ -37,8 +37,8 @@ from ..data import load_prompts
 from ..loading import load_pretrained
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
 from ..runner import RUN_ARGS, RUN_RECORD, RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
-from ..trainers.ppo import METRICS_FILE, Llama2PPOConfig, Llama2PPOTrainer, latest_checkpoint
-from ..vllm_engine import VLLMArguments, generation_engine
+from ..sampling import open_sampler
+from ..trainers.ppo import METRICS_FILE, Llama2PPOConfig, Llama2PPOTrainer, PPOSampling, latest_checkpoint
 from .common import RewardArguments, check_prompt_lengths, load_model, load_reward, load_tokenizer, peft_config
 
 logger = logging.getLogger(__name__)
@@ -74,15 +74,15 @@ def _device(config: Llama2PPOConfig) -> torch.device:
 
 
 def main(script_args: PPOArguments, config: Llama2PPOConfig, model_args: ModelConfig,
-         reward_args: RewardArguments, vllm_args: VLLMArguments | None = None) -> RunRecord:
-    vllm_args = vllm_args or VLLMArguments()
+         reward_args: RewardArguments, sampling: PPOSampling | None = None) -> RunRecord:
+    sampling = sampling or PPOSampling()
     _refuse_foreign_folder(Path(config.output_dir))
-    run = StageRun("ppo", config.output_dir, resolved_args(script_args, config, model_args, reward_args, vllm_args))
+    run = StageRun("ppo", config.output_dir, resolved_args(script_args, config, model_args, reward_args, sampling))
     if run.done:
         return run.record
     if not script_args.prompts_file:
         raise UsageError("prompts_file is required")
-    vllm_args.check_installed()
+    sampling.check_installed()
     # Every input is read and checked before a model is loaded (a bad prompt row must not cost a model load).
     prompt_paths = [stage_output(p, "data") for p in script_args.prompts_file]
     prompts = load_prompts(prompt_paths)
@@ -109,12 +109,11 @@ def main(script_args: PPOArguments, config: Llama2PPOConfig, model_args: ModelCo
                                       dtype=torch.float32).to(device)
         run.add_input("value_model", critic_path)
     resume = latest_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
-    # generation_backend=vllm: this process's engine; the trainer pushes the policy's weights to it before every
-    # rollout (so it may start from the initial weights even on a resume).
-    with generation_engine(policy, vllm_args, seed=config.seed) as generator:
+    # The trainer gives the sampler the policy's weights before every rollout (a vLLM engine may start from the
+    # initial weights even on a resume).
+    with open_sampler(policy, tokenizer, sampling.sampling_config(), sampling, seed=config.seed) as sampler:
         trainer = Llama2PPOTrainer(config, policy, tokenizer, reward, prompts, value_model=value_model,
-                                   peft_config=peft_config(model_args),
-                                   engine=generator if generator is not policy else None)
+                                   peft_config=peft_config(model_args), sampler=sampler)
         history = trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model(config.output_dir)
     run.outputs.update({"model": ".", "value_model": "value_model", "metrics": METRICS_FILE})
@@ -125,4 +124,4 @@ def main(script_args: PPOArguments, config: Llama2PPOConfig, model_args: ModelCo
 
 
 STAGE = Stage("ppo", "PPO against the safety-gated reward with a KL penalty to the initial policy (paper §3.2.3)",
-              (PPOArguments, Llama2PPOConfig, ModelConfig, RewardArguments, VLLMArguments), main)
+              (PPOArguments, Llama2PPOConfig, ModelConfig, RewardArguments, PPOSampling), main)

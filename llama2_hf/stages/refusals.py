@@ -12,7 +12,7 @@ refusal per prompt), `refusals.json` (rate per set and the refused answers) and 
 Under `accelerate launch` each rank answers its own contiguous share of all prompts into a part file, chunk by
 chunk (resumable); rank 0 merges the parts (nothing lost or repeated) and computes the rates.
 
-`generation_backend: vllm` (`VLLMArguments`) samples with a vLLM engine, one per process, started after every input
+The vLLM backend (`sampling.BackendArguments`) samples with a vLLM engine, one per process, started after every input
 is checked; each chunk's prompts are seeded from the chunk's seed as on the PyTorch backend.
 """
 
@@ -24,7 +24,6 @@ from pathlib import Path
 from trl import ModelConfig
 
 from ..data import load_prompts
-from ..generation import ChatSamplingArguments
 from ..loading import load_pretrained
 from ..refusals import (
     BORDERLINE_PROMPTS_FILE,
@@ -37,8 +36,8 @@ from ..runner import (
     RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, stage_output,
     write_json_atomic
 )
-from ..vllm_engine import VLLMArguments
-from .sampling import chat_sampling, chunks
+from ..sampling import derive_seed, sampling_arguments
+from .sampling import ChatSamplingArguments, chat_sampling, chunks
 
 
 @dataclass
@@ -64,12 +63,9 @@ class RefusalArguments:
         "help": "Where responses.jsonl, refusals.json and run.json are written."})
 
 
-@dataclass
-class RefusalSampling(ChatSamplingArguments):
-    """Decoding of the answers: greedy (temperature 0) and 128 new tokens by default; a refusal shows early."""
-
-    max_new_tokens: int = field(default=128, metadata={"help": "Most tokens generated per answer (EOS included)."})
-    temperature: float = field(default=0.0, metadata={"help": "Softmax temperature (0 = greedy, the default)."})
+RefusalSampling = sampling_arguments(
+    "RefusalSampling", "Decoding of the answers: greedy (temperature 0) and 128 new tokens by default; a refusal "
+    "shows early.", base=ChatSamplingArguments, max_new_tokens=128, temperature=0.0)
 
 
 def _detector(args: RefusalArguments):
@@ -86,11 +82,9 @@ def _detector(args: RefusalArguments):
         raise UsageError(f"refusal classifier {args.classifier}: {err}") from None
 
 
-def main(args: RefusalArguments, sampling: RefusalSampling, model_args: ModelConfig,
-         vllm_args: VLLMArguments | None = None) -> RunRecord:
+def main(args: RefusalArguments, sampling: RefusalSampling, model_args: ModelConfig) -> RunRecord:
     distributed_state()  # join the launch's ranks before anything reads them
-    vllm_args = vllm_args or VLLMArguments()
-    run = StageRun("refusals", args.output_dir, resolved_args(args, sampling, model_args, vllm_args))
+    run = StageRun("refusals", args.output_dir, resolved_args(args, sampling, model_args))
     if run.done:
         return run.record
     sets: dict[str, Path] = {}
@@ -106,7 +100,7 @@ def main(args: RefusalArguments, sampling: RefusalSampling, model_args: ModelCon
     # All prompt files are parsed before the model is loaded; items keep (set, row) in a fixed order for the ranks.
     items = [(name, row) for name, path in sets.items() for row in load_prompts(path)]
     detector = _detector(args)
-    vllm_args.check_installed()
+    sampling.check_installed()
     for name, path in sets.items():
         run.add_input(f"prompts_{name}", path)
     run.add_input("model", model_args.model_name_or_path)
@@ -115,9 +109,9 @@ def main(args: RefusalArguments, sampling: RefusalSampling, model_args: ModelCon
     done = parts.done_indices()
     todo = [(i, item) for i, item in parts.my_share(items) if i not in done]
     if todo:
-        with chat_sampling(model_args, args.tokenizer_name_or_path, sampling, args.seed, vllm_args) as sampler:
+        with chat_sampling(model_args, args.tokenizer_name_or_path, sampling, args.seed) as sampler:
             for chunk in chunks(todo, sampling.prompt_batch_size):
-                sampler.reseed(args.seed + chunk[0][0])
+                sampler.reseed(derive_seed(args.seed, chunk[0][0]))
                 conversations = [with_system_prompt(row, args.system_prompt) for _, (_, row) in chunk]
                 answers = sampler(conversations)
                 texts = [c[-1]["content"] for c in conversations]
@@ -140,4 +134,4 @@ def main(args: RefusalArguments, sampling: RefusalSampling, model_args: ModelCon
 
 
 STAGE = Stage("refusals", "false-refusal rates on helpfulness prompts and a borderline set (paper §4.2.3)",
-              (RefusalArguments, RefusalSampling, ModelConfig, VLLMArguments), main)
+              (RefusalArguments, RefusalSampling, ModelConfig), main)

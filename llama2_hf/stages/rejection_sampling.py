@@ -21,15 +21,14 @@ prompt is lost or duplicated), every process selects from the merged file, and t
 distributed Trainer. Every batch is seeded from its first prompt, so the samples do not depend on the number of
 processes. A resume with other arguments (another `num_samples`, `temperature`, ...) is refused.
 
-`generation_backend: vllm` (`VLLMArguments`) samples with a vLLM engine instead: each process starts one engine
-over the policy's weights (before any sampling, after every input is checked), samples its share with per-prompt
-seeds derived from (seed, iteration, prompt id), and stops it before the fine-tuning. Without vLLM's environment
+The vLLM backend (`sampling.BackendArguments`) samples with a vLLM engine instead: each process starts one engine
+over the policy's weights (before any sampling, after every input is checked), samples its share with the same
+batch seeds, and stops it before the fine-tuning. Without vLLM's environment
 the stage stops before loading a model and names the command that builds it (`llama2-hf setup-vllm`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -40,7 +39,6 @@ from trl import ModelConfig
 
 from ..data import InvalidDataFile, PromptRow, load_prompts
 from ..loading import looks_local
-from ..generation import full_weights_for_generation
 from ..modeling_llama2 import Llama2ForCausalLM
 from ..rejection_sampling import (
     RejectionSampler,
@@ -66,13 +64,20 @@ from ..runner import (
     write_json_atomic,
     write_jsonl_atomic,
 )
+from ..sampling import open_sampler, sampling_arguments
 from .common import RewardArguments, check_prompt_lengths, load_model, load_reward, load_tokenizer, peft_config
-from ..vllm_engine import VLLMArguments, generation_engine
 from .training import finish_training, run_training
 
 logger = logging.getLogger(__name__)
 
 STAGE_NAME = "rejection-sample"
+
+RejectionSampling = sampling_arguments(
+    "RejectionSampling", "Sampling of the K candidates. Temperature 1.0 and top-p 1.0 by default (the paper finds the "
+    "best temperature moves with each RLHF version, 1.2-1.3 for its RLHF models, Figure 8: sweep it with "
+    "temperature_sweep); samples cut at max_new_tokens are kept in candidates.jsonl but not selected unless "
+    "select_unfinished. prompt_batch_size is the unit of seeding, of the split across processes and of a resume.",
+    temperature=1.0, top_p=1.0, max_new_tokens=256, prompt_batch_size=8)
 
 
 @dataclass
@@ -154,14 +159,14 @@ def sample_phase(sampler: RejectionSampler, prompts: Sequence[PromptRow], name: 
     """Sample this process's share of the prompt batches (resuming its part file), then merge every process's part
     into `<output_dir>/<name>.jsonl`; every process returns the merged records."""
     parts = RankParts(output_dir / "parts", name)
-    done = _done_indices(parts, sampler.config.signature(iteration, temperature, sampler.backend), prompts)
-    mine = [batch for _, batch in parts.my_share(prompt_batches(prompts, sampler.config.prompt_batch_size))]
+    sampling = sampler.sampling(temperature)
+    done = _done_indices(parts, sampler.config.signature(iteration, sampling, sampler.sampler.backend), prompts)
+    mine = [batch for _, batch in parts.my_share(prompt_batches(prompts, sampling.prompt_batch_size))]
     share = sum(len(batch) for batch in mine)
     if done:
         logger.info("%s: resuming, %d of this process's %d prompts already sampled", name, len(done), share)
-    # Under FSDP2 the full weights are gathered once for the whole phase, not once per decoding step (an engine
-    # holds its own copy of them).
-    with contextlib.nullcontext() if sampler.engine is not None else full_weights_for_generation(sampler.model):
+    # Under FSDP2 the full weights are gathered once for the whole phase, not once per decoding step.
+    with sampler.sampler.generating():
         sampler.sample_batches(mine, iteration, earlier, done, parts.append, temperature)
     return parts.merge(output_dir / f"{name}.jsonl", expected=len(prompts))
 
@@ -194,10 +199,10 @@ def _mean_text(value: float | None) -> str:
 
 
 def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfig, reward_args: RewardArguments,
-         model_args: ModelConfig, vllm_args: VLLMArguments | None = None) -> RunRecord:
-    vllm_args = vllm_args or VLLMArguments()
+         model_args: ModelConfig, sampling: RejectionSampling | None = None) -> RunRecord:
+    sampling = sampling or RejectionSampling()
     run = StageRun(STAGE_NAME, config.output_dir,
-                   resolved_args(script_args, config, reward_args, model_args, vllm_args))
+                   resolved_args(script_args, config, reward_args, model_args, sampling))
     if run.done:
         return run.record
     if not script_args.prompts_file:
@@ -206,7 +211,7 @@ def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfi
         raise UsageError(f"iteration counts from 1, got {script_args.iteration}")
     if script_args.pool_dirs and (config.pool != "all" or config.temperature_sweep):
         raise UsageError("pool_dirs is read only by an iteration with pool=all (it would be ignored here)")
-    vllm_args.check_installed()
+    sampling.check_installed()
     start = config.finetune_model_name_or_path
     if config.finetune and start and looks_local(start) and not Path(start).expanduser().exists():
         raise UsageError(f"finetune_model_name_or_path {start}: no such folder")
@@ -228,15 +233,15 @@ def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfi
     policy = load_model(Llama2ForCausalLM, model_args, role="policy", trainable=not sampling_only)
     if not (model_args.load_in_4bit or model_args.load_in_8bit):  # quantized weights are placed when loaded
         policy = policy.to(config.device)
-    sampler = RejectionSampler(policy, tokenizer, load_reward(reward_args, tokenizer, config.device), config)
+    reward = load_reward(reward_args, tokenizer, config.device)
     out = Path(config.output_dir)
-    # The engine (generation_backend=vllm) lives for the sampling only: it is stopped before the fine-tuning.
-    with generation_engine(policy, vllm_args, seed=config.seed) as generator:
-        sampler.engine = generator if generator is not policy else None
+    # The sampler lives for the sampling only: a vLLM engine is stopped before the fine-tuning.
+    with open_sampler(policy, tokenizer, sampling.sampling_config(config.num_samples), sampling,
+                      seed=config.seed) as policy_sampler:
+        sampler = RejectionSampler(policy_sampler, reward, config)
         if config.temperature_sweep:
             return temperature_sweep(run, sampler, prompts, out, script_args.iteration)
         records = sample_phase(sampler, prompts, "candidates", out, script_args.iteration, earlier)
-    sampler.engine = None
     selection = select(records, earlier, config.pool)
     summary = {"iteration": script_args.iteration, **report(records, selection)}
     run.outputs.update(candidates="candidates.jsonl", data="selected.jsonl", report="report.json")
@@ -258,7 +263,7 @@ def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfi
     if not selection:
         raise UsageError("nothing was selected to fine-tune on: every sample was cut at max_new_tokens, empty or "
                          "unscored (raise max_new_tokens, or set select_unfinished)")
-    sampler.reward = None  # the reward models are not needed any more: free them before training
+    sampler.reward = reward = None  # the reward models are not needed any more: free them before training
     model = policy if not start else load_model(Llama2ForCausalLM, model_args, start, role="model to fine-tune")
     trainer = finetune_trainer(model, tokenizer, selection, config, peft_config(model_args))
     result = run_training(trainer)
@@ -267,4 +272,4 @@ def main(script_args: RejectionSamplingArguments, config: RejectionSamplingConfi
 
 STAGE = Stage(STAGE_NAME, "best-of-K rejection sampling scored by the reward models, then SFT on the best "
               "(paper §3.2.3)", (RejectionSamplingArguments, RejectionSamplingConfig, RewardArguments, ModelConfig,
-                                  VLLMArguments), main)
+                                  RejectionSampling), main)

@@ -30,10 +30,11 @@ from .. import progress
 from ..data import SAFETY_TAG, InvalidExample, jsonl_rows, load_prompts, validate_preference
 from ..iterate import (
     RM_KINDS, STORE, WIRED, IterateConfig, PageAnnotator, PreferenceStore, RewardModelJudge, _mean, _outcome,
-    _read_rows, _seed, _win_rate, _write_jsonl, annotator_name, collect_answers, format_versions,
+    _read_rows, _win_rate, _write_jsonl, annotator_name, collect_answers, format_versions,
 )
 from ..loading import load_pretrained
 from ..losses import RATINGS
+from ..sampling import BackendArguments, derive_seed
 from ..runner import RunRecord, StageRun, UsageError, build, field_names, stage_output, write_json_atomic
 from . import get_stage, run_stage
 
@@ -66,8 +67,10 @@ def _check_settings(label: str, stage: str, settings: Mapping) -> None:
 
 
 class _Loop:
-    def __init__(self, config: IterateConfig, annotator, stage_args: Mapping[str, Mapping] | None):
+    def __init__(self, config: IterateConfig, annotator, stage_args: Mapping[str, Mapping] | None,
+                 backend: BackendArguments | None = None):
         self.config, self.annotator = config, annotator
+        self.backend = backend
         self.root = Path(config.output_dir)
         self.store = PreferenceStore(self.root / STORE)
         recipes = {"train-rm": config.reward_model_recipe, "rejection-sample": config.rejection_sampling_recipe,
@@ -118,26 +121,22 @@ class _Loop:
         work(run)
         return run.finish()
 
-    def sampler(self, model: str, temperature: float, seed: int):
-        from ..generation import ChatSampler, SamplingConfig
+    def answer(self, model: str, temperature: float, prompts, tag: str) -> list[str]:
+        """One answer per prompt from `model` (a folder, or a stage folder holding one) on the loop's backend, seeded
+        by `tag` (a role, not a path: the same loop in another folder samples the same answers)."""
         from ..modeling_llama2 import Llama2ForCausalLM
+        from ..sampling import ChatSampler, open_sampler
         from .common import load_tokenizer
         from .sampling import stage_model
 
         source = stage_model(model)
         if not Path(str(source)).exists():
             raise UsageError(f"model {source}: no such folder")
-        model_obj = load_pretrained(Llama2ForCausalLM, str(source), "policy")
+        policy = load_pretrained(Llama2ForCausalLM, str(source), "policy")
         tokenizer = load_tokenizer(self.config.tokenizer_name_or_path or source)
-        config = SamplingConfig(max_new_tokens=self.config.max_new_tokens, temperature=temperature,
-                                top_p=self.config.top_p, num_samples=1,
-                                prompt_batch_size=self.config.sampling_batch_size)
-        return ChatSampler(model_obj, tokenizer, config, seed=seed)
-
-    def answer(self, model: str, temperature: float, prompts, tag: str) -> list[str]:
-        sampler = self.sampler(model, temperature, self.config.seed)
-        sampler.reseed(_seed(self.config.seed, tag))
-        return sampler([p.messages for p in prompts])
+        with open_sampler(policy, tokenizer, self.config.sampling(temperature), self.backend,
+                          seed=self.config.seed) as sampler:
+            return ChatSampler(sampler, seed=derive_seed(self.config.seed, tag))([p.messages for p in prompts])
 
     # -- the steps of a version --------------------------------------------------------------------------------------
     def pairs(self, n: int, prompts) -> RunRecord:
@@ -163,7 +162,7 @@ class _Loop:
             if any(skipped.values()):
                 logger.warning("v%d: %s of %d prompts give no pair to compare", n, skipped, len(prompts))
             _write_jsonl(folder / "pairs.jsonl", rows)
-            rng = random.Random(_seed(c.seed, f"v{n}-heldout"))
+            rng = random.Random(derive_seed(c.seed, f"v{n}-heldout"))
             k = round(c.heldout_fraction * len(rows))
             heldout = sorted(r["id"] for r in rng.sample(rows, k)) if k else []
             write_json_atomic(folder / "split.json", {"heldout": heldout})
@@ -240,7 +239,7 @@ class _Loop:
                 rows.append({**row, "prompt": prompt, "id": f"earlier-{k}-{line - 1}", "version": 0,
                              "source": str(path)})
         if c.preference_replay is not None and c.preference_replay < len(rows):
-            rows = random.Random(_seed(c.seed, f"v{n}-{kind}-replay")).sample(rows, c.preference_replay)
+            rows = random.Random(derive_seed(c.seed, f"v{n}-{kind}-replay")).sample(rows, c.preference_replay)
         return rows
 
     def reward_model(self, n: int, kind: str, data: RunRecord) -> dict:
@@ -318,7 +317,7 @@ class _Loop:
             for other in ("previous", "sft"):
                 if other == "previous" and models["previous"] == models["sft"]:
                     continue
-                pairs, ties, rng = [], 0, random.Random(_seed(c.seed, f"v{n}-{other}"))
+                pairs, ties, rng = [], 0, random.Random(derive_seed(c.seed, f"v{n}-{other}"))
                 for p, mine, theirs in zip(eval_prompts, responses["current"], responses[other]):
                     if mine.strip() == theirs.strip() or not mine.strip() or not theirs.strip():
                         ties += 1  # the same (or no) answer: nothing to compare, a tie
@@ -400,12 +399,14 @@ class _Loop:
 
 
 def iterate(config: IterateConfig, annotator: Callable[[list[dict]], list[dict]],
-            stage_args: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict]:
+            stage_args: Mapping[str, Mapping[str, Any]] | None = None,
+            backend: BackendArguments | None = None) -> list[dict]:
     """Run (or resume) the versions of `config` with `annotator` (see the module docstring); returns one record per
     version (also in `output_dir/versions.json`). `stage_args`: per stage (`train-rm`, `eval-rm`,
     `rejection-sample`, `ppo`), field values on top of its recipe, e.g. `{"ppo": {"num_iterations": 50}}`;
     `train-rm:helpfulness` / `train-rm:safety` add settings of one reward model on top of `train-rm`'s. Each version
-    is one stage bar of the job's `llama2_hf.progress.Progress` when one is open."""
+    is one stage bar of the job's `llama2_hf.progress.Progress` when one is open. `backend`: the engine the loop
+    samples its pairs and evaluation answers with (default: PyTorch in this process)."""
     if not config.output_dir:
         raise UsageError("output_dir is required")
     if not config.model_name_or_path:
@@ -415,7 +416,7 @@ def iterate(config: IterateConfig, annotator: Callable[[list[dict]], list[dict]]
     if not config.prompts_file or not config.eval_prompts_file:
         raise UsageError("prompts_file and eval_prompts_file are required")
     # Every input is read and checked before any model is loaded.
-    loop = _Loop(config, annotator, stage_args)
+    loop = _Loop(config, annotator, stage_args, backend)
     ppo_versions = sorted(config.ppo_in())
     prompts = load_prompts([stage_output(p, "data") for p in config.prompts_file])
     needed = config.versions * config.prompts_per_version

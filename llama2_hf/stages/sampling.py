@@ -1,51 +1,48 @@
-"""What the chat-sampling stages (`gatt`, `gatt-eval`, `gatt-lists`, `distill`, `refusals`) share: the sampler built
-from TRL's `ModelConfig` on the chosen generation backend (`VLLMArguments`), work chunks, and the atomic JSONL
-writer of their filtered outputs."""
+"""What the chat-sampling stages (`gatt`, `gatt-eval`, `gatt-lists`, `distill`, `refusals`) share: their sampling
+arguments, the sampler over the model of TRL's `ModelConfig` on the chosen backend, work chunks, and the model input
+that may be a previous stage's folder."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from ..generation import ChatSampler, ChatSamplingArguments
+from ..sampling import ChatSampler, SamplingArguments, open_sampler
 from .common import load_model, load_tokenizer
 
 T = TypeVar("T")
 
 
-def chat_sampler(model_args, tokenizer_name_or_path: str | None, sampling: ChatSamplingArguments,
-                 seed: int) -> ChatSampler:
-    """A `ChatSampler` over the model of `model_args` (frozen: bf16 weights allowed), on this rank's device."""
+@dataclass
+class ChatSamplingArguments(SamplingArguments):
+    """Sampling of a stage that answers chat conversations once each (GAtt, distillation, refusals). Defaults:
+    Meta's chat defaults (`chat_completion`: temperature 0.6, top-p 0.9)."""
+
+    use_cpu: bool = field(default=False, metadata={"help": "Run on CPU even when a GPU is available."})
+
+
+@contextlib.contextmanager
+def chat_sampling(model_args, tokenizer_name_or_path: str | None, sampling: SamplingArguments,
+                  seed: int) -> Iterator[ChatSampler]:
+    """A `ChatSampler` over the model of `model_args` (frozen: bf16 weights allowed) on this rank's device, on the
+    backend `sampling` names (a vLLM engine is stopped on exit). The stage reseeds it per chunk of work
+    (`ChatSampler.reseed(derive_seed(seed, first row))`), so a resumed or rank-split run redraws the same answers
+    for the same rows."""
     from accelerate import PartialState
 
     from ..modeling_llama2 import Llama2ForCausalLM
 
+    sampling.check_installed()
     source = stage_model(model_args.model_name_or_path)
     tokenizer = load_tokenizer(tokenizer_name_or_path or source)
     model = load_model(Llama2ForCausalLM, model_args, source, role="chat model", trainable=False)
     model.to(PartialState().device)
-    return ChatSampler(model, tokenizer, sampling.sampling_config(), seed=seed)
-
-
-@contextlib.contextmanager
-def chat_sampling(model_args, tokenizer_name_or_path: str | None, sampling: ChatSamplingArguments, seed: int,
-                  vllm_args=None) -> Iterator[ChatSampler]:
-    """`chat_sampler` on the backend of `vllm_args`: with `generation_backend: vllm` the model's weights go to this
-    process's vLLM engine (stopped on exit) and the PyTorch copy is freed. Either way the stage reseeds the sampler
-    per chunk (`ChatSampler.reseed`): the engine then gets per-prompt seeds drawn from that seed, so a resumed or
-    rank-split run redraws the same answers for the same rows."""
-    from ..vllm_engine import generation_engine
-
-    sampler = chat_sampler(model_args, tokenizer_name_or_path, sampling, seed)
-    if vllm_args is None or not vllm_args.use_vllm:
-        yield sampler
-        return
-    with generation_engine(sampler.model, vllm_args, seed=seed) as engine:
-        tokenizer = sampler.tokenizer
-        del sampler  # the engine holds the weights now
-        yield ChatSampler(engine, tokenizer, sampling.sampling_config(), seed=seed)
+    with open_sampler(model, tokenizer, sampling.sampling_config(), sampling, seed=seed) as sampler:
+        del model  # a vLLM engine holds its own copy of the weights
+        yield ChatSampler(sampler, seed=seed)
 
 
 def stage_model(path: str | None) -> str | None:

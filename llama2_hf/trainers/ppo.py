@@ -52,7 +52,6 @@ from torch import nn
 from .. import progress
 from ..data import SAFETY_TAG, PromptRow, prompt_row
 from ..distributed import fsdp_plugin, is_sharded, parameter_bytes, shard_model
-from ..generation import SamplingConfig, full_weights_for_generation, generate
 from ..losses import (
     clipped_value_loss,
     entropy_from_logits,
@@ -65,9 +64,9 @@ from ..losses import (
     whiten,
 )
 from ..rewards import score_with
-from ..tokenization_llama2 import encode_dialog
+from ..sampling import Sampler, SamplingConfig, derive_seed
 
-from .ppo_config import KL_COEF_PRESETS, VALUE_MODEL_INITS, Llama2PPOConfig  # noqa: F401  (the public names)
+from .ppo_config import KL_COEF_PRESETS, VALUE_MODEL_INITS, Llama2PPOConfig, PPOSampling  # noqa: F401
 from .ppo_parts import (  # noqa: F401  (the public names)
     METRICS_FILE, TRAINER_STATE, PPOCheckpointing, _as_float, _pad_right, _reward_model_of, complete_checkpoints,
     is_peft_model, latest_checkpoint, token_logprobs, token_values, value_model_from_policy,
@@ -101,7 +100,7 @@ class Llama2PPOTrainer(PPOCheckpointing):
         args: `Llama2PPOConfig`.
         model: the policy (a causal LM, or a peft model: its disabled adapter is then the reference pi_0), float32
             weights on its device (`bf16` in `args` is autocast compute).
-        processing_class: the tokenizer (chat format via `encode_dialog`; EOS ends a response).
+        processing_class: the tokenizer (its chat format encodes the prompts; EOS ends a response).
         reward: a reward of the contract `reward(prompts, responses, **columns)`; receives the `is_safety_prompt`
             column.
         train_dataset: prompt rows (`data.prompt_row` schema: `prompt` text or messages, or `messages` ending with a
@@ -110,9 +109,10 @@ class Llama2PPOTrainer(PPOCheckpointing):
             `args.value_model_init` (a copy of the helpfulness RM by default).
         ref_model: the frozen reference pi_0; None uses the disabled adapter of a peft policy, else a frozen copy.
         peft_config: wrap a plain policy with this LoRA config first (the reference is then its disabled adapter).
-        engine: a running `VLLMEngine` (`generation_backend: vllm`) that generates the rollouts. Before every
-            rollout the policy's current weights (LoRA merged, FSDP shards gathered) are pushed to it
-            (`engine.load_weights`), so no rollout comes from stale weights; each rank drives its own engine.
+        sampler: what rolls out: a `sampling.Sampler` (e.g. `open_sampler(policy, tokenizer, config, backend)`), or
+            a `SamplingConfig` for the PyTorch backend over the policy; None: `PPOSampling()`'s defaults. Before every
+            rollout the policy's current weights go to it (`update_weights`: a vLLM engine receives them, LoRA
+            merged and FSDP shards gathered), so no rollout comes from stale weights; each rank has its own.
 
     Distribution (under `accelerate launch`, read through `Accelerator`): each rank rolls out its contiguous share
     of the global batch. With an FSDP accelerate config (`distributed_type: FSDP` / `--use_fsdp`) the policy, the
@@ -129,7 +129,7 @@ class Llama2PPOTrainer(PPOCheckpointing):
 
     def __init__(self, args: Llama2PPOConfig, model: nn.Module, processing_class, reward: Callable,
                  train_dataset: Iterable[Mapping], value_model: nn.Module | None = None,
-                 ref_model: nn.Module | None = None, peft_config=None, engine=None):
+                 ref_model: nn.Module | None = None, peft_config=None, sampler: Sampler | SamplingConfig | None = None):
         from accelerate import Accelerator
 
         self.args = args
@@ -145,7 +145,11 @@ class Llama2PPOTrainer(PPOCheckpointing):
 
             model = get_peft_model(model, peft_config)
         self.policy = model
-        self.engine = engine
+        if not isinstance(sampler, Sampler):
+            from ..sampling.torch_backend import TorchSampler
+
+            sampler = TorchSampler(model, processing_class, sampler or PPOSampling().sampling_config())
+        self.sampler = sampler
         self.device = next(model.parameters()).device
         if ref_model is None and not is_peft_model(model):
             ref_model = copy.deepcopy(model)
@@ -175,11 +179,13 @@ class Llama2PPOTrainer(PPOCheckpointing):
             raise ValueError("train_dataset has no prompts")
         self.policy_optimizer = self._optimizer(self.policy, args.learning_rate)
         self.value_optimizer = self._optimizer(self.value_model, args.value_learning_rate or args.learning_rate)
-        self.sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       top_p=args.top_p, num_samples=1, prompt_batch_size=args.generation_batch_size)
-        if args.top_p < 1.0:
+        self.sampling = sampler.config
+        if self.sampling.num_samples != 1:
+            raise ValueError(f"PPO rolls out one response per prompt: num_samples must be 1, got "
+                             f"{self.sampling.num_samples}")
+        if self.sampling.top_p < 1.0:
             logger.warning("top_p=%s < 1: rollouts come from a truncated distribution, so PPO is slightly "
-                           "off-policy", args.top_p)
+                           "off-policy", self.sampling.top_p)
         # Mini-batch shuffling runs on CPU; sampling seeds each generation batch itself (see `_generate`).
         self.shuffle_generator = torch.Generator().manual_seed(args.seed)
         self.iteration = 0
@@ -284,7 +290,7 @@ class Llama2PPOTrainer(PPOCheckpointing):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            position_ids=batch["position_ids"], use_cache=False, logits_to_keep=keep).logits
         # greedy rollouts (T = 0) are scored at T = 1
-        temperature = self.args.temperature if self.args.temperature not in (0.0, 1.0) else 1.0
+        temperature = self.sampling.temperature if self.sampling.temperature not in (0.0, 1.0) else 1.0
         targets = batch["input_ids"][:, context_length:]
         if not with_entropy:
             # Nothing else reads these logits: the backward may overwrite them with their gradient, unless the op
@@ -318,30 +324,20 @@ class Llama2PPOTrainer(PPOCheckpointing):
             yield rows, {k: v.to(self.device) for k, v in chunk.items()}, context_length - cut
 
     def _generate(self, prompt_ids: list[list[int]], offset: int):
-        """Sample one response per prompt, `generation_batch_size` prompts at a time, each batch with a generator
-        seeded by (seed, iteration, global position): the same prompts give the same rollouts on any number of
-        ranks, and a resumed run needs no sampler state.
+        """Sample one response per prompt, `prompt_batch_size` prompts at a time, each batch seeded by (seed,
+        iteration, global position): the same prompts give the same rollouts on any number of ranks, and a resumed
+        run needs no sampler state.
 
         Returns (responses, finished, logprobs, entropy): the last two are per-response float32 tensors from the
-        sampling steps (`rollout_logprobs`), or None (the vLLM engine, or `rollout_logprobs` off)."""
+        sampling steps (`rollout_logprobs` on a sampler that returns them), else None."""
         responses, finished = [], []
-        with_logprobs = self.args.rollout_logprobs and self.engine is None
+        with_logprobs = self.args.rollout_logprobs and self.sampler.supports_logprobs
         logprobs, entropy = ([], []) if with_logprobs else (None, None)
-        size = self.args.generation_batch_size
+        size = self.sampling.prompt_batch_size
         for start in range(0, len(prompt_ids), size):
-            seed = (self.args.seed * 1_000_003 + self.iteration * 65_537 + offset + start) % (2 ** 63)
-            if self.engine is not None:  # vLLM seeds per prompt: the prompt's global position in the same formula
-                out = generate(self.engine, prompt_ids[start: start + size], self.sampling,
-                               eos_token_id=self.tokenizer.eos_token_id,
-                               seeds=[seed + j for j in range(len(prompt_ids[start: start + size]))])
-                responses += [r[0] for r in out.response_ids]
-                finished += [f[0] for f in out.finished]
-                continue
-            generator = torch.Generator(device=self.device).manual_seed(seed)
             with self._autocast():
-                out = generate(self.policy, prompt_ids[start: start + size], self.sampling,
-                               eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                               generator=generator, return_logprobs=with_logprobs)
+                out = self.sampler.sample_ids(prompt_ids[start: start + size], return_logprobs=with_logprobs,
+                                              seed=derive_seed(self.args.seed, "ppo", self.iteration, offset + start))
             responses += [r[0] for r in out.response_ids]
             finished += [f[0] for f in out.finished]
             if with_logprobs:
@@ -356,17 +352,14 @@ class Llama2PPOTrainer(PPOCheckpointing):
         args = self.args
         timings = {}
         start = time.perf_counter()
-        prompt_ids = [encode_dialog(self.tokenizer, p.messages) for p in prompts]
+        prompt_ids = [self.sampler.encode(p.messages) for p in prompts]
         self.policy.eval()
-        if self.engine is not None:
-            # The engine samples from the weights of the previous update, pushed now (a collective under FSDP:
-            # every rank gathers the full weights for its own engine).
-            self.engine.load_weights(self.policy)
-            timings["time/weight_sync"] = time.perf_counter() - start
+        # The sampler samples from the weights of the previous update, given now (a vLLM engine receives a copy: a
+        # collective under FSDP, every rank gathers the full weights for its own engine).
+        self.sampler.update_weights(self.policy)
+        timings["time/weight_sync"] = time.perf_counter() - start
+        with self.sampler.generating():
             responses, finished, sampled_logprobs, sampled_entropy = self._generate(prompt_ids, offset)
-        else:
-            with full_weights_for_generation(self.policy):
-                responses, finished, sampled_logprobs, sampled_entropy = self._generate(prompt_ids, offset)
         finished = torch.tensor(finished)
         timings["time/generation"] = time.perf_counter() - start
 

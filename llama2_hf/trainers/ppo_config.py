@@ -12,6 +12,7 @@ from ..losses import (
     KL_ESTIMATORS,
 )
 from ..errors import check_ranges
+from ..sampling import sampling_arguments
 
 
 logger = logging.getLogger(__name__)
@@ -20,6 +21,14 @@ KL_COEF_PRESETS = {"7b": 0.01, "13b": 0.01, "34b": 0.005, "70b": 0.005}
 """beta of the KL penalty by model size (paper §3.2.3)."""
 
 VALUE_MODEL_INITS = ("reward_model", "policy")
+
+PPOSampling = sampling_arguments(
+    "PPOSampling", "Rollout sampling of PPO (the paper is silent on all of it). The log-probabilities of training use "
+    "the rollout temperature; temperature 0 gives greedy rollouts (for tests and debugging), whose log-probabilities "
+    "are taken at temperature 1. Below top_p 1 the rollouts are slightly off-policy. Each prompt batch is sampled "
+    "with its own seed (seed, iteration, position in the global batch), so rollouts do not depend on the number of "
+    "ranks when each rank's share is a multiple of prompt_batch_size.",
+    max_new_tokens=512, temperature=1.0, top_p=1.0, prompt_batch_size=64)
 
 
 @dataclass
@@ -76,22 +85,12 @@ class Llama2PPOConfig(TrainingArguments):
         "help": "Entropy bonus coefficient (paper silent; none by default, the KL penalty regularises)."})
     missing_eos_penalty: float | None = field(default=None, metadata={
         "help": "Subtracted from the score of responses cut at max_new_tokens (paper silent; off)."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Rollout response length limit (paper silent)."})
-    temperature: float = field(default=1.0, metadata={
-        "help": "Rollout temperature (paper silent); log-probabilities use the same temperature. 0 = greedy "
-                "rollouts (for tests and debugging), whose log-probabilities are taken at temperature 1."})
-    top_p: float = field(default=1.0, metadata={
-        "help": "Rollout nucleus threshold (paper silent); below 1 the rollouts are slightly off-policy."})
     rollout_logprobs: bool = field(default=True, metadata={
         "help": "Take the rollout policy's log-probabilities and entropies from the logits of the decoding steps that "
                 "sampled the tokens (log_softmax(logits / T) before top-p, as the forward pass computes them) "
                 "instead of a second forward pass of the policy over the responses. They agree to float rounding "
                 "(float32: ~1e-6; bf16 compute rounds the cached decode and the full pass differently). The vLLM "
                 "backend always uses the forward pass."})
-    generation_batch_size: int = field(default=64, metadata={
-        "help": "Prompts per generation batch. Each batch is sampled with its own seed (seed, iteration, position "
-                "in the global batch), so rollouts do not depend on the number of ranks when each rank's share is "
-                "a multiple of it."})
     value_model_init: str = field(default="reward_model", metadata={
         "help": "Critic initialisation when value_model_name_or_path is not given (paper silent): 'reward_model' "
                 "copies the helpfulness RM (its regression head read at every token), 'policy' copies the policy "
@@ -119,16 +118,12 @@ class Llama2PPOConfig(TrainingArguments):
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
                              f"({self.mini_batch_size})")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0: greedy rollouts), got {self.temperature}")
         if self.critic_warmup_iterations < 0:
             raise ValueError(f"critic_warmup_iterations must be >= 0, got {self.critic_warmup_iterations}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        check_ranges(self, positive=("num_iterations", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
-                                     "generation_batch_size", "clip_range", "clip_range_value", "max_grad_norm"),
+        check_ranges(self, positive=("num_iterations", "batch_size", "mini_batch_size", "ppo_epochs", "clip_range",
+                                     "clip_range_value", "max_grad_norm"),
                      non_negative=("learning_rate", "value_learning_rate", "kl_coef", "weight_decay", "entropy_coef",
                                    "missing_eos_penalty"),
-                     fractions=("gamma", "lam", "top_p"))
-        if self.top_p == 0:
-            raise ValueError("top_p must be in (0, 1], got 0")
+                     fractions=("gamma", "lam"))

