@@ -190,6 +190,12 @@ def _padded_length(lengths: Sequence[int], multiple: int | None) -> int:
     return longest if not multiple else -(-longest // multiple) * multiple
 
 
+def _check_pad(collator) -> None:
+    if collator.pad_token_id is None:
+        raise ValueError(f"{type(collator).__name__}: pad_token_id is None: padding needs a token id "
+                         "(give the tokenizer a pad token: llama2_hf.loading.ensure_pad_token)")
+
+
 def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:
     out = torch.full((len(rows), length), value, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -207,6 +213,9 @@ class DataCollatorForAnswerOnlyLM:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+
+    def __post_init__(self):
+        _check_pad(self)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [e["input_ids"] for e in examples]
@@ -230,6 +239,9 @@ class DataCollatorForPackedLM:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+
+    def __post_init__(self):
+        _check_pad(self)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [r["input_ids"] for r in rows]
@@ -255,6 +267,9 @@ class DataCollatorForPackedLM:
 class DataCollatorForRatedPreference(DataCollatorForPreference):
     """TRL's preference collator (chosen rows first, then rejected rows; `margin` if present) that also carries the
     per-pair labels used by the Table 8 metrics: `rating_id` and `safety_bin` (each (B,), -1 when unknown)."""
+
+    def __post_init__(self):
+        _check_pad(self)
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)

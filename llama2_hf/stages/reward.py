@@ -59,9 +59,10 @@ class RewardDataArguments:
 def load_reward_model(model_args: ModelConfig):
     """The model to train: a reward model folder as it is, or a causal LM whose decoder starts a reward model with a
     freshly initialised scalar head (as `reward_model_from_causal_lm`; loading through `from_pretrained` keeps
-    quantized and sharded loading working). The decoder must load in full: only the head may be new (logged once)."""
+    quantized and sharded loading working). The decoder must load in full: only the head may be new (logged once).
+    A checkpoint that is not `model_type: llama2` becomes its own family's sequence classifier (`num_labels=1`)."""
     model = load_model(Llama2ForRewardModel, model_args, role="reward model", new_head=True, num_labels=1)
-    model.config.architectures = ["Llama2ForRewardModel"]
+    model.config.architectures = [type(model).__name__]
     return model
 
 
