@@ -14,7 +14,7 @@ of FlashAttention's variable-length kernel.
 
 Typical use (any token-level mask works, e.g. Ghost Attention's last-turn-only mask)::
 
-    enc = encode_chat_with_mask(tokenizer, messages, train_on="last")
+    enc = chat_format_for(tokenizer).encode(messages, train_on="last")   # llama2_hf.chat_format
     example = {"input_ids": enc.input_ids, "labels": answer_labels(enc.input_ids, enc.assistant_mask)}
     rows = pack_examples(examples, max_length=4096)            # or pack_dataset(dataset, 4096)
     batch = DataCollatorForPackedLM(pad_token_id=0)(rows[:8])  # input_ids, labels, position_ids: (B, T)

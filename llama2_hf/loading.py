@@ -240,7 +240,8 @@ def load_tokenizer(name_or_path):
     else:
         from transformers import AutoTokenizer as cls
     try:
-        tokenizer = cls.from_pretrained(source)
+        tokenizer = cls.from_pretrained(source, **({} if cls.__name__ == "Llama2Tokenizer" else
+                                                  {"trust_remote_code": False}))
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise UsageError(f"tokenizer {source}: it needs code shipped with the checkpoint (trust_remote_code), "
@@ -278,6 +279,8 @@ def load_pretrained(cls, source: str, role: str, *, new_head: bool = False, **kw
     is neither a folder nor a loadable Hub id is a `UsageError` too."""
     source = str(source)
     cls = family_class(cls, source, kwargs)
+    if cls.__name__.startswith("Auto"):
+        kwargs.setdefault("trust_remote_code", False)  # refused below in one line, never asked on stdin
     try:
         with _quiet_load_report():
             model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)

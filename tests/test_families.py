@@ -258,3 +258,17 @@ def test_a_template_that_marks_no_answer_is_one_line(checkpoints, tmp_path):
     with pytest.raises(UsageError, match="marks no answer tokens"):
         run_stage("sft", model_name_or_path=str(tmp_path / "silent"), train_file=[str(checkpoints["sft"])],
                   output_dir=str(tmp_path / "sft"), **TINY_TRAINING)
+
+
+def test_a_checkpoint_that_needs_its_own_code_is_refused_in_one_line(checkpoints, tmp_path):
+    from trl import ModelConfig
+
+    from llama2_hf import Llama2ForCausalLM
+    from llama2_hf.stages.common import load_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "my_family", "auto_map": {
+        "AutoConfig": "configuration_mine.MyConfig", "AutoModelForCausalLM": "modeling_mine.MyForCausalLM"}}))
+    (tmp_path / "configuration_mine.py").write_text("from transformers import PretrainedConfig\n\n\n"
+                                                    "class MyConfig(PretrainedConfig):\n    model_type = 'my_family'\n")
+    with pytest.raises(UsageError, match=r"policy .*: it needs code shipped with the checkpoint \(trust_remote_code"):
+        load_model(Llama2ForCausalLM, ModelConfig(model_name_or_path=str(tmp_path)), role="policy")

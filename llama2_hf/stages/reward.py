@@ -4,7 +4,8 @@
     accelerate launch --config_file recipes/accelerate/fsdp.yaml -m llama2_hf.cli train-rm \\
         --config recipes/reward/llama2-7b.yaml
 
-Inputs: a causal LM (the SFT model: the RM gets a new scalar head) or a reward model (training continues), and
+Inputs: a causal LM of any transformers family (the SFT model: the RM gets a new scalar head, as the sequence
+classifier of its own family unless it is `model_type: llama2`) or a reward model (training continues), and
 preference files (`llama2_hf.data` schema). `data_mix` builds the paper's training mixes from `train_file` and
 `mix_file`. Output: the reward model (and its tokenizer) at the root of `output_dir`, Trainer checkpoints beside it,
 and `run.json` (with the held-out metrics when `eval_file` is given). A rerun in a folder with checkpoints resumes
