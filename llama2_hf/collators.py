@@ -14,7 +14,7 @@ of FlashAttention's variable-length kernel.
 
 Typical use (any token-level mask works, e.g. Ghost Attention's last-turn-only mask)::
 
-    enc = encode_chat_with_mask(tokenizer, messages, train_on="last")
+    enc = chat_format_for(tokenizer).encode(messages, train_on="last")   # llama2_hf.chat_format
     example = {"input_ids": enc.input_ids, "labels": answer_labels(enc.input_ids, enc.assistant_mask)}
     rows = pack_examples(examples, max_length=4096)            # or pack_dataset(dataset, 4096)
     batch = DataCollatorForPackedLM(pad_token_id=0)(rows[:8])  # input_ids, labels, position_ids: (B, T)
@@ -190,6 +190,12 @@ def _padded_length(lengths: Sequence[int], multiple: int | None) -> int:
     return longest if not multiple else -(-longest // multiple) * multiple
 
 
+def _check_pad(collator) -> None:
+    if collator.pad_token_id is None:
+        raise ValueError(f"{type(collator).__name__}: pad_token_id is None: padding needs a token id "
+                         "(give the tokenizer a pad token: llama2_hf.loading.ensure_pad_token)")
+
+
 def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:
     out = torch.full((len(rows), length), value, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -207,6 +213,9 @@ class DataCollatorForAnswerOnlyLM:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+
+    def __post_init__(self):
+        _check_pad(self)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [e["input_ids"] for e in examples]
@@ -230,6 +239,9 @@ class DataCollatorForPackedLM:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+
+    def __post_init__(self):
+        _check_pad(self)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [r["input_ids"] for r in rows]
@@ -255,6 +267,9 @@ class DataCollatorForPackedLM:
 class DataCollatorForRatedPreference(DataCollatorForPreference):
     """TRL's preference collator (chosen rows first, then rejected rows; `margin` if present) that also carries the
     per-pair labels used by the Table 8 metrics: `rating_id` and `safety_bin` (each (B,), -1 when unknown)."""
+
+    def __post_init__(self):
+        _check_pad(self)
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)

@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from datasets import Dataset, Features, List, Value, load_dataset
 
+from .chat_format import chat_format_for
+from .errors import UsageError
 from .losses import RATINGS, canonical_rating, margins_for
 from .tokenization_llama2 import encode_chat_with_mask, separator_token_id, validate_messages
 
@@ -303,8 +305,9 @@ def _apply_policies(dataset: Dataset, row_fn, empty: dict, name: str, on_invalid
 def prepare_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, train_on: str = "all",
                         on_invalid: str = "error", on_overlength: str = "error", num_proc: int | None = None,
                         name: str = "sft", separator_token: str | None = None) -> tuple[Dataset, DataReport]:
-    """Tokenize SFT rows in the Llama 2-Chat format (or, with `separator_token`, prompt and answer split by that
-    token: see `encode_chat_with_mask`) with answer-only labels.
+    """Tokenize SFT rows in the tokenizer's chat format (`chat_format_for`: Meta's Llama 2-Chat ids for a Llama 2
+    tokenizer, the chat template otherwise; or, with `separator_token`, prompt and answer split by that token: see
+    `encode_chat_with_mask`, Llama 2 tokenizers only) with answer-only labels.
 
     Returns a dataset with `input_ids` and `labels` (the ids on answer tokens and their EOS, -100 elsewhere;
     `train_on="last"` keeps only the final answer, as Ghost Attention needs) and the report. Rows that already have
@@ -313,7 +316,12 @@ def prepare_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, tra
     dropped (reason `no_answer_after_truncation`).
     """
     check_policies(on_invalid, on_overlength)
+    chat_format = chat_format_for(tokenizer)  # a template that cannot mark answers is a setup error, not a bad row
     if separator_token is not None:
+        if chat_format.name != "llama2_chat":
+            raise UsageError(f"sft_format='separator_token' lays dialogues out around Llama 2's BOS/EOS; the "
+                             f"tokenizer {getattr(tokenizer, 'name_or_path', '')} is not a Llama 2 tokenizer: use "
+                             "sft_format='llama2_chat' (its own chat template)")
         separator_token_id(tokenizer, separator_token)  # a missing token is a setup error, not a bad row
 
     def row_fn(example, row):
@@ -330,8 +338,9 @@ def prepare_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, tra
             if len(labels) != len(ids):
                 raise InvalidExample(row, "labels", "bad_type", f"{len(labels)} labels for {len(ids)} input_ids")
         else:
-            enc = encode_chat_with_mask(tokenizer, sft_messages(example, row), train_on=train_on,
-                                        separator_token=separator_token)
+            messages = sft_messages(example, row)
+            enc = (chat_format.encode(messages, train_on=train_on) if separator_token is None else
+                   encode_chat_with_mask(tokenizer, messages, train_on=train_on, separator_token=separator_token))
             ids = enc.input_ids
             labels = [t if m else -100 for t, m in zip(ids, enc.assistant_mask)]
         status = "ok"
@@ -356,8 +365,9 @@ def prepare_preference_dataset(dataset: Dataset, tokenizer, max_length: int | No
                                name: str = "preferences") -> tuple[Dataset, DataReport]:
     """Tokenize preference rows for reward modelling.
 
-    Each response is encoded as the full dialog (prompt turns + the response as the final assistant turn) with
-    `encode_dialog`, so it ends with EOS; the reward model reads its scalar at that last token. Output columns:
+    Each response is encoded as the full dialog (prompt turns + the response as the final assistant turn) in the
+    tokenizer's chat format (`chat_format_for`: Meta's `encode_dialog` ids, ending with EOS, for a Llama 2 tokenizer;
+    the chat template otherwise); the reward model reads its scalar at the last token. Output columns:
     `chosen_ids`, `rejected_ids`, `margin` (m(rating) of paper Eq. 2 under `margins`, a Table 27 preset or a map),
     `rating_id` (index in `RATINGS`, -1 unrated), `safety_bin` (index in `SAFETY_LABELS`, -1 unknown), `length`
     (the longer of the two dialogs, for length-aware batching).
@@ -366,6 +376,7 @@ def prepare_preference_dataset(dataset: Dataset, tokenizer, max_length: int | No
     the nearest context).
     """
     check_policies(on_invalid, on_overlength)
+    chat_format = chat_format_for(tokenizer)
 
     def row_fn(example, row):
         if example.get("chosen_ids") is not None:
@@ -377,7 +388,7 @@ def prepare_preference_dataset(dataset: Dataset, tokenizer, max_length: int | No
             safety_label = example.get("safety_label")
         else:
             pref = validate_preference(example, row)
-            ids = {k: encode_chat_with_mask(tokenizer, [*pref.prompt, {"role": "assistant", "content": text}]).input_ids
+            ids = {k: chat_format.encode([*pref.prompt, {"role": "assistant", "content": text}]).input_ids
                    for k, text in (("chosen", pref.chosen), ("rejected", pref.rejected))}
             rating, safety_label = pref.rating, pref.safety_label
         status = "ok"

@@ -9,11 +9,18 @@ role and the first names, raised before any work.
 A new head is allowed only where a stage documents it (`new_head=True`: a reward model or critic started from a
 chat model's decoder): the backbone must then load in full, and only weights outside it may be missing (the new
 head) or unused (the old one).
+
+Any transformers family loads as itself: a checkpoint whose config says `model_type: llama2` gets the class the
+caller names (`Llama2ForCausalLM`, `Llama2ForRewardModel`, ...); any other model type gets the Auto class of the same
+role (`AutoModelForCausalLM` for a causal LM, `AutoModelForSequenceClassification` with `num_labels=1` for a reward
+model), so a Qwen2 or Mistral checkpoint stays a Qwen2 or Mistral model. The tokenizer follows the same rule
+(`load_tokenizer`). Code shipped with a checkpoint is never run: one that needs `trust_remote_code` is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -82,6 +89,11 @@ def check_tokenizer_folder(source, role: str = "tokenizer") -> None:
                          "the tokenizer with the model, or give tokenizer_name_or_path")
 
 
+def has_tokenizer(source) -> bool:
+    """Whether a folder (or a Hub id in the local cache) holds tokenizer files."""
+    return any(_has_file(source, name) for name in TOKENIZER_FILES)
+
+
 def looks_local(source: str) -> bool:
     """A name that can only be a path (a Hub id is `name` or `owner/name`)."""
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith("/")
@@ -99,19 +111,166 @@ def not_found(source: str, role: str, error: BaseException) -> UsageError:
                       f"({type(error).__name__}; offline, or not a model the token can read)")
 
 
-def load_tokenizer(name_or_path):
-    """The Llama 2 tokenizer saved with a model (or a tokenizer folder / Hub id); padding uses `unk` when the
-    tokenizer has no pad token (its positions are masked out of every loss and attention)."""
-    check_tokenizer_folder(name_or_path)
-    from .tokenization_llama2 import Llama2Tokenizer
+def _checkpoint_json(source, name: str) -> dict | None:
+    """`name` (config.json, tokenizer_config.json) of a folder or of a Hub id in the local cache, or None."""
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        file = path / name
+    else:
+        if looks_local(str(source)):
+            return None
+        from transformers.utils.hub import cached_file
+
+        try:
+            found = cached_file(str(source), name, _raise_exceptions_for_missing_entries=False,
+                                _raise_exceptions_for_connection_errors=False)
+        except (OSError, ValueError):
+            return None
+        if found is None:
+            return None
+        file = Path(found)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def checkpoint_model_type(source) -> str | None:
+    """The `model_type` of a checkpoint's config.json (None when it has none or cannot be read here)."""
+    config = _checkpoint_json(source, "config.json")
+    return config.get("model_type") if config else None
+
+
+def _has_file(source, name: str) -> bool:
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        return (path / name).is_file()
+    if looks_local(str(source)):
+        return False
+    from transformers.utils.hub import cached_file
 
     try:
-        tokenizer = Llama2Tokenizer.from_pretrained(str(name_or_path))
-    except (OSError, ValueError) as e:
-        raise not_found(str(name_or_path), "tokenizer", e) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
-    return tokenizer
+        return cached_file(str(source), name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False) is not None
+    except (OSError, ValueError):
+        return False
+
+
+def is_llama2_checkpoint(source) -> bool:
+    """Whether the tokenizer of `source` is a Llama 2 tokenizer, read with `Llama2Tokenizer` (SentencePiece-exact,
+    Meta's chat format): one saved as `Llama2Tokenizer`, one next to a `model_type: llama2` config, or a
+    SentencePiece `tokenizer.model` of the Llama family (meta-llama/Llama-2-*-hf) whose chat template, if any, is
+    Llama 2's `[INST]` layout. Every other tokenizer (Qwen2, Mistral, Llama 3, a Llama model with another chat
+    template) is read by `AutoTokenizer` and lays dialogues out with its own chat template."""
+    tok_config = _checkpoint_json(source, "tokenizer_config.json") or {}
+    tokenizer_class = str(tok_config.get("tokenizer_class") or "")
+    if tokenizer_class == "Llama2Tokenizer" or checkpoint_model_type(source) == "llama2":
+        return True
+    if tokenizer_class not in ("", "LlamaTokenizer", "LlamaTokenizerFast") or not _has_file(source, "tokenizer.model"):
+        return False
+    template = tok_config.get("chat_template")
+    if template is None and _has_file(source, "chat_template.jinja"):
+        return False  # a separate template file: a checkpoint that chose its own layout
+    return not template or "[INST]" in str(template)
+
+
+def ensure_pad_token(tokenizer):
+    """Give a tokenizer without a pad token one, deterministically: `unk` for a Llama 2 tokenizer (as Meta's code
+    pads), else EOS (as TRL does), else `unk`. Padding is masked out of every loss and attention, so any id serves
+    causal LMs; reward models need a pad that does not end a dialogue (`reward_pad_token`). Mutates and returns it."""
+    if tokenizer.pad_token is not None:
+        return tokenizer
+    from .chat_format import is_llama2_tokenizer
+
+    order = ("unk_token", "eos_token") if is_llama2_tokenizer(tokenizer) else ("eos_token", "unk_token")
+    for name in order:
+        if getattr(tokenizer, name, None) is not None:
+            tokenizer.pad_token = getattr(tokenizer, name)
+            return tokenizer
+    raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}: it has no "
+                     "pad, EOS or unk token to pad batches with; set pad_token in its tokenizer_config.json")
+
+
+def _reward_pad(tokenizer) -> str:
+    from .chat_format import chat_format_for
+
+    probe = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello there"}]
+    last = chat_format_for(tokenizer).encode(probe).input_ids[-1]
+    for name in ("pad_token", "unk_token", "eos_token", "bos_token"):
+        token = getattr(tokenizer, name, None)
+        if token is not None and tokenizer.convert_tokens_to_ids(token) != last:
+            return token
+    raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}: none of its "
+                     "pad, unk, EOS and BOS tokens can pad reward-model inputs (each ends a dialogue); set a distinct "
+                     "pad_token in its tokenizer_config.json")
+
+
+def reward_pad_token(tokenizer) -> int:
+    """Set the pad token a reward model reads around, and return its id. transformers' sequence-classification heads
+    score the rightmost token that is not `config.pad_token_id`, so the pad must never be the last token of a
+    dialogue (Llama 2 and Mistral end every answer with EOS): the first of the tokenizer's pad, unk, EOS and BOS that
+    is not the last token of a probe dialogue in the tokenizer's chat format. For Llama 2 this is its rule (`unk`
+    whenever pad is unset or EOS)."""
+    tokenizer.pad_token = _reward_pad(tokenizer)
+    return tokenizer.pad_token_id
+
+
+def reward_pad_id(model, tokenizer) -> int:
+    """The id to pad a reward model's inputs with, the tokenizer left as it is: the model config's `pad_token_id`
+    (the id its head skips when it looks for the last real token), else the choice of `reward_pad_token`, which is
+    written into the config of a transformers head (ours, `Llama2ForRewardModel`, reads the attention mask)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "pad_token_id", None) is not None:
+        return config.pad_token_id
+    pad = tokenizer.convert_tokens_to_ids(_reward_pad(tokenizer))
+    if getattr(config, "model_type", None) != "llama2":
+        config.pad_token_id = pad
+    return pad
+
+
+def load_tokenizer(name_or_path):
+    """The tokenizer saved with a model (or a tokenizer folder / Hub id): `Llama2Tokenizer` for a Llama 2 checkpoint
+    (`is_llama2_checkpoint`), `AutoTokenizer` for any other, never running code shipped with it. A tokenizer without a
+    pad token gets one (`ensure_pad_token`: `unk` for Llama 2, else EOS)."""
+    check_tokenizer_folder(name_or_path)
+    source = str(name_or_path)
+    if is_llama2_checkpoint(source):
+        from .tokenization_llama2 import Llama2Tokenizer as cls
+    else:
+        from transformers import AutoTokenizer as cls
+    try:
+        tokenizer = cls.from_pretrained(source, **({} if cls.__name__ == "Llama2Tokenizer" else
+                                                  {"trust_remote_code": False}))
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UsageError(f"tokenizer {source}: it needs code shipped with the checkpoint (trust_remote_code), "
+                             "which is never run here; give a tokenizer transformers can read") from None
+        raise not_found(source, "tokenizer", e) from None
+    except OSError as e:
+        raise not_found(source, "tokenizer", e) from None
+    return ensure_pad_token(tokenizer)
+
+
+def family_class(cls, source, kwargs: dict):
+    """The class that loads `source` for the role of `cls`: `cls` itself for a `model_type: llama2` checkpoint (or
+    one whose config cannot be read here), else the Auto class of the same role: `AutoModelForCausalLM` for a causal
+    LM, `AutoModelForSequenceClassification` for a sequence classifier, with `num_labels=1` (set in `kwargs`) for a
+    reward model. Other classes are kept."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from .modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel, Llama2ForSequenceClassification
+
+    model_type = checkpoint_model_type(source)
+    if model_type in (None, "llama2") or not isinstance(cls, type):
+        return cls
+    if issubclass(cls, Llama2ForCausalLM):
+        return AutoModelForCausalLM
+    if issubclass(cls, Llama2ForSequenceClassification):
+        if issubclass(cls, Llama2ForRewardModel):
+            kwargs["num_labels"] = 1
+        return AutoModelForSequenceClassification
+    return cls
 
 
 def load_pretrained(cls, source: str, role: str, *, new_head: bool = False, **kwargs):
@@ -119,6 +278,9 @@ def load_pretrained(cls, source: str, role: str, *, new_head: bool = False, **kw
     refusing (`UsageError`) a checkpoint whose weights do not all fit `cls`; see the module docstring. A source that
     is neither a folder nor a loadable Hub id is a `UsageError` too."""
     source = str(source)
+    cls = family_class(cls, source, kwargs)
+    if cls.__name__.startswith("Auto"):
+        kwargs.setdefault("trust_remote_code", False)  # refused below in one line, never asked on stdin
     try:
         with _quiet_load_report():
             model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
@@ -128,12 +290,15 @@ def load_pretrained(cls, source: str, role: str, *, new_head: bool = False, **kw
     except OSError as e:  # no such folder / repo, offline
         raise not_found(source, role, e) from None
     except ValueError as e:  # huggingface_hub's repo-id validation of a name that is not a folder
+        if "trust_remote_code" in str(e):
+            raise UsageError(f"{role} {source}: it needs code shipped with the checkpoint (trust_remote_code), which "
+                             "is never run here; give a checkpoint of a family transformers knows") from None
         if Path(source).expanduser().exists():
             raise
         raise not_found(source, role, e) from None
     misfit = weight_misfit(model, info, new_head)
     if misfit:
-        raise UsageError(f"{role} {source}: not a checkpoint of {cls.__name__}: {misfit}. Give the {role} a "
+        raise UsageError(f"{role} {source}: not a checkpoint of {type(model).__name__}: {misfit}. Give the {role} a "
                          f"checkpoint of that kind")
     fresh = sorted(k for k in info.get("missing_keys") or () if not k.startswith(f"{model.base_model_prefix}."))
     if new_head and fresh and (source, role) not in _new_head_logged:
@@ -143,5 +308,6 @@ def load_pretrained(cls, source: str, role: str, *, new_head: bool = False, **kw
     return model
 
 
-__all__ = ["check_tokenizer_folder", "load_pretrained", "load_tokenizer", "looks_local", "not_found",
-           "weight_misfit"]
+__all__ = ["check_tokenizer_folder", "checkpoint_model_type", "ensure_pad_token", "family_class",
+           "has_tokenizer", "is_llama2_checkpoint", "load_pretrained", "load_tokenizer", "looks_local", "not_found", "reward_pad_id",
+           "reward_pad_token", "weight_misfit"]

@@ -74,14 +74,16 @@ _TRL_ONLY_KWARGS = ("trainer_state", "log_extra", "log_metric", "completion_ids"
 class RewardModelScorer:
     """Batched, no-grad scores of a sequence-classification reward model (num_labels=1) on chat pairs.
 
-    The model input is `encode_dialog(tokenizer, messages + [assistant response])` (every turn closed by EOS), right
-    padded, scored at the last real token (`Llama2ForRewardModel`, or any `AutoModelForSequenceClassification` that
-    reads the last non-pad token through the attention mask). The model keeps its own device and dtype: inputs go to
+    The model input is `messages + [assistant response]` in the reward model's own chat format
+    (`llama2_hf.chat_format.chat_format_for(tokenizer)`: Meta's `encode_dialog` ids, every turn closed by EOS, for a
+    Llama 2 tokenizer; the chat template otherwise), re-encoded from the text, so the policy may use another
+    tokenizer. Rows are right padded with the id the model's head skips (`llama2_hf.loading.reward_pad_id`) and scored
+    at the last real token (`Llama2ForRewardModel`, or any `AutoModelForSequenceClassification`). The model keeps its own device and dtype: inputs go to
     the model's device, scores come back as float32 on CPU.
 
     Args:
         model: the reward model (put in eval mode here).
-        tokenizer: its tokenizer (BOS/EOS ids and `encode`), usually the policy's.
+        tokenizer: the reward model's own tokenizer (saved with it; for Llama 2 the policy's is the same).
         batch_size: pairs per forward pass (pairs are sorted by length to limit padding).
         max_length: longest input in tokens (default: the model's context); longer inputs raise ValueError unless
             `truncate_left`, which keeps the last `max_length` tokens (the answer's end) and logs how many were cut.
@@ -94,21 +96,20 @@ class RewardModelScorer:
         self.batch_size = batch_size
         self.max_length = max_length or getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.truncate_left = truncate_left
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = getattr(model.config, "pad_token_id", None)
-        self.pad_token_id = 0 if pad is None else pad  # hidden by the attention mask; any id does
+        from .chat_format import chat_format_for
+        from .loading import reward_pad_id
+
+        self.chat_format = chat_format_for(tokenizer)
+        self.pad_token_id = reward_pad_id(model, tokenizer)
 
     def encode(self, prompts: Sequence[Prompt], responses: Sequence) -> list[list[int]]:
         """Reward-model input ids of each pair."""
-        from .tokenization_llama2 import encode_dialog
-
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
         encoded, cut = [], 0
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
-            ids = encode_dialog(self.tokenizer, as_messages(prompt) + [
-                {"role": "assistant", "content": response_text(response)}])
+            ids = self.chat_format.encode(as_messages(prompt) + [
+                {"role": "assistant", "content": response_text(response)}]).input_ids
             if self.max_length is not None and len(ids) > self.max_length:
                 if not self.truncate_left:
                     raise ValueError(f"pair {i} is {len(ids)} tokens, longer than the reward model's max_length "

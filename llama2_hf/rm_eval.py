@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import progress
 from .collators import DataCollatorForRatedPreference
 from .data import SAFETY_LABELS, prepare_preference_dataset, response_safety
+from .loading import reward_pad_id
 from .losses import RATINGS
 
 logger = logging.getLogger(__name__)
@@ -116,11 +117,11 @@ def score_pairs(model, prepared: Dataset, pad_token_id: int, batch_size: int = 8
 def evaluate_reward_model(model, tokenizer, dataset: Dataset, batch_size: int = 8, max_length: int | None = None,
                           unsafe_threshold: float = 0.5, on_invalid: str = "error",
                           on_overlength: str = "error") -> dict[str, float]:
-    """`preference_metrics` of a reward model on a preference set (schema of `llama2_hf.data`, or prepared)."""
+    """`preference_metrics` of a reward model on a preference set (schema of `llama2_hf.data`, or prepared), each
+    dialogue in the tokenizer's chat format and padded with the id the model's head skips (`reward_pad_id`)."""
     if "chosen_ids" not in dataset.column_names or "rating_id" not in dataset.column_names:
         dataset, _ = prepare_preference_dataset(dataset, tokenizer, max_length=max_length, margins="none",
                                                 on_invalid=on_invalid, on_overlength=on_overlength, name="eval")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-    scores = score_pairs(model, dataset, pad_id, batch_size)
+    scores = score_pairs(model, dataset, reward_pad_id(model, tokenizer), batch_size)
     return preference_metrics(scores["chosen"], scores["rejected"], scores["rating_id"], scores["safety_bin"],
                               unsafe_threshold)

@@ -16,7 +16,7 @@ import torch
 
 from ..rewards import SAFETY_THRESHOLD, WHITEN_MODES
 from ..errors import UsageError
-from ..loading import load_pretrained, load_tokenizer  # noqa: F401  (load_tokenizer: the stages' import)
+from ..loading import has_tokenizer, load_pretrained, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -24,18 +24,20 @@ LOW_PRECISION = ("bfloat16", "float16", "bf16", "fp16")
 
 
 def check_prompt_lengths(prompts, tokenizer, model_source) -> None:
-    """Refuse, before any model is loaded, a prompt that leaves the model no room to answer: its chat-format ids fill
-    the model's context (`max_position_embeddings` of its config). The error names the prompt's file and line."""
+    """Refuse, before any model is loaded, a prompt that leaves the model no room to answer: its ids in the
+    tokenizer's chat format (`chat_format_for`) fill the model's context (`max_position_embeddings` of its config).
+    The error names the prompt's file and line."""
     from transformers import AutoConfig
 
-    from ..tokenization_llama2 import encode_dialog
+    from ..chat_format import chat_format_for
 
     try:
         context = AutoConfig.from_pretrained(str(model_source)).max_position_embeddings
     except (OSError, ValueError, AttributeError):
         return  # the model load reports what is wrong with it
+    chat_format = chat_format_for(tokenizer)
     for row in prompts:
-        n = len(encode_dialog(tokenizer, row.messages))
+        n = len(chat_format.prompt_ids(row.messages))
         if n >= context:
             where = row.source or f"prompt {row.id!r}"
             raise UsageError(f"{where}: the prompt has {n} tokens in the chat format, the model's whole context is "
@@ -112,7 +114,9 @@ class RewardArguments:
 
 def load_reward(args: RewardArguments, tokenizer, device: str | torch.device = "cpu"):
     """The reward callable of `args`: `SafetyGatedReward` over both RMs, or the helpfulness scorer alone. Each RM
-    folder may be a `train-rm` output (its `model` output is used)."""
+    folder may be a `train-rm` output (its `model` output is used). Each RM loads as its own family and scores with
+    the tokenizer saved with it (`tokenizer`, the policy's, where the RM folder has none): responses are re-encoded
+    from their text in the RM's chat format."""
     from ..modeling_llama2 import Llama2ForRewardModel
     from ..rewards import RewardModelScorer, SafetyGatedReward
     from ..runner import stage_output
@@ -123,7 +127,8 @@ def load_reward(args: RewardArguments, tokenizer, device: str | torch.device = "
     def scorer(path: str, role: str) -> RewardModelScorer:
         source = stage_output(path, "model")
         model = load_pretrained(Llama2ForRewardModel, str(source), role, dtype=getattr(torch, args.reward_dtype))
-        return RewardModelScorer(model.to(device), tokenizer, batch_size=args.reward_batch_size)
+        own = tokenizer if not has_tokenizer(source) else load_tokenizer(source)
+        return RewardModelScorer(model.to(device), own, batch_size=args.reward_batch_size)
 
     helpful = scorer(args.helpfulness_reward_model, "helpfulness reward model")
     if not args.safety_reward_model:

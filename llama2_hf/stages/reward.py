@@ -4,7 +4,8 @@
     accelerate launch --config_file recipes/accelerate/fsdp.yaml -m llama2_hf.cli train-rm \\
         --config recipes/reward/llama2-7b.yaml
 
-Inputs: a causal LM (the SFT model: the RM gets a new scalar head) or a reward model (training continues), and
+Inputs: a causal LM of any transformers family (the SFT model: the RM gets a new scalar head, as the sequence
+classifier of its own family unless it is `model_type: llama2`) or a reward model (training continues), and
 preference files (`llama2_hf.data` schema). `data_mix` builds the paper's training mixes from `train_file` and
 `mix_file`. Output: the reward model (and its tokenizer) at the root of `output_dir`, Trainer checkpoints beside it,
 and `run.json` (with the held-out metrics when `eval_file` is given). A rerun in a folder with checkpoints resumes
@@ -59,9 +60,10 @@ class RewardDataArguments:
 def load_reward_model(model_args: ModelConfig):
     """The model to train: a reward model folder as it is, or a causal LM whose decoder starts a reward model with a
     freshly initialised scalar head (as `reward_model_from_causal_lm`; loading through `from_pretrained` keeps
-    quantized and sharded loading working). The decoder must load in full: only the head may be new (logged once)."""
+    quantized and sharded loading working). The decoder must load in full: only the head may be new (logged once).
+    A checkpoint that is not `model_type: llama2` becomes its own family's sequence classifier (`num_labels=1`)."""
     model = load_model(Llama2ForRewardModel, model_args, role="reward model", new_head=True, num_labels=1)
-    model.config.architectures = ["Llama2ForRewardModel"]
+    model.config.architectures = [type(model).__name__]
     return model
 
 

@@ -2,7 +2,8 @@
 
     llama2-hf eval-rm --model_name_or_path out/rm --eval_file data/helpful_test.jsonl --output_dir out/eval-rm
 
-Inputs: a reward model (folder or Hub id, or a `train-rm` output folder) and preference files (`llama2_hf.data`
+Inputs: a reward model of any transformers family (folder or Hub id, or a `train-rm` output folder; dialogues in the
+chat format of the tokenizer saved with it) and preference files (`llama2_hf.data`
 schema). Output in `output_dir`: `results.json` (the Table 8 row, every metric of `rm_eval.preference_metrics` and
 the pair counts) and `run.json`. A rerun with the same arguments returns the recorded result.
 """

@@ -3,7 +3,8 @@
     llama2-hf sft --model_name_or_path out/pretrain --train_file data/sft.jsonl --output_dir out/sft --use_cpu true
     accelerate launch --config_file recipes/accelerate/fsdp.yaml -m llama2_hf.cli sft --config recipes/sft/llama2-7b.yaml
 
-Inputs: a causal LM (Hub id or folder) and SFT rows (`llama2_hf.data` schema), or the folder of a stage that wrote
+Inputs: a causal LM of any transformers family (Hub id or folder; a `model_type: llama2` checkpoint trains in Meta's
+Llama 2-Chat format, any other in its tokenizer's chat template, and is saved as its own family) and SFT rows (`llama2_hf.data` schema), or the folder of a stage that wrote
 SFT data (`gatt`, `distill`, `rejection-sample`: their `data` output). Output: the fine-tuned model (and its
 tokenizer) in `output_dir`, Trainer checkpoints beside it, and `run.json`. A rerun in a folder with checkpoints
 resumes from the newest one.

@@ -33,7 +33,7 @@ from ..data import (
     response_safety,
 )
 from ..distributed import FullyShardedTrainerMixin
-from ..loading import load_pretrained
+from ..loading import load_pretrained, reward_pad_token
 from ..losses import resolve_margins, safety_auxiliary_loss
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
 from ..rm_eval import preference_metrics
@@ -120,14 +120,29 @@ class Llama2RewardConfig(RewardConfig):
         return cls(**kwargs)
 
 
-def reward_model_from_causal_lm(causal_lm: Llama2ForCausalLM) -> Llama2ForRewardModel:
+def is_causal_lm(model) -> bool:
+    """Whether `model` is a causal LM (next-token head) of this package or of any transformers family."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return isinstance(model, Llama2ForCausalLM) or type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def reward_model_from_causal_lm(causal_lm):
     """A reward model whose decoder is a copy of the causal LM's (§3.2.2: RMs start from chat checkpoints); the
-    next-token head is replaced by a freshly initialised scalar head `score`."""
+    next-token head is replaced by a freshly initialised scalar head `score`. A `Llama2ForCausalLM` gives a
+    `Llama2ForRewardModel`; a causal LM of another family the sequence classifier of its own family
+    (`AutoModelForSequenceClassification`, `num_labels=1`)."""
     config = copy.deepcopy(causal_lm.config)
     config.num_labels = 1
-    config.architectures = ["Llama2ForRewardModel"]
-    reward_model = Llama2ForRewardModel(config)
-    reward_model.model.load_state_dict(causal_lm.model.state_dict())
+    if isinstance(causal_lm, Llama2ForCausalLM):
+        config.architectures = ["Llama2ForRewardModel"]
+        reward_model = Llama2ForRewardModel(config)
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        reward_model = AutoModelForSequenceClassification.from_config(config)
+        config.architectures = [type(reward_model).__name__]
+    reward_model.base_model.load_state_dict(causal_lm.base_model.state_dict())
     param = next(causal_lm.parameters())
     return reward_model.to(device=param.device, dtype=param.dtype)
 
@@ -135,8 +150,11 @@ def reward_model_from_causal_lm(causal_lm: Llama2ForCausalLM) -> Llama2ForReward
 class Llama2RewardTrainer(FullyShardedTrainerMixin, RewardTrainer):
     """TRL's `RewardTrainer` for the paper's helpfulness / safety reward models.
 
-    `model`: a `Llama2ForRewardModel`; a `Llama2ForCausalLM` (converted with `reward_model_from_causal_lm`); or a
-    path/id of either (a causal-LM checkpoint gets a new head). Datasets follow the preference schema of
+    `model`: a reward model (`Llama2ForRewardModel`, or a transformers sequence classifier with `num_labels=1`); a
+    causal LM of any family (converted with `reward_model_from_causal_lm`); or a path/id of either (a causal-LM
+    checkpoint gets a new head; a checkpoint that is not `model_type: llama2` loads as its own family). Dialogues are
+    laid out in the tokenizer's chat format (`llama2_hf.chat_format`); the pad token is one that never ends a
+    dialogue (`llama2_hf.loading.reward_pad_token`), so the head reads every row's last real token. Datasets follow the preference schema of
     `llama2_hf.data` (or are already prepared by `prepare_preference_dataset`). Preparation reports are in
     `trainer.data_reports[name]`. Logged metrics add `accuracy_<rating>`, `accuracy_<safety bin>`, `reward_std`,
     `unsafe_recall` / `unsafe_precision` (pairs with safety labels) and `safety_aux_loss` (when enabled); the
@@ -161,11 +179,11 @@ class Llama2RewardTrainer(FullyShardedTrainerMixin, RewardTrainer):
             if kwargs.get("quantization_config") is not None:
                 init_kwargs["quantization_config"] = kwargs.pop("quantization_config")
             model = load_pretrained(Llama2ForRewardModel, model, "reward model", new_head=True, **init_kwargs)
-        elif isinstance(model, Llama2ForCausalLM):
+        elif is_causal_lm(model):
             model = reward_model_from_causal_lm(model)
-        # A pad distinct from EOS: every dialog ends with EOS, and the reward is read at the last non-pad token.
-        if processing_class.pad_token is None or processing_class.pad_token_id == processing_class.eos_token_id:
-            processing_class.pad_token = processing_class.unk_token
+        # A pad that never ends a dialogue (Llama 2: unk, as every dialog ends with EOS): transformers' heads read the
+        # reward at the rightmost token that is not the pad (TRL copies the pad id into the model's config).
+        reward_pad_token(processing_class)
         if data_collator is None:
             data_collator = DataCollatorForRatedPreference(processing_class.pad_token_id, args.pad_to_multiple_of)
         self.data_reports: dict[str, DataReport] = {}

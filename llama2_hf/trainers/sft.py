@@ -1,7 +1,8 @@
 """Supervised fine-tuning of Llama 2-Chat (paper §3.1) as a thin subclass of TRL's `SFTTrainer`.
 
-What it adds to TRL: Meta's released Llama 2-Chat token format from `llama2_hf.tokenization_llama2` (never a Jinja
-template; `sft_format="separator_token"` gives the paper's §3.1 prompt/answer separator token instead), the loss on
+What it adds to TRL: the checkpoint's chat format (`llama2_hf.chat_format`): Meta's released Llama 2-Chat token format
+from `llama2_hf.tokenization_llama2` for a Llama 2 tokenizer (never a Jinja template; `sft_format="separator_token"`
+gives the paper's §3.1 prompt/answer separator token instead), any other model's own chat template otherwise; the loss on
 answer tokens only (every assistant turn, or only the last one for Ghost Attention), packing of whole examples
 into fixed-length rows with no attention across examples (`llama2_hf.collators`), explicit bad-input policies, and the
 paper's hyperparameters as defaults. LoRA / QLoRA go through TRL's `peft_config` / `quantization_config`.
@@ -23,6 +24,7 @@ from trl import SFTConfig, SFTTrainer
 
 from accelerate.utils import is_peft_model
 
+from ..chat_format import is_llama2_tokenizer
 from ..collators import (
     PACKING_STRATEGIES,
     DataCollatorForAnswerOnlyLM,
@@ -32,9 +34,9 @@ from ..collators import (
 )
 from ..data import ON_INVALID, ON_OVERLENGTH, DataReport, check_policies, prepare_sft_dataset
 from ..distributed import FullyShardedTrainerMixin
-from ..errors import check_ranges
-from ..loading import load_tokenizer as load_llama2_tokenizer
-from ..tokenization_llama2 import Llama2Tokenizer
+from ..errors import UsageError, check_ranges
+from ..loading import ensure_pad_token
+from ..loading import load_tokenizer as load_checkpoint_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +122,9 @@ class Llama2SFTConfig(SFTConfig):
         "help": "Answer tokens that carry the loss: 'all' assistant turns or only the 'last' (Ghost Attention).",
         "choices": ["all", "last"]})
     sft_format: str = field(default="llama2_chat", metadata={
-        "help": "How prompt and answer are laid out. 'llama2_chat': Meta's released chat format (`<s>[INST] prompt "
-                "[/INST] answer </s>`, the format Llama 2-Chat was released with and every other stage uses). "
+        "help": "How prompt and answer are laid out. 'llama2_chat': the model's chat format: Meta's released chat "
+                "format for a Llama 2 tokenizer (`<s>[INST] prompt [/INST] answer </s>`, the format Llama 2-Chat was "
+                "released with and every other stage uses), the tokenizer's own chat template for other models. "
                 "'separator_token': the paper's description (§3.1: 'a special token is utilized to separate the "
                 "prompt and answer segments', token not named): `<s>prompt<sep>answer</s>` with separator_token added "
                 "to the tokenizer as a special token and the model's embeddings resized (the new row starts at the "
@@ -174,20 +177,22 @@ def example_limit(model, max_length: int | None) -> int | None:
     return context
 
 
-def load_tokenizer(model) -> Llama2Tokenizer:
-    """The tokenizer saved next to a model (given as a path/id or as a model loaded from one)."""
+def load_tokenizer(model):
+    """The tokenizer saved next to a model (given as a path/id or as a model loaded from one): `Llama2Tokenizer` for
+    a Llama 2 checkpoint, `AutoTokenizer` for any other (`llama2_hf.loading.load_tokenizer`)."""
     source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
     if not source:
         raise ValueError("pass processing_class: the model was not loaded from a path, so its tokenizer is unknown")
-    return load_llama2_tokenizer(source)  # the stages' loader: missing folders named, pad = unk when unset
+    return load_checkpoint_tokenizer(source)  # the stages' loader: missing folders named, a pad token when unset
 
 
 class Llama2SFTTrainer(FullyShardedTrainerMixin, SFTTrainer):
     """TRL's `SFTTrainer` on Llama 2-Chat data (see the module docstring and `llama2_hf.data` for the schema).
 
-    `model`: a `Llama2ForCausalLM`, a PEFT model, or a path/id (loaded by TRL with `args.model_init_kwargs`,
-    `quantization_config` for QLoRA). `processing_class` defaults to the tokenizer saved with the model; without a pad
-    token, `unk` is used for padding (its label is -100 and it is never attended to).
+    `model`: a causal LM of any family (`Llama2ForCausalLM`, a transformers model), a PEFT model, or a path/id (loaded
+    by TRL with `args.model_init_kwargs`, `quantization_config` for QLoRA). `processing_class` defaults to the
+    tokenizer saved with the model; without a pad token, `unk` (Llama 2) or EOS (other tokenizers, as TRL) is used for
+    padding (`llama2_hf.loading.ensure_pad_token`: its label is -100 and it is never attended to).
     Preparation reports (rows kept / dropped / truncated) are in `trainer.data_reports[name]`. Under an FSDP
     accelerate config on CPU the model is sharded with FSDP2 (`llama2_hf.distributed.FullyShardedTrainerMixin`).
     """
@@ -206,8 +211,11 @@ class Llama2SFTTrainer(FullyShardedTrainerMixin, SFTTrainer):
             raise ValueError("formatting_func is not used: pass rows in the schema of llama2_hf.data")
         if processing_class is None:
             processing_class = load_tokenizer(model)
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.unk_token
+        ensure_pad_token(processing_class)
+        if args.sft_format == "separator_token" and not is_llama2_tokenizer(processing_class):
+            raise UsageError(f"sft_format='separator_token' lays dialogues out around Llama 2's BOS/EOS; "
+                             f"{type(processing_class).__name__} {processing_class.name_or_path} is not a Llama 2 "
+                             "tokenizer: use sft_format='llama2_chat' (the model's own chat template)")
         if args.sft_format == "separator_token":
             # Added in place, so the tokenizer saved with the model carries the separator; the datasets are
             # tokenized inside super().__init__ and need its id, the embeddings are resized once TRL has the model.
@@ -232,7 +240,7 @@ class Llama2SFTTrainer(FullyShardedTrainerMixin, SFTTrainer):
         self._shard_for_launch()
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        """Tokenize in the Llama 2-Chat format with answer-only labels (policies applied), then pack into rows."""
+        """Tokenize in the model's chat format with answer-only labels (policies applied), then pack into rows."""
         if isinstance(dataset, IterableDataset):
             raise ValueError("Llama2SFTTrainer needs a map-style datasets.Dataset (packing sees the whole set)")
         if "seq_lengths" in dataset.column_names:  # already packed
