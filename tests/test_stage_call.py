@@ -122,3 +122,52 @@ def test_eval_rm_is_called_with_its_name_field(stage_inputs, tmp_path):
     assert RunRecord.read(tmp_path / "e").args == record.args
     assert STAGE.call(*wired).seconds == record.seconds  # the same typed call again: the finished run's record
     assert configs[0].output_dir == "" and configs[1].model_name_or_path is None  # configs built once stay as built
+
+
+# ----------------------------------------------------------------------------------- the RLHF loop's typed configs
+
+TINY_PPO = {"use_cpu": True, "batch_size": 4, "mini_batch_size": 4, "generation_batch_size": 4, "max_new_tokens": 4,
+            "num_iterations": 1, "temperature": 1.3}
+PPO_FOLDERS = {"model_name_or_path": "v1/rs", "prompts_file": ["v1/pairs/prompts.jsonl"], "output_dir": "v1/ppo",
+               "helpfulness_reward_model": "v1/rm_helpfulness", "safety_reward_model": None}
+
+
+def test_the_loop_takes_field_values_or_typed_configs_alike(tmp_path):
+    from llama2_hf.iterate import IterateConfig
+    from llama2_hf.records import resolved_args
+    from llama2_hf.stages.common import RewardArguments
+    from llama2_hf.stages.rlhf_loop import _Loop
+    from llama2_hf.trainers.ppo_config import Llama2PPOConfig
+
+    config = IterateConfig(output_dir=str(tmp_path), seed=7)
+    by_values = _Loop(config, None, {"ppo": {**TINY_PPO, "reward_batch_size": 16}})
+    typed = _Loop(config, None, {"ppo": (RewardArguments(reward_batch_size=16), Llama2PPOConfig(**TINY_PPO))})
+    assert typed.configs["ppo"][1].seed == 7  # left at its default: the loop's seed, as for field values
+    calls = [with_fields(loop.stage_configs("ppo"), **PPO_FOLDERS) for loop in (by_values, typed)]
+    assert resolved_args(*calls[0]) == resolved_args(*calls[1])  # the same call either way
+    assert typed.settings["ppo"]["temperature"] == 1.3 and "output_dir" not in typed.settings["ppo"]
+    assert by_values.settings["ppo"] == {**TINY_PPO, "reward_batch_size": 16, "seed": 7}  # recorded as given
+    assert _Loop(config, None, {"ppo": Llama2PPOConfig(**TINY_PPO, seed=3)}).configs["ppo"][1].seed == 3
+
+
+def test_the_loop_refuses_typed_configs_that_set_a_wired_field_or_meet_a_recipe(tmp_path):
+    from llama2_hf.iterate import IterateConfig
+    from llama2_hf.stages.rlhf_loop import _Loop
+    from llama2_hf.stages.reward_eval import RewardEvalArguments
+    from llama2_hf.trainers.ppo_config import Llama2PPOConfig
+
+    config = IterateConfig(output_dir=str(tmp_path))
+    with pytest.raises(UsageError, match=r"ppo settings: \['output_dir'\] are set by the loop"):
+        _Loop(config, None, {"ppo": (Llama2PPOConfig(**TINY_PPO, output_dir="elsewhere"),)})
+    with pytest.raises(UsageError, match=r"eval-rm settings: \['name'\] are set by the loop"):
+        _Loop(config, None, {"eval-rm": (RewardEvalArguments(name="mine"),)})
+    with pytest.raises(TypeError, match=r"stage 'ppo' takes instances of PPOArguments, Llama2PPOConfig"):
+        _Loop(config, None, {"ppo": (RewardEvalArguments(),)})
+    recipe = tmp_path / "ppo.yaml"
+    recipe.write_text("num_iterations: 2\n")
+    with pytest.raises(UsageError, match=r"ppo settings: typed configs and the recipe .*ppo.yaml both given"):
+        _Loop(IterateConfig(output_dir=str(tmp_path), ppo_recipe=str(recipe)), None,
+              {"ppo": (Llama2PPOConfig(**TINY_PPO),)})
+    loop = _Loop(config, None, {"eval-rm": (RewardEvalArguments(eval_batch_size=4),)})
+    configs = with_fields(loop.stage_configs("eval-rm"), name="helpfulness RM after v1", output_dir="o")
+    assert configs[0].name == "helpfulness RM after v1" and configs[0].eval_batch_size == 4
