@@ -13,9 +13,8 @@ order, the missing ones at their defaults):
 
 (the last routes keyword values to their dataclasses with `build`), so every knob has one definition and one default
 (its dataclass field). `with_fields(configs, output_dir=...)` sets fields of configs built once, as the RLHF loop does
-for each version's folders. Under `accelerate launch` the same command
-runs on every rank; `StageRun` makes rank 0 the only writer of the record, and `RankParts` gives each rank its own
-resumable output file, merged once by rank 0.
+for each version's folders. Under `accelerate launch` the same command runs on every rank; `StageRun` makes rank 0
+the only writer of the record, and `RankParts` gives each rank its own resumable output file, merged once by rank 0.
 
 The run record (`run.json`, written atomically and last) holds the stage, the resolved arguments, the inputs with
 content hashes, the outputs, the metrics and the library versions. A folder with a `run.json` is complete: rerunning
