@@ -297,7 +297,7 @@ def plan_recipe(recipe: Recipe, num_gpus: int, strategy: str, prompt_length: int
     gathered = 4.0 * shape.params if strategy == "fsdp" and not lora else policy["in flight"]
     # Gradients are freed after each optimizer step (set to None): the rollout holds weights and moments only.
     rollout = {**states, "gradients": 0.0, "frozen models": frozen, "in flight": gathered,
-               **sampling(shape, int(v["generation_batch_size"]), tokens)}
+               **sampling(shape, int(v["prompt_batch_size"]), tokens)}
     update = {**states, "frozen models": frozen, "in flight": policy["in flight"] + _in_flight(critic, strategy, False),
               "activations": int(v["micro_batch_size"]) * tokens * activation_bytes_per_token(shape, False)
               + LOGIT_CHUNKS_BYTES}
@@ -323,7 +323,7 @@ def _changes(recipe: Recipe, strategy: str, num_gpus: int) -> list[tuple[str, Re
 
     if kind in ("train", "rejection") and not v.get("activation_checkpointing"):
         out.append(("activation_checkpointing: true", edited(activation_checkpointing=True), strategy, num_gpus))
-    for key in ("per_device_train_batch_size", "micro_batch_size", "generation_batch_size", "prompt_batch_size",
+    for key in ("per_device_train_batch_size", "micro_batch_size", "prompt_batch_size",
                 "batch_size"):
         rows = v.get(key)
         while isinstance(rows, int) and rows > 1:

@@ -2,21 +2,25 @@
 
 A stage is a module of `llama2_hf.stages` that defines `STAGE = Stage(name, help, dataclass_types, main)`. `main`
 takes one instance of each dataclass (script arguments, the stage's config, and where it fits TRL's `ModelConfig`)
-and returns the stage's `RunRecord`. Three callers reach that one function:
+and returns the stage's `RunRecord`. Every caller reaches it through `Stage.call(*instances)` (typed configs in any
+order, the missing ones at their defaults):
 
     llama2-hf sft --model_name_or_path out/pretrain --train_file data/sft.jsonl --output_dir out/sft
     llama2-hf sft --config recipes/sft/llama2-7b.yaml --output_dir out/sft     # YAML keys = the same field names
+    sft.STAGE.call(ModelConfig(model_name_or_path="out/pretrain"), SFTArguments(train_file=["data/sft.jsonl"]),
+                   Llama2SFTConfig(output_dir="out/sft"))
     stages.run_stage("sft", model_name_or_path="out/pretrain", train_file="data/sft.jsonl", output_dir="out/sft")
 
-so every knob has one definition and one default (its dataclass field). Under `accelerate launch` the same command
-runs on every rank; `StageRun` makes rank 0 the only writer of the record, and `RankParts` gives each rank its own
-resumable output file, merged once by rank 0.
+(the last routes keyword values to their dataclasses with `build`), so every knob has one definition and one default
+(its dataclass field). `with_fields(configs, output_dir=...)` sets fields of configs built once, as the RLHF loop does
+for each version's folders. Under `accelerate launch` the same command runs on every rank; `StageRun` makes rank 0
+the only writer of the record, and `RankParts` gives each rank its own resumable output file, merged once by rank 0.
 
 The run record (`run.json`, written atomically and last) holds the stage, the resolved arguments, the inputs with
 content hashes, the outputs, the metrics and the library versions. A folder with a `run.json` is complete: rerunning
 the same arguments on the same inputs (their sha256 unchanged) returns the record without work; other arguments, or
 an input edited since, are refused (nothing is silently mixed or stale), unless a redo is asked for (`--redo`,
-`run_stage(..., redo=True)`), which empties the folder and runs again. While a stage runs, `run_args.json` records
+`Stage.call(..., redo=True)`), which empties the folder and runs again. While a stage runs, `run_args.json` records
 its arguments and the inputs read so far, so that a resume with different ones is refused too; a folder that holds
 nothing else (a run that failed its checks) takes new arguments.
 
@@ -77,6 +81,35 @@ class Stage:
     help: str
     dataclass_types: tuple[type, ...]
     main: Callable[..., RunRecord]
+
+    def arrange(self, instances: Sequence[Any]) -> tuple:
+        """One instance of each of `dataclass_types`, in that order: the given ones (in any order), the missing ones
+        default-constructed. An instance of a type the stage does not take, or a second one of a type, is a
+        `TypeError` naming the stage and its types."""
+        slots: list[Any] = [None] * len(self.dataclass_types)
+        for inst in instances:
+            exact = [i for i, cls in enumerate(self.dataclass_types) if type(inst) is cls]
+            matches = exact or [i for i, cls in enumerate(self.dataclass_types)
+                                if not isinstance(inst, type) and isinstance(inst, cls)]
+            if len(matches) != 1:
+                got = f"the class {inst.__name__}" if isinstance(inst, type) else f"a {type(inst).__name__}"
+                raise TypeError(f"stage {self.name!r} takes instances of {self.type_names()}, got {got}")
+            if slots[matches[0]] is not None:
+                raise TypeError(f"stage {self.name!r}: two instances of {self.dataclass_types[matches[0]].__name__}")
+            slots[matches[0]] = inst
+        return tuple(cls() if inst is None else inst for cls, inst in zip(self.dataclass_types, slots))
+
+    def call(self, *instances: Any, redo: bool = False) -> RunRecord:
+        """Run the stage in this process on typed configs: instances of its dataclasses in any order, the missing
+        ones at their defaults (`arrange`). The one path behind `llama2-hf <stage>`, `stages.run_stage`, the RLHF
+        loop and the quickstart: `main` runs in a `stage_call(redo)` frame and keeps its own run record
+        (`StageRun`). `redo=True` runs again in a folder that holds a finished or interrupted run."""
+        arranged = self.arrange(instances)
+        with stage_call(redo):
+            return self.main(*arranged)
+
+    def type_names(self) -> str:
+        return ", ".join(cls.__name__ for cls in self.dataclass_types)
 
 
 def make_parser(stage: Stage):
@@ -234,7 +267,26 @@ def build(stage: Stage, **values) -> tuple:
     return tuple(instances)
 
 
-# Whether the stage being run was asked to redo a folder (`--redo`, `run_stage(..., redo=True)`); read by `StageRun`.
+def with_fields(instances: Sequence[Any], /, **values) -> tuple:
+    """`instances` (a stage's typed configs) with fields set by name, in the same order: each instance that owns one
+    of the names is made again with `dataclasses.replace` (so its own checks run on the new values), the others are
+    kept. A name that is no field of any of them is a `UsageError` naming the closest field.
+
+        configs = with_fields(configs, output_dir="out/v2/ppo", model_name_or_path="out/v2/rs")
+    """
+    owned = [{f.name for f in dataclasses.fields(inst) if f.init} for inst in instances]
+    names = sorted(set().union(*owned))
+    for key in values:
+        if key not in names:
+            close = _closest(key, names)
+            kinds = ", ".join(type(inst).__name__ for inst in instances)
+            raise UsageError(f"{key!r} is not a field of {kinds or 'no configs'}"
+                             + (f"; did you mean {close!r}?" if close else ""))
+    return tuple(dataclasses.replace(inst, **{k: v for k, v in values.items() if k in own}) if own & values.keys()
+                 else inst for inst, own in zip(instances, owned))
+
+
+# Whether the stage being run was asked to redo a folder (`--redo`, `Stage.call(..., redo=True)`); read by `StageRun`.
 _REDO: ContextVar[bool] = ContextVar("llama2_hf_redo", default=False)
 
 
@@ -468,6 +520,6 @@ def _input_change(entry: Mapping[str, Any]) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------------
 __all__ = [
     "OBSERVATION_FIELDS", "RankParts", "RunRecord", "Stage", "StageRun", "UsageError", "build",
-    "content_hash", "make_parser", "parse_args", "replacing_folder", "resolved_args", "stage_output",
-    "user_error_message", "write_json_atomic", "write_jsonl_atomic",
+    "content_hash", "make_parser", "parse_args", "replacing_folder", "resolved_args", "stage_call", "stage_output",
+    "user_error_message", "with_fields", "write_json_atomic", "write_jsonl_atomic",
 ]

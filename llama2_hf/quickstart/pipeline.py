@@ -1,8 +1,9 @@
 """The whole Llama 2-Chat pipeline on the synthetic world, stage by stage, each resuming from its outputs.
 
-The stages that do not depend on the toy tokenizer's training run through the pipeline's one runner
-(`stages.run_stage(name, **fields)`, the function behind `llama2-hf <stage>`): the world's data is written to JSONL
-files under `output_dir/data/` and passed by path, with the toy sizes of `QuickstartConfig`. The quickstart's own
+The stages that do not depend on the toy tokenizer's training are typed calls of the pipeline's stages
+(`STAGE.call(*configs)` on each stage's own config classes, the call behind `llama2-hf <stage>`): the world's data is
+written to JSONL files under `output_dir/data/` and passed by path, with the toy sizes of `QuickstartConfig`; the RLHF
+loop gets its stages' typed configs (`run_rlhf`). The quickstart's own
 steps (the tokenizer, the toy pretraining, the evaluations of the toy world) keep the runner's bookkeeping too
 (`StageRun`): a folder whose `run.json` holds the same arguments is reused, other arguments are refused. A run in a
 folder made with another configuration (`--scale`, `--seed`, a size) is refused as a whole.
@@ -25,14 +26,13 @@ from .. import progress, run_lock
 from ..errors import check_ranges
 from ..generation import SamplingConfig, generate_text
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
-from ..runner import RunRecord, StageRun, UsageError, stage_output, write_json_atomic
-from ..stages import run_stage
+from ..runner import RunRecord, Stage, StageRun, UsageError, stage_output, with_fields, write_json_atomic
 from ..tokenization_llama2 import Llama2Tokenizer, train_llama2_tokenizer
 from .world import PIRATE_INSTRUCTION, PIRATE_PREFIX, World, is_correct, is_refusal, is_violation, parse_prompt
 
 logger = logging.getLogger(__name__)
 
-# Arguments every Trainer-based stage of the quickstart gets: CPU, no checkpoints, no tracker, and fp32 compute
+# Fields of every Trainer config of the quickstart's stages: CPU, no checkpoints, no tracker, and fp32 compute
 # without activation recomputation (TRL's configs default to bf16 and checkpointing, both slower on a CPU without
 # bf16 matrix units; the tiny model's activations are small).
 TRAINER_DEFAULTS = dict(use_cpu=True, bf16=False, activation_checkpointing=False, report_to=[], save_strategy="no",
@@ -166,10 +166,11 @@ class Pipeline:
             run.finish()
         return {**run.record.metrics, "seconds": run.record.seconds}
 
-    def run_stage(self, name: str, command: str, **fields) -> RunRecord:
-        """A pipeline stage through its one runner, writing into `output_dir/<name>` (its own resume rule)."""
-        logger.info("stage %s: llama2-hf %s", name, command)
-        return run_stage(command, output_dir=str(self.out / name), **fields)
+    def call_stage(self, name: str, stage: Stage, *configs) -> RunRecord:
+        """A pipeline stage's typed call on its configs (`Stage.call`, with its own resume rule), writing into
+        `output_dir/<name>`."""
+        logger.info("stage %s: llama2-hf %s", name, stage.name)
+        return stage.call(*with_fields(stage.arrange(configs), output_dir=str(self.out / name)))
 
     def write_data(self, name: str, rows: list[dict]) -> str:
         """The world's rows as a JSONL file under `output_dir/data/` (rewritten identically on a resume)."""
@@ -208,34 +209,48 @@ class Pipeline:
         return {"vocab_size": len(tok), "training_texts": len(texts)}
 
     def run_pretrain(self) -> dict:
+        from ..stages.pretrain import STAGE, Llama2PretrainConfig, PretrainArguments
+
         c = self.config
         docs = self.world.pretraining_texts(c.n(c.pretrain_docs))
         texts = self.write_data("pretrain", [{"text": t} for t in docs])
-        record = self.run_stage("pretrain", "pretrain", train_file=[texts],
-                                tokenizer_name_or_path=str(self.out / "tokenizer"),
-                                model_preset="tiny", hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
-                                num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
-                                max_position_embeddings=512, max_length=c.pretrain_max_length,
-                                max_steps=c.n(c.pretrain_steps, 20), per_device_train_batch_size=16,
-                                learning_rate=3e-3, warmup_steps=10, seed=c.seed,
-                                **TRAINER_DEFAULTS)
+        record = self.call_stage(
+            "pretrain", STAGE,
+            PretrainArguments(train_file=[texts], tokenizer_name_or_path=str(self.out / "tokenizer"),
+                              model_preset="tiny", hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+                              max_position_embeddings=512),
+            Llama2PretrainConfig(max_length=c.pretrain_max_length, max_steps=c.n(c.pretrain_steps, 20),
+                                 per_device_train_batch_size=16, learning_rate=3e-3, warmup_steps=10, seed=c.seed,
+                                 **TRAINER_DEFAULTS))
         return {"loss_curve": _losses(record),
                 "parameters": Llama2ForCausalLM.from_pretrained(self.model_dir("pretrain")).num_parameters(),
                 "seconds": record.seconds}
 
     def run_sft(self) -> dict:
+        from trl import ModelConfig
+
+        from ..stages.sft import STAGE, SFTArguments
+        from ..trainers.sft import Llama2SFTConfig
+
         c = self.config
         train = self.write_data("sft", [{"messages": d} for d in self.world.sft_dialogs(c.n(c.sft_dialogs))])
-        record = self.run_stage("sft", "sft", model_name_or_path=str(self.model_dir("pretrain")), train_file=[train],
-                                seed=c.seed, max_length=256, num_train_epochs=c.sft_epochs, learning_rate=2e-3,
-                                per_device_train_batch_size=8, warmup_steps=5, **TRAINER_DEFAULTS)
+        record = self.call_stage(
+            "sft", STAGE, ModelConfig(model_name_or_path=str(self.model_dir("pretrain"))),
+            SFTArguments(train_file=[train]),
+            Llama2SFTConfig(seed=c.seed, max_length=256, num_train_epochs=c.sft_epochs, learning_rate=2e-3,
+                            per_device_train_batch_size=8, warmup_steps=5, **TRAINER_DEFAULTS))
         return {"loss_curve": _losses(record), "examples": record.metrics["data"]["train"]["kept"],
                 "seconds": record.seconds}
 
     def run_reward_model(self, kind: str) -> dict:
         """`train-rm` on the world's preferences; the held-out accuracy before and after training (Table 8 layout)
         is the quickstart's own measurement, kept in its own folder `eval_rm_<kind>`."""
+        from trl import ModelConfig
+
         from ..rm_eval import evaluate_reward_model, table8_row
+        from ..stages.reward import STAGE, RewardDataArguments
+        from ..trainers.reward import Llama2RewardConfig
 
         c = self.config
         name = f"rm_{kind}"
@@ -243,10 +258,12 @@ class Pipeline:
         train, held_out = self.write_data(f"{kind}_train", rows[400:]), rows[:400]
         # The safety RM gets an auxiliary loss (the paper adds one, §A.3.4; its form and weight are ours): it
         # calibrates sigmoid(R_s), which the 0.15 gate reads.
-        record = self.run_stage(name, "train-rm", model_name_or_path=str(self.model_dir("sft")), train_file=[train],
-                                seed=c.seed, max_length=256, learning_rate=1e-3, per_device_train_batch_size=16,
-                                margin="small", safety_aux_loss_coef=1.0 if kind == "safety" else 0.0,
-                                num_train_epochs=c.rm_epochs, **TRAINER_DEFAULTS)
+        record = self.call_stage(
+            name, STAGE, ModelConfig(model_name_or_path=str(self.model_dir("sft"))),
+            RewardDataArguments(train_file=[train]),
+            Llama2RewardConfig(seed=c.seed, max_length=256, learning_rate=1e-3, per_device_train_batch_size=16,
+                               margin="small", safety_aux_loss_coef=1.0 if kind == "safety" else 0.0,
+                               num_train_epochs=c.rm_epochs, **TRAINER_DEFAULTS))
 
         def measure(_: Path) -> dict:
             tok = self.tokenizer()
@@ -311,7 +328,12 @@ class Pipeline:
         retrained on every annotation so far, rejection sampling (pooled over the versions, fine-tuned from SFT)
         makes the version's policy, and the last version adds PPO. Each version is one stage bar."""
         from ..iterate import IterateConfig
+        from ..rejection_sampling import RejectionSamplingConfig
+        from ..stages.common import RewardArguments
         from ..stages.rlhf_loop import iterate
+        from ..stages.rejection_sampling import RejectionSampling
+        from ..trainers.ppo_config import Llama2PPOConfig, PPOSampling
+        from ..trainers.reward import Llama2RewardConfig
         from .world import WorldChecker
 
         c = self.config
@@ -319,26 +341,33 @@ class Pipeline:
         replay = c.n(c.rlhf_preference_replay, 0)
         prompts = self.write_data("rlhf_prompts", self.world.rl_prompts(c.versions * per_version, salt="rlhf"))
         eval_prompts = self.write_data("eval_prompts", self.eval_rows())
-        rm = dict(seed=c.seed, max_length=256, learning_rate=c.rlhf_rm_learning_rate, per_device_train_batch_size=16,
-                  margin="small", num_train_epochs=2, **TRAINER_DEFAULTS)
+        # Each stage's typed configs (the loop sets the folders of each version's call): the whole configuration of
+        # the stage but for the classes left at their defaults.
+        rm = (Llama2RewardConfig(seed=c.seed, max_length=256, learning_rate=c.rlhf_rm_learning_rate,
+                                 per_device_train_batch_size=16, margin="small", num_train_epochs=2,
+                                 **TRAINER_DEFAULTS),)
+        scoring = RewardArguments(reward_batch_size=64)
         stage_args = {
             "train-rm": rm,
             # the safety RM keeps the auxiliary loss that calibrates sigmoid(R_s) for the 0.15 gate
-            "train-rm:safety": {"safety_aux_loss_coef": 1.0},
-            "rejection-sample": dict(num_samples=c.rs_samples, temperature=c.rs_temperature,
-                                     max_new_tokens=c.max_new_tokens, prompt_batch_size=64, max_length=256,
-                                     num_train_epochs=c.rs_epochs, learning_rate=3e-4, per_device_train_batch_size=8,
-                                     reward_batch_size=64, **TRAINER_DEFAULTS),
+            "train-rm:safety": with_fields(rm, safety_aux_loss_coef=1.0),
+            "rejection-sample": (
+                RejectionSamplingConfig(num_samples=c.rs_samples, max_length=256, num_train_epochs=c.rs_epochs,
+                                        learning_rate=3e-4, per_device_train_batch_size=8, seed=c.seed,
+                                        **TRAINER_DEFAULTS),
+                RejectionSampling(temperature=c.rs_temperature, max_new_tokens=c.max_new_tokens, prompt_batch_size=64),
+                scoring),
             # The critic starts from the helpfulness RM (the trainer's default, value_model_init="reward_model").
             # Every iteration rolls out all of the version's prompts (the reward curve compares like with like); the
             # critic trains alone for the first iterations.
-            "ppo": dict(batch_size=per_version, mini_batch_size=math.gcd(per_version, c.ppo_mini_batch),
-                        num_iterations=c.n(c.ppo_iterations, 3),
-                        learning_rate=c.ppo_learning_rate, kl_coef=0.01,
-                        value_learning_rate=5e-4, critic_warmup_iterations=c.n(c.ppo_critic_warmup, 1),
-                        max_new_tokens=c.max_new_tokens, temperature=c.ppo_temperature,
-                        generation_batch_size=64, save_steps=0, use_cpu=True, report_to=[], disable_tqdm=True,
-                        reward_batch_size=64),
+            "ppo": (
+                Llama2PPOConfig(batch_size=per_version, mini_batch_size=math.gcd(per_version, c.ppo_mini_batch),
+                                num_iterations=c.n(c.ppo_iterations, 3), learning_rate=c.ppo_learning_rate,
+                                kl_coef=0.01, value_learning_rate=5e-4,
+                                critic_warmup_iterations=c.n(c.ppo_critic_warmup, 1), save_steps=0, use_cpu=True,
+                                report_to=[], disable_tqdm=True, seed=c.seed),
+                PPOSampling(temperature=c.ppo_temperature, max_new_tokens=c.max_new_tokens, prompt_batch_size=64),
+                scoring),
         }
         config = IterateConfig(
             output_dir=str(self.rlhf_folder()), model_name_or_path=str(self.out / "sft"), prompts_file=[prompts],
@@ -377,13 +406,22 @@ class Pipeline:
         ("Arr! 0 plus 4 is 4 is 4 is 4 ..." up to the length limit) or misstate the sum. Trained on those, the
         policy learned the loops, even at turn 1 (seed 3: 6 of 24 evaluation dialogues, 10 at turn 4), and after
         them its answer at turn 4 lost the persona (seed 3 kept it in 21 of 24 dialogues; all 24 with the filter)."""
+        from trl import ModelConfig
+
+        from ..gatt.data import GAttDataConfig
+        from ..stages import gatt, sft
+        from ..stages.sampling import ChatSamplingArguments
+        from ..trainers.sft import Llama2SFTConfig
+
         c = self.config
         base = str(self.version_policy(c.versions))
         dialogues = self.write_data("gatt_dialogues",
                                     [{"messages": d} for d in self.world.gatt_dialogs(c.n(c.gatt_dialogs), turns=3)])
-        data = self.run_stage("gatt_data", "gatt", model_name_or_path=base, dialogues_file=[dialogues],
-                              instructions=[PIRATE_INSTRUCTION], max_new_tokens=c.max_new_tokens, temperature=0.0,
-                              prompt_batch_size=64, seed=c.seed)
+        data = self.call_stage("gatt_data", gatt.STAGE, ModelConfig(model_name_or_path=base),
+                               gatt.GAttArguments(dialogues_file=[dialogues]),
+                               GAttDataConfig(instructions=[PIRATE_INSTRUCTION], seed=c.seed),
+                               ChatSamplingArguments(max_new_tokens=c.max_new_tokens, temperature=0.0,
+                                                     prompt_batch_size=64))
         sampled = [json.loads(line) for line in data.output("data").read_text(encoding="utf-8").splitlines()
                    if line.strip()]
         kept = [row for row in sampled if row["messages"][-1]["content"].strip()
@@ -392,9 +430,10 @@ class Pipeline:
             raise RuntimeError(f"none of the {len(sampled)} GAtt dialogues ends with the world's pirate answer: "
                                "the policy does not follow the instruction, GAtt has nothing to train on")
         train = self.write_data("gatt_train", kept)
-        tuned = self.run_stage("gatt", "sft", model_name_or_path=str(stage_output(base, "model")),
-                               train_file=[train], train_on="last", max_length=256, num_train_epochs=2,
-                               learning_rate=1e-3, per_device_train_batch_size=8, seed=c.seed, **TRAINER_DEFAULTS)
+        tuned = self.call_stage("gatt", sft.STAGE, ModelConfig(model_name_or_path=str(stage_output(base, "model"))),
+                                sft.SFTArguments(train_file=[train]),
+                                Llama2SFTConfig(train_on="last", max_length=256, num_train_epochs=2, learning_rate=1e-3,
+                                                per_device_train_batch_size=8, seed=c.seed, **TRAINER_DEFAULTS))
 
         def measure(_: Path) -> dict:
             tok = self.tokenizer()

@@ -1,5 +1,18 @@
 """The pipeline's stages, one module each: `STAGE = Stage(name, help, dataclass_types, main)` (see `llama2_hf.runner`),
-and the one way to run one: `run_stage(name, **fields)` from Python, `cli_main(name, argv)` for `llama2-hf <name>`.
+and the one way to run one: the stage's typed call, `STAGE.call(*configs)`, on instances of its own dataclasses (in any
+order; the missing ones at their defaults). Every caller goes through it:
+
+    from trl import ModelConfig
+    from llama2_hf.stages import ppo
+    from llama2_hf.trainers.ppo_config import Llama2PPOConfig
+
+    record = ppo.STAGE.call(ModelConfig(model_name_or_path="out/rs"), ppo.PPOArguments(prompts_file=["p.jsonl"]),
+                            Llama2PPOConfig(output_dir="out/ppo", temperature=1.0))
+
+`cli_main(name, argv)` parses `llama2-hf <name>` (flags or `--config recipe.yaml`) into those instances and calls it;
+`run_stage(name, **fields)` routes keyword values to their dataclasses (`runner.build`) and calls it; the RLHF loop
+(`rlhf_loop`) and the quickstart are pipelines of typed calls, setting each call's folders with `runner.with_fields`.
+`main` keeps the run's bookkeeping (`runner.StageRun`: run.json, resume or refusal, the folder's lock).
 
 Order of the chain (each stage reads the folders the previous ones write):
 
@@ -13,7 +26,7 @@ import importlib
 from collections.abc import Sequence
 
 from ..records import RunRecord
-from ..runner import Stage, _pop_flag, build, field_names, parse_args, run_command, stage_call
+from ..runner import Stage, _pop_flag, build, field_names, parse_args, run_command
 
 # command name -> module defining STAGE (imported only when the command runs, so `--help` stays fast)
 STAGES: dict[str, str] = {
@@ -46,12 +59,11 @@ load_stage = get_stage
 
 
 def run_stage(name: str, /, redo: bool = False, **values) -> RunRecord:
-    """Run stage `name` in this process with the given field values (the quickstart's and the tests' entry).
-    `redo=True` runs again in a folder that holds a finished or interrupted run (its contents are removed)."""
+    """Run stage `name` in this process with the given field values: `get_stage(name).call(*build(...))`, for
+    callers that hold keyword values (tests, scripts). `redo=True` runs again in a folder that holds a finished or
+    interrupted run (its contents are removed)."""
     stage = get_stage(name)
-    instances = build(stage, **values)
-    with stage_call(redo):
-        return stage.main(*instances)
+    return stage.call(*build(stage, **values), redo=redo)
 
 
 def cli_main(name: str, argv: Sequence[str]) -> int:
@@ -68,9 +80,7 @@ def cli_main(name: str, argv: Sequence[str]) -> int:
                 from ..console import library_progress
 
                 library_progress(True)
-        instances = parse_args(stage, args)[0]
-        with stage_call(redo):
-            stage.main(*instances)
+        stage.call(*parse_args(stage, args)[0], redo=redo)
 
     return run_command(name, argv, body)
 

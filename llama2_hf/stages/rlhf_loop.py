@@ -11,8 +11,10 @@ rejection sampling (`rejection-sample`) and, in the configured versions, PPO (`p
 
 `llama2_hf.iterate` holds what the loop works with (its configuration, the annotators, the preference store, the
 version table) and the layout of the folders this module writes; it imports nothing of the stages. This module is the
-one place that drives stages for the loop, through `llama2_hf.stages.run_stage` (the function behind every
-`llama2-hf <stage>`).
+one place that drives stages for the loop: each stage's typed configs are made once (from its recipe and the
+caller's settings), and every version calls the stage on them, its own folders set (`runner.with_fields`):
+`STAGE.call(*with_fields(configs, model_name_or_path=..., output_dir=...))`, the call behind every
+`llama2-hf <stage>`.
 """
 
 from __future__ import annotations
@@ -34,11 +36,19 @@ from ..iterate import (
 )
 from ..loading import load_pretrained
 from ..losses import RATINGS
+from ..records import _jsonable
+from ..runner import (
+    OBSERVATION_FIELDS, RunRecord, StageRun, UsageError, build, field_names, stage_output, with_fields,
+    write_json_atomic,
+)
 from ..sampling import BackendArguments, derive_seed
-from ..runner import RunRecord, StageRun, UsageError, build, field_names, stage_output, write_json_atomic
-from . import get_stage, run_stage
+from . import get_stage
 
 logger = logging.getLogger(__name__)
+
+
+# The recipe of each stage the loop runs with settings of its own (IterateConfig field).
+RECIPES = {"train-rm": "reward_model_recipe", "rejection-sample": "rejection_sampling_recipe", "ppo": "ppo_recipe"}
 
 
 def _recipe(path: str | None) -> dict:
@@ -66,33 +76,134 @@ def _check_settings(label: str, stage: str, settings: Mapping) -> None:
         raise UsageError(f"{label} settings: {wired} are set by the loop from each version's folders")
 
 
+def _typed(value: Any) -> tuple | None:
+    """`value` as a tuple of typed configs (one dataclass instance, or a tuple or list of them), or None for a
+    mapping of field values."""
+    if isinstance(value, Mapping):
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (value,)
+    if isinstance(value, (tuple, list)):
+        return tuple(value)
+    raise TypeError(f"stage settings are a mapping of field values or a tuple of typed configs, got {value!r}")
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def _values(configs: tuple) -> dict[str, tuple[Any, Any]]:
+    """Every init field of `configs`: (its value, its declared default)."""
+    return {f.name: (getattr(inst, f.name), _field_default(f)) for inst in configs for f in dataclasses.fields(inst)
+            if f.init}
+
+
+def _check_typed(label: str, stage: str, configs: tuple) -> None:
+    """Refuse typed configs of `stage` that set a field the loop wires itself: one whose value is not what the
+    configs hold with the wired fields at their defaults."""
+    values = _values(configs)
+    wired = {name: default for name, (_, default) in values.items() if name in WIRED[stage]
+             and default is not dataclasses.MISSING}
+    plain = _values(with_fields(configs, **wired))
+    changed = sorted(name for name in wired if _jsonable(values[name][0]) != _jsonable(plain[name][0]))
+    if changed:
+        raise UsageError(f"{label} settings: {changed} are set by the loop from each version's folders")
+
+
+def _fill(configs: tuple, defaults: Mapping[str, Any]) -> tuple:
+    """`configs` with the fields of `defaults` that they own and leave at their declared default set."""
+    values = _values(configs)
+    return with_fields(configs, **{name: v for name, v in defaults.items()
+                                   if name in values and _jsonable(values[name][0]) == _jsonable(values[name][1])})
+
+
+def _settings(configs: tuple, stage: str) -> dict[str, Any]:
+    """What typed configs set beyond their declared defaults (the loop's record of a stage's settings), but for the
+    wired fields and those that change how a run is observed (`OBSERVATION_FIELDS`)."""
+    return {name: _jsonable(value) for name, (value, default) in _values(configs).items()
+            if name not in WIRED[stage] | OBSERVATION_FIELDS and _jsonable(value) != _jsonable(default)}
+
+
 class _Loop:
-    def __init__(self, config: IterateConfig, annotator, stage_args: Mapping[str, Mapping] | None,
+    def __init__(self, config: IterateConfig, annotator,
+                 stage_args: Mapping[str, Mapping[str, Any] | tuple] | None,
                  backend: BackendArguments | None = None):
+        """Every stage's settings checked, and its typed configs made once: from a tuple of configs the caller
+        gives, or (from a mapping of field values on top of the stage's recipe) built on first use."""
         self.config, self.annotator = config, annotator
         self.backend = backend
         self.root = Path(config.output_dir)
         self.store = PreferenceStore(self.root / STORE)
-        recipes = {"train-rm": config.reward_model_recipe, "rejection-sample": config.rejection_sampling_recipe,
-                   "ppo": config.ppo_recipe}
-        self.stage_args = {}
+        given = dict(stage_args or {})
+        # per stage: its settings (the run record keeps them) and its typed configs (None: built on first use)
+        self.settings: dict[str, dict] = {}
+        self.configs: dict[str, tuple | None] = {}
         for name in WIRED:
-            merged = {**_recipe(recipes.get(name)), **dict((stage_args or {}).get(name, {}))}
-            names = set(field_names(get_stage(name)))
-            _check_settings(name, name, merged)
-            if "seed" in names:
-                merged.setdefault("seed", config.seed)
-            if "tokenizer_name_or_path" in names and config.tokenizer_name_or_path:
-                merged.setdefault("tokenizer_name_or_path", config.tokenizer_name_or_path)
-            self.stage_args[name] = merged
+            stage = get_stage(name)
+            typed = _typed(given.get(name, {}))
+            recipe = getattr(config, RECIPES[name]) if name in RECIPES else None
+            if typed is None:
+                merged = {**_recipe(recipe), **dict(given.get(name, {}))}
+                _check_settings(name, name, merged)
+                for key, value in self.defaults(name).items():
+                    if key in field_names(stage) and key != "use_cpu":  # eval-rm's use_cpu: added when built
+                        merged.setdefault(key, value)
+                self.settings[name], self.configs[name] = merged, None
+            else:
+                if recipe:
+                    raise UsageError(f"{name} settings: typed configs and the recipe {recipe} both given; set the "
+                                     "recipe's values in the configs, or give field values")
+                self.set_typed(name, name, typed)
         for kind in RM_KINDS:  # per-kind settings of the reward models, on top of train-rm's
-            extra = dict((stage_args or {}).get(f"train-rm:{kind}", {}))
-            _check_settings(f"train-rm:{kind}", "train-rm", extra)
-            self.stage_args[f"train-rm:{kind}"] = {**self.stage_args["train-rm"], **extra}
-        unknown = sorted(set(stage_args or {}) - set(WIRED) - {f"train-rm:{kind}" for kind in RM_KINDS})
+            label = f"train-rm:{kind}"
+            typed = _typed(given.get(label, {}))
+            if typed is None:
+                extra = dict(given.get(label, {}))
+                _check_settings(label, "train-rm", extra)
+                base = self.configs["train-rm"]
+                self.configs[label] = None if base is None else with_fields(base, **extra)
+                self.settings[label] = {**self.settings["train-rm"], **extra}
+            else:  # the whole configuration of this reward model
+                self.set_typed(label, "train-rm", typed)
+        unknown = sorted(set(given) - set(WIRED) - {f"train-rm:{kind}" for kind in RM_KINDS})
         if unknown:
             raise UsageError(f"stage_args: {unknown} are not stages the loop runs ({sorted(WIRED)}, or "
                              "train-rm:helpfulness / train-rm:safety for one reward model)")
+
+    def defaults(self, name: str) -> dict[str, Any]:
+        """What the loop sets in stage `name` when its settings leave it unset: the loop's seed and tokenizer; for
+        eval-rm, train-rm's use_cpu (the reward models are scored where they train)."""
+        out: dict[str, Any] = {"seed": self.config.seed}
+        if self.config.tokenizer_name_or_path:
+            out["tokenizer_name_or_path"] = self.config.tokenizer_name_or_path
+        if name == "eval-rm":
+            out["use_cpu"] = self.use_cpu("train-rm")
+        return out
+
+    def set_typed(self, label: str, name: str, typed: tuple) -> None:
+        """Typed configs of stage `name` given for `label`: the whole configuration, but for the wired fields (which
+        it must leave unset) and the loop's defaults where it leaves those fields at their declared defaults."""
+        configs = get_stage(name).arrange(typed)
+        _check_typed(label, name, configs)
+        self.configs[label] = _fill(configs, self.defaults(name))
+        self.settings[label] = _settings(self.configs[label], name)
+
+    def stage_configs(self, label: str) -> tuple:
+        """The typed configs of `label` (a stage, or train-rm:<kind>), made once; each call sets their wired fields
+        with `with_fields`."""
+        if self.configs[label] is None:
+            name = label.split(":")[0]
+            extra = {"use_cpu": self.use_cpu("train-rm")} if name == "eval-rm" else {}
+            self.configs[label] = build(get_stage(name), **{**extra, **self.settings[label]})
+        return self.configs[label]
+
+    def use_cpu(self, label: str) -> bool:
+        configs = self.configs[label]
+        if configs is None:
+            return bool(self.settings[label].get("use_cpu", False))
+        return bool(_values(configs).get("use_cpu", (False,))[0])
 
     # -- helpers ------------------------------------------------------------------------------------------------------
     def vdir(self, n: int) -> Path:
@@ -258,14 +369,14 @@ class _Loop:
             logger.warning("v%d: no %s pairs so far: the %s reward model is not (re)trained", n, kind, kind)
             out["model"] = before_model
             return out
-        args = dict(self.stage_args[f"train-rm:{kind}"])
-        mix = data.outputs.get(f"train_{other}")
-        if c.rm_mix == "paper" and mix:
-            args.update(mix_file=[str(data_dir / mix)], data_mix=kind)
         # rm_init=previous: the previous version's RMs (for V1, the initial ones when given)
         start = before_model if c.rm_init == "previous" and before_model else c.model_name_or_path
-        record = run_stage("train-rm", model_name_or_path=str(start), train_file=[str(data_dir / train)],
-                           output_dir=str(folder / f"rm_{kind}"), **args)
+        wired = dict(model_name_or_path=str(start), train_file=[str(data_dir / train)],
+                     output_dir=str(folder / f"rm_{kind}"))
+        mix = data.outputs.get(f"train_{other}")
+        if c.rm_mix == "paper" and mix:
+            wired.update(mix_file=[str(data_dir / mix)], data_mix=kind)
+        record = get_stage("train-rm").call(*with_fields(self.stage_configs(f"train-rm:{kind}"), **wired))
         out["model"] = str(folder / f"rm_{kind}")
         out["train_loss"] = record.metrics.get("train_loss")
         out["trained_on"] = record.metrics.get("loaded", {}).get("train", {}).get("total")
@@ -275,27 +386,28 @@ class _Loop:
         return out
 
     def evaluate_rm(self, model: str, folder: Path, heldout: Path, name: str) -> dict:
-        args = {"use_cpu": bool(self.stage_args["train-rm"].get("use_cpu", False)), **self.stage_args["eval-rm"]}
-        # Through the stage's main: eval-rm's `name` field would collide with run_stage's own `name` parameter.
-        stage = get_stage("eval-rm")
-        record = stage.main(*build(stage, model_name_or_path=str(model), eval_file=[str(heldout)],
-                                   output_dir=str(folder), name=name, **args))
-        return record.metrics["table8"]
+        configs = with_fields(self.stage_configs("eval-rm"), model_name_or_path=str(model), eval_file=[str(heldout)],
+                              output_dir=str(folder), name=name)
+        return get_stage("eval-rm").call(*configs).metrics["table8"]
 
     def rejection_sampling(self, n: int, rms: Mapping[str, str | None]) -> RunRecord:
         c = self.config
-        return run_stage("rejection-sample", model_name_or_path=self.policy(n - 1),
-                         prompts_file=[str(self.vdir(n) / "pairs" / "prompts.jsonl")], iteration=n,
-                         pool_dirs=[str(self.vdir(k) / "rs") for k in range(1, n)],
-                         finetune_model_name_or_path=c.model_name_or_path if c.finetune_from == "sft" else None,
-                         helpfulness_reward_model=rms["helpfulness"], safety_reward_model=rms["safety"],
-                         output_dir=str(self.vdir(n) / "rs"), **self.stage_args["rejection-sample"])
+        configs = with_fields(
+            self.stage_configs("rejection-sample"), model_name_or_path=self.policy(n - 1),
+            prompts_file=[str(self.vdir(n) / "pairs" / "prompts.jsonl")], iteration=n,
+            pool_dirs=[str(self.vdir(k) / "rs") for k in range(1, n)],
+            finetune_model_name_or_path=c.model_name_or_path if c.finetune_from == "sft" else None,
+            helpfulness_reward_model=rms["helpfulness"], safety_reward_model=rms["safety"],
+            output_dir=str(self.vdir(n) / "rs"))
+        return get_stage("rejection-sample").call(*configs)
 
     def ppo(self, n: int, rms: Mapping[str, str | None]) -> RunRecord:
-        return run_stage("ppo", model_name_or_path=str(self.vdir(n) / "rs"),
-                         prompts_file=[str(self.vdir(n) / "pairs" / "prompts.jsonl")],
-                         helpfulness_reward_model=rms["helpfulness"], safety_reward_model=rms["safety"],
-                         output_dir=str(self.vdir(n) / "ppo"), **self.stage_args["ppo"])
+        configs = with_fields(
+            self.stage_configs("ppo"), model_name_or_path=str(self.vdir(n) / "rs"),
+            prompts_file=[str(self.vdir(n) / "pairs" / "prompts.jsonl")],
+            helpfulness_reward_model=rms["helpfulness"], safety_reward_model=rms["safety"],
+            output_dir=str(self.vdir(n) / "ppo"))
+        return get_stage("ppo").call(*configs)
 
     def evaluation(self, n: int, eval_prompts, rms: Mapping[str, str | None]) -> RunRecord:
         c = self.config
@@ -399,14 +511,21 @@ class _Loop:
 
 
 def iterate(config: IterateConfig, annotator: Callable[[list[dict]], list[dict]],
-            stage_args: Mapping[str, Mapping[str, Any]] | None = None,
+            stage_args: Mapping[str, Mapping[str, Any] | tuple] | None = None,
             backend: BackendArguments | None = None) -> list[dict]:
     """Run (or resume) the versions of `config` with `annotator` (see the module docstring); returns one record per
-    version (also in `output_dir/versions.json`). `stage_args`: per stage (`train-rm`, `eval-rm`,
-    `rejection-sample`, `ppo`), field values on top of its recipe, e.g. `{"ppo": {"num_iterations": 50}}`;
-    `train-rm:helpfulness` / `train-rm:safety` add settings of one reward model on top of `train-rm`'s. Each version
-    is one stage bar of the job's `llama2_hf.progress.Progress` when one is open. `backend`: the engine the loop
-    samples its pairs and evaluation answers with (default: PyTorch in this process)."""
+    version (also in `output_dir/versions.json`). Each version is one stage bar of the job's
+    `llama2_hf.progress.Progress` when one is open. `backend`: the engine the loop samples its pairs and evaluation
+    answers with (default: PyTorch in this process).
+
+    `stage_args`, per stage (`train-rm`, `eval-rm`, `rejection-sample`, `ppo`): either field values on top of its
+    recipe, e.g. `{"ppo": {"num_iterations": 50}}`, or a tuple of its typed configs (instances of the stage's
+    dataclasses, the missing ones at their defaults), e.g. `{"ppo": (Llama2PPOConfig(num_iterations=50),)}`: the
+    whole configuration of that stage (given with the stage's recipe, it is refused). Either way the fields the loop
+    wires from each version's folders (`llama2_hf.iterate.WIRED`) are refused, and the loop's seed and tokenizer
+    fill those the settings leave unset (in typed configs: at their declared defaults). `train-rm:helpfulness` /
+    `train-rm:safety` add settings of one reward model on top of `train-rm`'s (field values), or replace them
+    (typed configs)."""
     if not config.output_dir:
         raise UsageError("output_dir is required")
     if not config.model_name_or_path:
@@ -431,7 +550,7 @@ def iterate(config: IterateConfig, annotator: Callable[[list[dict]], list[dict]]
         raise UsageError(f"model_name_or_path {source}: no such folder")
 
     args = {**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
-            "annotator": annotator_name(annotator), "stage_args": loop.stage_args, "ppo_versions": ppo_versions}
+            "annotator": annotator_name(annotator), "stage_args": loop.settings, "ppo_versions": ppo_versions}
     run = StageRun("iterate", config.output_dir, args)
     if run.done:
         return json.loads((Path(config.output_dir) / "versions.json").read_text(encoding="utf-8"))
