@@ -126,8 +126,8 @@ def test_eval_rm_is_called_with_its_name_field(stage_inputs, tmp_path):
 
 # ----------------------------------------------------------------------------------- the RLHF loop's typed configs
 
-TINY_PPO = {"use_cpu": True, "batch_size": 4, "mini_batch_size": 4, "prompt_batch_size": 4, "max_new_tokens": 4,
-            "num_iterations": 1, "temperature": 1.3}
+TINY_PPO = {"use_cpu": True, "batch_size": 4, "mini_batch_size": 4, "num_iterations": 1}
+TINY_ROLLOUT = {"prompt_batch_size": 4, "max_new_tokens": 4, "temperature": 1.3}
 PPO_FOLDERS = {"model_name_or_path": "v1/rs", "prompts_file": ["v1/pairs/prompts.jsonl"], "output_dir": "v1/ppo",
                "helpfulness_reward_model": "v1/rm_helpfulness", "safety_reward_model": None}
 
@@ -137,16 +137,17 @@ def test_the_loop_takes_field_values_or_typed_configs_alike(tmp_path):
     from llama2_hf.records import resolved_args
     from llama2_hf.stages.common import RewardArguments
     from llama2_hf.stages.rlhf_loop import _Loop
-    from llama2_hf.trainers.ppo_config import Llama2PPOConfig
+    from llama2_hf.trainers.ppo_config import Llama2PPOConfig, PPOSampling
 
     config = IterateConfig(output_dir=str(tmp_path), seed=7)
-    by_values = _Loop(config, None, {"ppo": {**TINY_PPO, "reward_batch_size": 16}})
-    typed = _Loop(config, None, {"ppo": (RewardArguments(reward_batch_size=16), Llama2PPOConfig(**TINY_PPO))})
+    by_values = _Loop(config, None, {"ppo": {**TINY_PPO, **TINY_ROLLOUT, "reward_batch_size": 16}})
+    typed = _Loop(config, None, {"ppo": (RewardArguments(reward_batch_size=16), Llama2PPOConfig(**TINY_PPO),
+                                         PPOSampling(**TINY_ROLLOUT))})
     assert typed.configs["ppo"][1].seed == 7  # left at its default: the loop's seed, as for field values
     calls = [with_fields(loop.stage_configs("ppo"), **PPO_FOLDERS) for loop in (by_values, typed)]
     assert resolved_args(*calls[0]) == resolved_args(*calls[1])  # the same call either way
     assert typed.settings["ppo"]["temperature"] == 1.3 and "output_dir" not in typed.settings["ppo"]
-    assert by_values.settings["ppo"] == {**TINY_PPO, "reward_batch_size": 16, "seed": 7}  # recorded as given
+    assert by_values.settings["ppo"] == {**TINY_PPO, **TINY_ROLLOUT, "reward_batch_size": 16, "seed": 7}  # as given
     assert _Loop(config, None, {"ppo": Llama2PPOConfig(**TINY_PPO, seed=3)}).configs["ppo"][1].seed == 3
 
 
