@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llama2_hf.evaluation.engine import (
-    SamplingConfig,
+    TaskDecoding,
     encode_pair,
     generate_until,
     loglikelihoods,
@@ -108,13 +108,13 @@ def test_generate_until_greedy_matches_reference(tiny_model_factory, tiny_tokeni
     model = tiny_model_factory()
     tiny_tokenizer.pad_token = tiny_tokenizer.unk_token
     refs = [greedy_reference(model, tiny_tokenizer, c, 10) for c in CONTEXTS]
-    got = generate_until(model, tiny_tokenizer, CONTEXTS, stop=[], sampling=SamplingConfig(max_new_tokens=10),
+    got = generate_until(model, tiny_tokenizer, CONTEXTS, stop=[], sampling=TaskDecoding(max_new_tokens=10),
                          batch_size=2, progress=False)
     assert got == refs
     # A stop string taken from inside a generation cuts it at its first occurrence.
     text = next(r for r in refs if len(r.strip()) > 6)
     stop = text.strip()[3:6]
-    got = generate_until(model, tiny_tokenizer, CONTEXTS, stop=[stop], sampling=SamplingConfig(max_new_tokens=10),
+    got = generate_until(model, tiny_tokenizer, CONTEXTS, stop=[stop], sampling=TaskDecoding(max_new_tokens=10),
                          batch_size=3, progress=False)
     assert got == [r.split(stop)[0] for r in refs]
 
@@ -122,20 +122,20 @@ def test_generate_until_greedy_matches_reference(tiny_model_factory, tiny_tokeni
 def test_generate_until_sampling_is_seeded(tiny_model_factory, tiny_tokenizer):
     model = tiny_model_factory()
     tiny_tokenizer.pad_token = tiny_tokenizer.unk_token
-    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9)
+    cfg = TaskDecoding(max_new_tokens=8, temperature=1.0, top_p=0.9)
     a = generate_until(model, tiny_tokenizer, CONTEXTS, stop=[], sampling=cfg, seed=3, progress=False)
     b = generate_until(model, tiny_tokenizer, CONTEXTS, stop=[], sampling=cfg, seed=3, progress=False)
     assert a == b
     gen = cfg.generation_config(tiny_tokenizer)
     assert (gen.do_sample, gen.temperature, gen.top_p, gen.top_k) == (True, 1.0, 0.9, 0)  # no hidden top-k 50
-    assert SamplingConfig().generation_config(tiny_tokenizer).do_sample is False
+    assert TaskDecoding().generation_config(tiny_tokenizer).do_sample is False
 
 
 def test_truncate_at_stop_and_errors(tiny_model_factory, tiny_tokenizer):
     assert truncate_at_stop("a Q: b\n\nc", ["\n\n", "Q:"]) == "a "
     assert truncate_at_stop("abc", ["", "x"]) == "abc"
     with pytest.raises(ValueError, match="temperature"):
-        SamplingConfig(temperature=-1)
+        TaskDecoding(temperature=-1)
     tiny_tokenizer.pad_token = None
     with pytest.raises(ValueError, match="pad token"):
         generate_until(tiny_model_factory(), tiny_tokenizer, ["x"], stop=[])

@@ -105,7 +105,7 @@ def test_chat_sampler_over_the_engine_answers_as_the_torch_model(engine, llama2_
 @needs_vllm
 def test_evaluation_generation_with_the_engine_equals_the_torch_model(engine, llama2_tokenizer):
     from llama2_hf.evaluation.base import ensure_pad_token
-    from llama2_hf.evaluation.engine import SamplingConfig as EvalSampling
+    from llama2_hf.evaluation.engine import TaskDecoding as EvalSampling
     from llama2_hf.evaluation.engine import generate_until
 
     tokenizer = copy.deepcopy(llama2_tokenizer)

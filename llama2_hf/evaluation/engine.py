@@ -246,8 +246,9 @@ class _StopStrings(StoppingCriteria):
 
 
 @dataclass
-class SamplingConfig:
-    """Decoding settings of a generation task. `temperature=0` means greedy."""
+class TaskDecoding:
+    """Decoding of a generation task as lm-evaluation-harness runs it (transformers' `generate`, stop strings):
+    greedy by default (`temperature=0`). On an engine backend it becomes the sampler's `SamplingConfig`."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -270,7 +271,7 @@ class SamplingConfig:
 
 @torch.inference_mode()
 def generate_until(model, tokenizer, contexts: Sequence[str], *, stop: Sequence[str],
-                   sampling: SamplingConfig | None = None, batch_size: int = 8, max_length: int | None = None,
+                   sampling: TaskDecoding | None = None, batch_size: int = 8, max_length: int | None = None,
                    seed: int | None = None, progress: bool = True, desc: str = "generate",
                    sampler=None) -> list[str]:
     """Continuation text of each context, cut at the first stop string (the EOS string is always a stop string).
@@ -283,7 +284,7 @@ def generate_until(model, tokenizer, contexts: Sequence[str], *, stop: Sequence[
     instead (the same encoded, truncated contexts; stop strings are applied to the decoded text afterwards, since the
     engine stops only at EOS; the call is seeded with `seed`).
     """
-    sampling = sampling or SamplingConfig()
+    sampling = sampling or TaskDecoding()
     if tokenizer.pad_token_id is None:
         raise ValueError("generate_until needs a tokenizer with a pad token (e.g. tokenizer.pad_token = unk_token)")
     if batch_size < 1:

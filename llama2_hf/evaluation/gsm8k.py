@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .base import ChatOptions, RunSettings, TaskResult, ensure_pad_token, format_context
 from .data import load_gsm8k
-from .engine import SamplingConfig, generate_until
+from .engine import TaskDecoding, generate_until
 from .prompts import GSM8K_STOP, gsm8k_prompt
 from .scoring import gsm8k_exact_match, gsm8k_extract, gsm8k_gold, majority_vote, mean
 
@@ -41,7 +41,7 @@ def run_gsm8k(model, tokenizer, settings: RunSettings, config: GSM8KConfig | Non
     contexts = [format_context(gsm8k_prompt(d["question"], config.num_fewshot), chat, system) for d in docs]
     common = dict(stop=GSM8K_STOP, batch_size=settings.batch_size, max_length=settings.max_length,
                   progress=settings.progress, sampler=settings.sampler)
-    greedy = generate_until(model, tokenizer, contexts, sampling=SamplingConfig(config.max_new_tokens),
+    greedy = generate_until(model, tokenizer, contexts, sampling=TaskDecoding(config.max_new_tokens),
                             desc="gsm8k", **common)
 
     samples = []
@@ -55,7 +55,7 @@ def run_gsm8k(model, tokenizer, settings: RunSettings, config: GSM8KConfig | Non
     if config.maj_k > 1:
         k = config.maj_k
         sampled = generate_until(model, tokenizer, [c for c in contexts for _ in range(k)],
-                                 sampling=SamplingConfig(config.max_new_tokens, config.maj_temperature,
+                                 sampling=TaskDecoding(config.max_new_tokens, config.maj_temperature,
                                                          config.maj_top_p),
                                  seed=settings.seed, desc=f"gsm8k maj@{k}", **common)
         for j, sample in enumerate(samples):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .base import ChatOptions, RunSettings, TaskResult, ensure_pad_token, format_context, load_model
 from .data import TOXIGEN_GROUPS, load_toxigen_annotated, load_toxigen_prompts
-from .engine import SamplingConfig, generate_until
+from .engine import TaskDecoding, generate_until
 from .prompts import toxigen_statement_prompt
 from .scoring import toxicity_by_group
 
@@ -108,7 +108,7 @@ def run_toxigen(model, tokenizer, settings: RunSettings, config: ToxiGenConfig |
     contexts = [format_context(r["prompt"], chat, system) for r in rows]
     stop = config.stop if config.stop is not None else ([] if chat else ["\n"])
     generations = generate_until(model, tokenizer, contexts, stop=stop,
-                                 sampling=SamplingConfig(config.max_new_tokens, config.temperature, config.top_p),
+                                 sampling=TaskDecoding(config.max_new_tokens, config.temperature, config.top_p),
                                  batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed,
                                  progress=settings.progress, desc="toxigen", sampler=settings.sampler)
     texts = [g.strip() for g in generations]

@@ -27,7 +27,7 @@ import torch
 
 from .base import ChatOptions, RunSettings, TaskResult, ensure_pad_token, format_context, load_model, load_tokenizer
 from .data import load_truthfulqa_gen, load_truthfulqa_mc
-from .engine import SamplingConfig, generate_until, loglikelihoods
+from .engine import TaskDecoding, generate_until, loglikelihoods
 from .prompts import (
     TRUTHFULQA_PRIMER,
     judge_prompt,
@@ -132,7 +132,7 @@ def run_truthfulqa_gen(model, tokenizer, settings: RunSettings, config: Truthful
     contexts = [format_context(truthfulqa_gen_prompt(d["question"], config.primer_for(d["question"], pool,
                                                                                        settings.seed)), chat, system)
                 for d in docs]
-    sampling = SamplingConfig(config.max_new_tokens, 0.0 if config.greedy else config.temperature, config.top_p)
+    sampling = TaskDecoding(config.max_new_tokens, 0.0 if config.greedy else config.temperature, config.top_p)
     generations = generate_until(model, tokenizer, contexts, stop=["\n\n"], sampling=sampling,
                                  batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed,
                                  progress=settings.progress, desc="truthfulqa generation",
