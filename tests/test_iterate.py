@@ -143,10 +143,11 @@ def test_page_annotator_waits_for_the_answers_file(tmp_path):
 def test_command_line_arguments_and_bad_settings(tmp_path):
     from llama2_hf.stages.iterate import STAGE
 
-    (annotator, config), _ = parse_args(STAGE, [
+    (annotator, config, backend), _ = parse_args(STAGE, [
         "--model_name_or_path", "sft", "--prompts_file", "p.jsonl", "--eval_prompts_file", "e.jsonl",
         "--ppo_versions", "2", "3", "--annotator", "judge", "--output_dir", str(tmp_path)])
     assert annotator.annotator == "judge" and config.ppo_versions == [2, 3] and config.versions == 5
+    assert backend.generation_backend == "torch"  # the loop samples in this process unless told otherwise
     with pytest.raises(ValueError, match="pair_sampling must be one of"):
         IterateConfig(pair_sampling="both")
     with pytest.raises(UsageError, match=r"judge_margins needs three decreasing"):
@@ -323,3 +324,20 @@ def test_pre_loop_preferences_are_replayed_per_version(tmp_path):
         bad.replayed_preferences(1, "safety")
     with pytest.raises(ValueError, match="preference_replay must be >= 0"):
         IterateConfig(output_dir=str(tmp_path), preference_replay=-1)
+
+
+def test_the_loop_s_backend_reaches_its_sampling_stages(tmp_path):
+    """`iterate --generation_backend vllm`: rejection sampling and PPO sample on it too, unless their own settings
+    say otherwise; the default backend adds nothing to their settings (their records stay as they were)."""
+    from llama2_hf.sampling import BackendArguments
+    from llama2_hf.stages.rlhf_loop import _Loop
+
+    config = IterateConfig(output_dir=str(tmp_path), seed=3)
+    vllm = BackendArguments(generation_backend="vllm", vllm_kv_cache_gib=4.0)
+    loop = _Loop(config, None, {"ppo": {"generation_backend": "torch"}}, vllm)
+    assert loop.settings["rejection-sample"]["generation_backend"] == "vllm"
+    assert loop.settings["rejection-sample"]["vllm_kv_cache_gib"] == 4.0
+    assert loop.settings["ppo"]["generation_backend"] == "torch"  # its own setting wins
+    assert "generation_backend" not in loop.settings["train-rm"]
+    plain = _Loop(config, None, None, BackendArguments())
+    assert plain.settings["rejection-sample"] == {"seed": 3} and plain.settings["ppo"] == {"seed": 3}

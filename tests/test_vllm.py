@@ -259,3 +259,36 @@ def test_a_missing_vllm_environment_stops_the_stage_before_any_model_load(rs_inp
     err = capsys.readouterr().err
     assert "vLLM's environment is not installed" in err and "llama2-hf setup-vllm" in err
     assert "Traceback" not in err
+
+
+@needs_vllm
+def test_another_family_samples_through_vllm_as_through_torch(tmp_path):
+    """A Qwen2 policy (ChatML template, tied embeddings) on the vLLM backend: vLLM's own Qwen2 class serves it, the
+    prompts are the ids of the tokenizer's chat template, and greedy answers equal the PyTorch backend's."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from llama2_hf.sampling import open_sampler
+    from llama2_hf.sampling.torch_backend import TorchSampler
+    from tests.test_families import tokenizer_of
+
+    tokenizer_of("qwen2").save_pretrained(tmp_path)
+    Qwen2Config().save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)  # what any process reads from a qwen2 folder
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True)).eval()
+    config = SamplingConfig(max_new_tokens=12, temperature=0.0, prompt_batch_size=4)
+    ours = TorchSampler(model, tokenizer, config)
+    with open_sampler(model, tokenizer, config, BackendArguments(generation_backend="vllm")) as sampler:
+        assert sampler.backend == "vllm" and sampler.max_length == 256
+        assert sampler.encode(MESSAGES[0]) == tokenizer.apply_chat_template(MESSAGES[0], add_generation_prompt=True,
+                                                                           tokenize=True, return_dict=False)
+        prompt_ids = [sampler.encode(m) for m in MESSAGES[:4]]
+        theirs = sampler.sample_ids(prompt_ids, seed=0)
+        texts = sampler.sample(MESSAGES[:4], seed=0)
+    mine = ours.sample_ids(prompt_ids, seed=0)
+    assert theirs.response_ids == mine.response_ids and theirs.finished == mine.finished
+    assert sum(len(r[0]) for r in mine.response_ids) > 4  # real tokens, not only an immediate EOS
+    assert texts == ours.sample(MESSAGES[:4], seed=0)

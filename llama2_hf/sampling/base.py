@@ -47,6 +47,11 @@ class Sampler:
         """Sample from `model`'s current weights from the next call on (the same architecture as before)."""
         raise NotImplementedError
 
+    def model_eos_ids(self) -> list[int]:
+        """The EOS ids the model's own configuration names (a chat model whose turns end with another token than
+        the tokenizer's EOS lists it in its generation config)."""
+        return []
+
     def generating(self) -> contextlib.AbstractContextManager:
         """A frame around many calls that sample from unchanged weights (the torch backend gathers FSDP-sharded
         weights once for it)."""
@@ -56,6 +61,11 @@ class Sampler:
         """Release what the sampler started (an engine's process)."""
 
     # -- shared --------------------------------------------------------------------------------------------------------
+
+    def eos_ids(self) -> list[int]:
+        """The ids that end an answer: the tokenizer's EOS and the model's own (`model_eos_ids`)."""
+        ids = [self.tokenizer.eos_token_id, *self.model_eos_ids()]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
     def with_config(self, **changes) -> SamplingConfig:
         """This sampler's config with some fields changed (e.g. a temperature sweep's value, or K)."""

@@ -36,13 +36,9 @@ class TorchSampler(Sampler):
         except StopIteration:
             return torch.device("cpu")
 
-    def eos_ids(self) -> list[int]:
-        """The ids that end an answer: the tokenizer's EOS and those of the model's generation config (a chat model
-        whose turns end with another token than EOS lists it there)."""
-        ids = [self.tokenizer.eos_token_id]
-        extra = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids += [extra] if isinstance(extra, int) else list(extra or [])
-        return list(dict.fromkeys(i for i in ids if i is not None))
+    def model_eos_ids(self) -> list[int]:
+        ids = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        return [ids] if isinstance(ids, int) else list(ids or [])
 
     def sample_ids(self, prompt_ids: Sequence[Sequence[int]], *, seed: int | None, config: SamplingConfig | None = None,
                    return_logprobs: bool = False):

@@ -61,8 +61,10 @@ class VLLMSampler(Sampler):
                 raise PromptTooLong(f"prompt_ids[{i}] has {len(ids)} tokens, no room left in the model's context of "
                                     f"{limit} (shorten or drop the prompt)")
         seeds = None if seed is None else [derive_seed(seed, i) for i in range(len(prompt_ids))]
-        return self.engine.generate_output(prompt_ids, config or self.config, seeds=seeds,
-                                           eos_token_id=self.tokenizer.eos_token_id)
+        return self.engine.generate_output(prompt_ids, config or self.config, seeds=seeds, eos_token_id=self.eos_ids())
+
+    def model_eos_ids(self) -> list[int]:
+        return list(self.engine.eos_ids)
 
     def update_weights(self, model) -> None:
         """Push `model`'s current weights (LoRA merged; a collective under FSDP: every rank gathers the full

@@ -105,14 +105,18 @@ def setup_main(argv: Sequence[str] | None = None) -> int:
 
 
 def export_for_vllm(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """A folder vLLM's Llama loads: our `config.json` as a plain Llama config, the safetensors files hard-linked
-    (copied across filesystems). Only the weights are read: prompts arrive as token ids."""
+    """A folder vLLM loads with its own class for the model's family: a Llama 2 checkpoint of this package becomes a
+    plain Llama config (its weights are standard Llama weights), any other family keeps its `model_type` and
+    architecture; the safetensors files are hard-linked (copied across filesystems). Only the weights are read:
+    prompts arrive as token ids."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads((model_dir / "config.json").read_text())
-    if config.get("model_type") not in ("llama2", "llama"):
-        raise ValueError(f"{model_dir}: model_type {config.get('model_type')!r} is not a Llama 2 causal LM")
-    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    if not config.get("model_type") or not any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
+        raise ValueError(f"{model_dir}: not a causal LM checkpoint (model_type {config.get('model_type')!r}, "
+                         f"architectures {config.get('architectures')})")
+    if config["model_type"] == "llama2":
+        config.update(model_type="llama", architectures=["LlamaForCausalLM"])
     for key in ("auto_map", "fused_lm_loss"):
         config.pop(key, None)
     rope = config.get("rope_parameters") or {}
@@ -145,8 +149,16 @@ def _state_dict_for_export(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                      if "lora_" not in k}
         finally:
             model.unmerge_adapter()
-        return {k: _full(v) for k, v in state.items()}
-    return {k: _full(v.detach()) for k, v in model.state_dict().items()}
+        return _untied({k: _full(v) for k, v in state.items()}, base)
+    return _untied({k: _full(v.detach()) for k, v in model.state_dict().items()}, model)
+
+
+def _untied(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """Without the output embedding when it is tied to the input one (safetensors refuses two names for one tensor;
+    vLLM ties them itself from the config)."""
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -220,6 +232,7 @@ class VLLMEngine:
                 raise ValueError("the vLLM backend serves unquantized weights: load the policy without "
                                  "load_in_4bit / load_in_8bit, or sample with the torch backend")
             config = base.config.to_dict()
+            config["architectures"] = config.get("architectures") or [type(base).__name__]
             config.pop("quantization_config", None)  # the export holds plain (dequantised) weights
             config["dtype"] = dtype
             (folder / "config.json").write_text(json.dumps(config, indent=2))

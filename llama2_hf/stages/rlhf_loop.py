@@ -173,9 +173,12 @@ class _Loop:
                              "train-rm:helpfulness / train-rm:safety for one reward model)")
 
     def defaults(self, name: str) -> dict[str, Any]:
-        """What the loop sets in stage `name` when its settings leave it unset: the loop's seed and tokenizer; for
-        eval-rm, train-rm's use_cpu (the reward models are scored where they train)."""
+        """What the loop sets in stage `name` when its settings leave it unset: the loop's seed and tokenizer, its
+        sampling backend when it is not the default (the sampling stages sample on it too); for eval-rm, train-rm's
+        use_cpu (the reward models are scored where they train)."""
         out: dict[str, Any] = {"seed": self.config.seed}
+        if self.backend is not None and self.backend.use_vllm and name in ("rejection-sample", "ppo"):
+            out.update(dataclasses.asdict(self.backend))
         if self.config.tokenizer_name_or_path:
             out["tokenizer_name_or_path"] = self.config.tokenizer_name_or_path
         if name == "eval-rm":
