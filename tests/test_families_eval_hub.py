@@ -158,17 +158,25 @@ def test_lora_targets_per_family(checkpoints, stage_inputs, tmp_path):  # noqa: 
         peft_config(ModelConfig(model_name_or_path=str(tmp_path), use_peft=True))
 
 
+@pytest.fixture(scope="module")
+def lora_outputs(checkpoints, tmp_path_factory):  # noqa: F811
+    """`sft --use_peft` (no lora_target_modules) on each family, run once."""
+    root = tmp_path_factory.mktemp("lora")
+    for family in ("qwen2", "mistral"):
+        run_stage("sft", model_name_or_path=str(checkpoints[family]), train_file=[str(checkpoints["sft"])],
+                  output_dir=str(root / family), use_peft=True, lora_r=4, lora_alpha=8, learning_rate=1e-2,
+                  **TINY_TRAINING)
+    return root
+
+
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
-def test_sft_lora_adapts_the_family_attention_and_loads_with_peft(checkpoints, tmp_path, family):  # noqa: F811
+def test_sft_lora_adapts_the_family_attention_and_loads_with_peft(checkpoints, lora_outputs, family):  # noqa: F811
     from peft import PeftModel
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "sft-lora"
-    run_stage("sft", model_name_or_path=str(checkpoints[family]), train_file=[str(checkpoints["sft"])],
-              output_dir=str(out), use_peft=True, lora_r=4, lora_alpha=8, learning_rate=1e-2,
-              **TINY_TRAINING)
+    out = lora_outputs / family
     adapter = json.loads((out / "adapter_config.json").read_text())
     expected = set(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[family])
     assert set(adapter["target_modules"]) == expected == {"q_proj", "v_proj"}
@@ -186,3 +194,96 @@ def test_sft_lora_adapts_the_family_attention_and_loads_with_peft(checkpoints, t
         plain = model(input_ids=ids).logits
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids).logits, plain)  # the adapter changes the outputs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Push
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n", 2)[1])
+
+
+LLAMA2_MARKS = ("llama2", "llama-2", "custom_code")
+QWEN_SFT_RUN = {"stage": "sft", "args": {"learning_rate": 2e-5, "model_name_or_path": "Qwen/Qwen2.5-7B",
+                                         "train_file": ["data/sft.jsonl"]},
+                "inputs": {"train_0": {"path": "data/sft.jsonl", "sha256": "ab" * 32},
+                           "model": {"path": "Qwen/Qwen2.5-7B", "hub": True}},
+                "outputs": {"model": "."}, "metrics": {"train_loss": 1.25}, "versions": {}}
+
+RELOAD_PLAIN = """
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("alice/qwen-sft")
+tokenizer = AutoTokenizer.from_pretrained("alice/qwen-sft")
+assert "llama2_hf" not in sys.modules
+print(json.dumps([type(model).__name__, type(tokenizer).__name__]))
+"""
+
+
+def test_push_of_another_family_has_its_own_card_and_no_remote_code(checkpoints, tmp_path, monkeypatch):  # noqa: F811
+    """A Qwen2 SFT folder pushed to the fake Hub: uploaded as it is (no *_llama2.py, no auto_map), a card naming the
+    stage, the Qwen2 family and the base model from the run record, no Llama 2 license or tags; a fresh process
+    without llama2_hf loads it with transformers' own classes, no trust_remote_code."""
+    import shutil
+    import subprocess
+    import sys
+
+    from fake_hub import FakeHub, hub_env, subprocess_env
+
+    folder = tmp_path / "qwen-sft"
+    shutil.copytree(checkpoints["qwen2"], folder)
+    (folder / "run.json").write_text(json.dumps(QWEN_SFT_RUN))
+    with FakeHub() as hub:
+        hub_env(monkeypatch, hub, tmp_path / "hf_home")
+        assert cli(["push", "--model_name_or_path", str(folder), "--repo_id", "alice/qwen-sft", "--hub_token",
+                    hub.token]) == 0
+        files = hub.files("alice/qwen-sft")
+        assert not any(name.endswith("_llama2.py") or name == "fused_linear_ce.py" for name in files)
+        for name in ("config.json", "tokenizer_config.json"):
+            assert files[name] == (folder / name).read_bytes() and b"auto_map" not in files[name]
+        card = files["README.md"].decode()
+        meta = _front_matter(card)
+        assert "license" not in meta and meta["base_model"] == "Qwen/Qwen2.5-7B"
+        assert {"llama2_hf", "qwen2", "sft"} <= set(meta["tags"]) and not set(LLAMA2_MARKS) & set(meta["tags"])
+        assert meta["pipeline_tag"] == "text-generation" and meta["library_name"] == "transformers"
+        assert "This is a Qwen2 model after supervised fine-tuning" in card
+        assert "- **Base model family:** Qwen2 (`model_type: qwen2`), base model `Qwen/Qwen2.5-7B`" in card
+        assert "trust_remote_code" not in card and "LLAMA 2 Community License" not in card
+        assert "derives from `Qwen/Qwen2.5-7B`, whose license applies" in card
+        assert 'AutoModelForCausalLM.from_pretrained("alice/qwen-sft")' in card
+        env = subprocess_env(hub, tmp_path / "fresh_home")
+        env["PYTHONPATH"] = ""
+        done = subprocess.run([sys.executable, "-c", RELOAD_PLAIN], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == ["Qwen2ForCausalLM", "Qwen2Tokenizer"]
+
+
+def test_family_adapter_and_tokenizer_cards_and_no_remote_code(checkpoints, lora_outputs, tmp_path):  # noqa: F811
+    from llama2_hf.hub import build_model_card, collect_upload, family_of, remote_code_fixes
+
+    for folder in (checkpoints["qwen2"], checkpoints["mistral"], checkpoints["llama"], lora_outputs / "mistral"):
+        assert remote_code_fixes(folder) == {}
+    files = collect_upload(lora_outputs / "mistral", "alice/mistral-lora")
+    assert "adapter_model.safetensors" in files and not any(n.endswith("_llama2.py") for n in files)
+    card = files["README.md"].decode()
+    meta = _front_matter(card)
+    assert meta["library_name"] == "peft" and "license" not in meta
+    assert {"lora", "sft", "mistral"} <= set(meta["tags"]) and not set(LLAMA2_MARKS) & set(meta["tags"])
+    assert "This is a Mistral model after supervised fine-tuning" in card and "(r=4, alpha=8)" in card
+    assert "trust_remote_code=True" not in card and "derives from a Mistral base model" in card
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(checkpoints["qwen2"]).save_pretrained(tmp_path / "tok")
+    card = build_model_card(tmp_path / "tok", "alice/qwen-tok")
+    assert "This is the tokenizer of a Qwen2 model, with its chat template" in card
+    assert "license" not in _front_matter(card) and "trust_remote_code" not in card
+    # A transformers Llama with its own template is a Llama card; one whose base is Llama 2 keeps Llama 2's.
+    assert family_of(checkpoints["llama"]).llama2 is False and family_of(checkpoints["llama"]).name == "Llama"
+    assert family_of(checkpoints["llama"], base_model="meta-llama/Llama-2-7b-hf").llama2 is True
+    card = build_model_card(checkpoints["llama"], "alice/llama", stage="sft", base_model="meta-llama/Llama-2-7b-hf")
+    assert _front_matter(card)["license"] == "llama2"
