@@ -386,7 +386,7 @@ def build_model_card(folder: str | os.PathLike, repo_id: str, stage: str | None 
                      "Platforms, Inc. All Rights Reserved. Use of this model is subject to that license and Meta's "
                      "acceptable use policy.")
     else:
-        parts.append(f"## License\n\nNot set by `llama2_hf`: this model derives from "
+        parts.append("## License\n\nNot set by `llama2_hf`: this model derives from "
                      + (f"`{base_model}`" if base_model else f"a {family.name} base model") + ", whose license "
                      "applies. Set `license:` in the front matter above (the base model's, or `other` with "
                      "`license_name` and `license_link`) before publishing.")
