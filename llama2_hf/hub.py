@@ -11,6 +11,13 @@ RNG states, `training_args.bin`), plus a generated README.md. The folder's remot
 in the uploaded copy of `config.json` / `tokenizer_config.json` (the folder itself is never modified), so users without
 this package load every head with `trust_remote_code=True`.
 
+Any transformers family gets a card of its own: a folder that is not Llama 2 (`family_of`: no `model_type: llama2`
+config, no `Llama2Tokenizer`, no Llama 2 base model) is described by the stage that made it and its base model family
+(from `config.json`'s `architectures` / `model_type`, or the adapter's base), with the base model when the run records
+name one, and none of Llama 2's license, tags or remote code: the card sets no `license` (the base model's license
+applies; set `license:` in the card, e.g. `other` with `license_name`/`license_link`, before making the repo
+public), and nothing is added to the upload (the family's classes ship with transformers).
+
 The card's stage, data (with content hashes), hyperparameters, evaluation table and library versions come from the
 folder's `run.json` when present: the run record every stage writes (`llama2_hf.runner.RunRecord`: `stage`, `args`,
 `inputs`, `outputs`, `metrics`, `versions`). The base model is followed through `model_name_or_path` (and the other
@@ -27,6 +34,7 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
@@ -57,6 +65,25 @@ STAGES: dict[str, tuple[str, list[str]]] = {
 STAGE_ALIASES = {"pretrain": "base", "convert-meta": "convert", "train-rm": "rm", "reward": "rm",
                  "reward-model": "rm", "rejection-sample": "rs", "rejection_sampling": "rs",
                  "rejection-sampling": "rs", "safety-distill": "distill", "safety_distill": "distill"}
+
+# The same stages for a model of another family ({family}: "Qwen2", "Mistral", ...): the method, not Llama 2's weights.
+FAMILY_STAGES: dict[str, str] = {
+    "base": "a pretrained {family} base model",
+    "convert": "a {family} checkpoint",
+    "sft": "a {family} model after supervised fine-tuning on chat data with the loss on answer tokens only "
+           "(Llama 2 paper §3.1)",
+    "rm": "a {family} reward model: the chat model with its next-token head replaced by a scalar head, trained with "
+          "the binary ranking loss with a rating margin (Llama 2 paper §3.2.2)",
+    "rs": "a {family} chat model fine-tuned on its best-of-K samples as scored by the reward models (rejection "
+          "sampling, Llama 2 paper §3.2.3)",
+    "ppo": "a {family} chat model optimised with PPO against the safety-gated reward with a KL penalty "
+           "(Llama 2 paper §3.2.3)",
+    "gatt": "a {family} chat model fine-tuned with Ghost Attention data for multi-turn instruction following "
+            "(Llama 2 paper §3.3)",
+    "distill": "a {family} chat model after targeted safety context distillation (Llama 2 paper §4.2.4)",
+    "tokenizer": "the tokenizer of a {family} model, with its chat template",
+}
+_LLAMA2_HUB_ID = re.compile(r"llama[-_ ]?2", re.IGNORECASE)
 
 ADAPTER_CONFIG = "adapter_config.json"  # a peft (LoRA / QLoRA) output: adapter weights only
 REQUIRED_AUTO_MAP_KEYS = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification")
@@ -209,6 +236,40 @@ def _table(header: tuple[str, str], rows: list[tuple[str, object]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Family:
+    """The model family a folder belongs to: `llama2` (Llama 2 weights, license and remote code), its display name
+    ("Qwen2", "Mistral", "Llama2") and its config's `model_type` (None when no config is readable)."""
+
+    llama2: bool
+    name: str
+    model_type: str | None = None
+
+
+def family_of(folder: str | os.PathLike, config: dict | None = None, adapter: dict | None = None,
+              base_model: str | None = None) -> Family:
+    """The family of a saved model, adapter or tokenizer: read from `config.json` (for an adapter: its local base
+    folder's), named after its architecture (`Qwen2ForCausalLM` -> "Qwen2"), else its `model_type`, else the
+    tokenizer class. Llama 2 is a `model_type: llama2` config, a `Llama2Tokenizer`, or a transformers Llama (or
+    unknown) model whose base model is a Llama 2 Hub id (meta-llama/Llama-2-7b-hf)."""
+    folder = Path(folder)
+    tok_path = folder / "tokenizer_config.json"
+    tok_class = str(_read_json(tok_path).get("tokenizer_class") or "") if tok_path.is_file() else ""
+    source = config if config is not None or not (folder / "config.json").is_file() else _read_json(
+        folder / "config.json")
+    base = (adapter or {}).get("base_model_name_or_path")
+    if source is None and isinstance(base, str) and (Path(base) / "config.json").is_file():
+        source = _read_json(Path(base) / "config.json")
+    model_type = (source or {}).get("model_type")
+    llama2 = (model_type == "llama2" or tok_class == "Llama2Tokenizer"
+              or (model_type in (None, "llama") and bool(base_model) and _LLAMA2_HUB_ID.search(base_model) is not None))
+    architectures = (source or {}).get("architectures") or []
+    name = architectures[0].split("For")[0] if architectures else model_type
+    if not name and tok_class not in ("", "TokenizersBackend", "PreTrainedTokenizerFast"):
+        name = tok_class.removesuffix("Fast").removesuffix("Tokenizer")
+    return Family(llama2, name or ("Llama 2" if llama2 else "transformers"), model_type)
+
+
 def build_model_card(folder: str | os.PathLike, repo_id: str, stage: str | None = None,
                      base_model: str | None = None) -> str:
     """README.md text for `folder`: YAML front matter for the Hub, then stage, model, data, hyperparameters,
@@ -229,6 +290,10 @@ def build_model_card(folder: str | os.PathLike, repo_id: str, stage: str | None 
     if base_model is None and adapter_base:  # the adapter's base: a Hub id, or a local folder with its own run.json
         base_model = adapter_base if _is_hub_id(adapter_base) else (
             find_base_model(adapter_base) if Path(adapter_base).is_dir() else None)
+    family = family_of(folder, config, adapter, base_model)
+    if not family.llama2:
+        description = FAMILY_STAGES.get(stage, f"a {{family}} model produced by the `{stage}` stage")
+        description = description.replace("{family}", family.name)
 
     inputs = info.get("inputs", {})
     datasets = sorted({v for k, vs in inputs.items() if k not in MODEL_INPUT_KEYS
@@ -236,18 +301,26 @@ def build_model_card(folder: str | os.PathLike, repo_id: str, stage: str | None 
     tok_config = folder / "tokenizer_config.json"
     remote_code = (config or {}).get("model_type") == "llama2" or (
         tok_config.is_file() and "Llama2Tokenizer" in str(_read_json(tok_config).get("tokenizer_class")))
-    card_data = ModelCardData(
-        license="llama2", library_name="peft" if adapter is not None else "transformers", base_model=base_model,
+    family_tags = ["llama2", "llama-2", "llama2_hf"] if family.llama2 else [
+        "llama2_hf", *([family.model_type] if family.model_type else [])]
+    card_data = ModelCardData(  # another family: no license (the base model's applies; see the module docstring)
+        license="llama2" if family.llama2 else None, library_name="peft" if adapter is not None else "transformers",
+        base_model=base_model,
         pipeline_tag=None if not is_model else "text-classification" if is_reward else "text-generation",
-        tags=["llama2", "llama-2", "llama2_hf", *(["custom_code"] if remote_code else []), *stage_tags,
-              *(["lora"] if adapter else [])],
+        tags=[*family_tags, *(["custom_code"] if remote_code else []), *stage_tags, *(["lora"] if adapter else [])],
         datasets=datasets or None)
 
     name = repo_id.split("/")[-1]
-    parts = [f"---\n{card_data.to_yaml()}\n---", f"# {name}", f"This is {description}, made with `llama2_hf` (the "
-             "Llama 2 / Llama 2-Chat method of Touvron et al. 2023, arXiv:2307.09288, in the Hugging Face "
-             "ecosystem)." + (f" Base model: `{base_model}`." if base_model else "")]
+    method = ("the Llama 2 / Llama 2-Chat method of Touvron et al. 2023, arXiv:2307.09288, in the Hugging Face "
+              "ecosystem" if family.llama2 else "the Llama 2 / Llama 2-Chat method of Touvron et al. 2023, "
+              f"arXiv:2307.09288, applied to a {family.name} model in the Hugging Face ecosystem")
+    parts = [f"---\n{card_data.to_yaml()}\n---", f"# {name}", f"This is {description}, made with `llama2_hf` "
+             f"({method})." + (f" Base model: `{base_model}`." if base_model else "")]
     facts = [f"- **Stage:** `{stage}`"]
+    if not family.llama2:
+        facts.append(f"- **Base model family:** {family.name}"
+                     + (f" (`model_type: {family.model_type}`)" if family.model_type else "")
+                     + (f", base model `{base_model}`" if base_model else ""))
     if adapter is not None:
         facts.append(f"- **Adapter:** {adapter.get('peft_type', 'LoRA')} (r={adapter.get('r')}, "
                      f"alpha={adapter.get('lora_alpha')}) on `{adapter.get('base_model_name_or_path')}`; only the "
@@ -295,18 +368,28 @@ def build_model_card(folder: str | os.PathLike, repo_id: str, stage: str | None 
                      + json.dumps(info["other"], indent=2, default=str) + "\n```\n</details>")
 
     parts.append("## Usage")
-    parts.append("The model code ships in this repository (`*_llama2.py`): `trust_remote_code=True` runs it, so "
-                 "read it first or pin a `revision`. With `pip install llama2_hf` and `import llama2_hf`, no remote "
-                 "code is needed.")
+    if remote_code or family.llama2:
+        parts.append("The model code ships in this repository (`*_llama2.py`): `trust_remote_code=True` runs it, so "
+                     "read it first or pin a `revision`. With `pip install llama2_hf` and `import llama2_hf`, no "
+                     "remote code is needed.")
+    else:
+        parts.append(f"transformers' own {family.name} classes load it: no remote code and no `llama2_hf` needed.")
     tokenizer_repo = repo_id if tok_config.is_file() else base_model or repo_id
     if adapter is not None:
-        parts.append(_adapter_snippet(repo_id, adapter_base if _is_hub_id(adapter_base) else base_model or adapter_base,
-                                      is_reward, tokenizer_repo))
+        snippet = _adapter_snippet(repo_id, adapter_base if _is_hub_id(adapter_base) else base_model or adapter_base,
+                                   is_reward, tokenizer_repo)
     else:
-        parts.append(_usage_snippet(repo_id, config, is_reward, tokenizer_repo))
-    parts.append("## License\n\nLlama 2 is licensed under the LLAMA 2 Community License, Copyright (c) Meta Platforms, "
-                 "Inc. All Rights Reserved. Use of this model is subject to that license and Meta's acceptable use "
-                 "policy.")
+        snippet = _usage_snippet(repo_id, config, is_reward, tokenizer_repo)
+    parts.append(snippet if family.llama2 else snippet.replace(", trust_remote_code=True", ""))
+    if family.llama2:
+        parts.append("## License\n\nLlama 2 is licensed under the LLAMA 2 Community License, Copyright (c) Meta "
+                     "Platforms, Inc. All Rights Reserved. Use of this model is subject to that license and Meta's "
+                     "acceptable use policy.")
+    else:
+        parts.append("## License\n\nNot set by `llama2_hf`: this model derives from "
+                     + (f"`{base_model}`" if base_model else f"a {family.name} base model") + ", whose license "
+                     "applies. Set `license:` in the front matter above (the base model's, or `other` with "
+                     "`license_name` and `license_link`) before publishing.")
     return "\n\n".join(parts) + "\n"
 
 
@@ -445,5 +528,5 @@ def _push_folder(folder: Path, repo_id: str, *, stage, base_model, private, toke
     return info.commit_url
 
 
-__all__ = ["STAGES", "build_model_card", "collect_upload", "find_base_model", "push_to_hub", "read_run_info",
-           "remote_code_fixes"]
+__all__ = ["FAMILY_STAGES", "STAGES", "Family", "build_model_card", "collect_upload", "family_of", "find_base_model",
+           "push_to_hub", "read_run_info", "remote_code_fixes"]

@@ -109,7 +109,7 @@ class _Captured(Exception):
     pass
 
 
-def test_chat_decoding_defaults_are_the_papers(shared_data, monkeypatch):
+def test_chat_decoding_defaults_are_the_papers(shared_data, tiny_tokenizer, monkeypatch):
     """TruthfulQA and ToxiGen decode with T = 0.1, top-p 0.9 (paper §4.1, A.4.7) in their chat variants too;
     `truthfulqa_greedy` gives lm-evaluation-harness's greedy truthfulqa_gen."""
     import llama2_hf.evaluation.toxigen as toxigen
@@ -124,9 +124,7 @@ def test_chat_decoding_defaults_are_the_papers(shared_data, monkeypatch):
     monkeypatch.setattr(truthfulqa, "generate_until", capture)
     monkeypatch.setattr(toxigen, "generate_until", capture)
 
-    class Tok:
-        pad_token_id = 0
-
+    tiny_tokenizer.pad_token = tiny_tokenizer.unk_token  # a Llama 2 tokenizer: the [INST] chat format
     for config in (EvalConfig(chat=True, data_dir=str(shared_data), limit=1),
                    EvalConfig(chat_tasks=["truthfulqa", "toxigen"], data_dir=str(shared_data), limit=1),
                    EvalConfig(chat=True, truthfulqa_greedy=True, data_dir=str(shared_data), limit=1)):
@@ -135,7 +133,8 @@ def test_chat_decoding_defaults_are_the_papers(shared_data, monkeypatch):
                                  (toxigen.run_toxigen, config.toxigen_config())):
             assert task_config.resolve(settings)[0] is True  # the chat variant
             with pytest.raises(_Captured):
-                run(None, Tok(), settings, task_config)
+                run(None, tiny_tokenizer, settings, task_config)
+    tiny_tokenizer.pad_token = None
     samplings = [(s.temperature, s.top_p) for _, s in calls]
     assert samplings == [(0.1, 0.9)] * 4 + [(0.0, 0.9), (0.1, 0.9)]
     assert all(c[0].startswith("[INST]") for c, _ in calls)

@@ -23,7 +23,15 @@ RECIPES = ROOT / "recipes"
 # recipes/<folder>/ -> the command whose arguments its files hold
 FOLDER_STAGE = {"sft": "sft", "reward": "train-rm", "rejection_sampling": "rejection-sample", "ppo": "ppo",
                 "gatt": "gatt", "eval": "eval", "push": "push"}
-RECIPE_FILES = sorted(p for folder in FOLDER_STAGE for p in (RECIPES / folder).glob("*.yaml"))
+# recipes/<family>/<stage folder>[-variant].yaml: one model family's recipes (recipes/qwen2.5-7b/sft.yaml, ...)
+FAMILY_FOLDERS = sorted(p.name for p in RECIPES.iterdir() if p.is_dir() and p.name not in (*FOLDER_STAGE, "accelerate"))
+RECIPE_FILES = sorted([p for folder in FOLDER_STAGE for p in (RECIPES / folder).glob("*.yaml")]
+                      + [p for folder in FAMILY_FOLDERS for p in (RECIPES / folder).glob("*.yaml")])
+
+
+def stage_of(path: Path) -> str:
+    """The command a recipe file holds the arguments of: its stage folder's, or in a family folder its file name's."""
+    return FOLDER_STAGE[path.parent.name if path.parent.name in FOLDER_STAGE else path.stem.split("-")[0]]
 # Stages whose model an optimizer updates: their recipes must keep float32 master weights.
 TRAINING_STAGES = {"sft", "train-rm", "rejection-sample", "ppo", "pretrain", "distill"}
 # Arguments that name another stage's folder (or a file inside one).
@@ -66,7 +74,7 @@ def _paths(value) -> list[str]:
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=_ids(RECIPE_FILES))
 def test_recipe_parses_with_its_stage_parser(path):
-    stage = _stage_or_skip(FOLDER_STAGE[path.parent.name])
+    stage = _stage_or_skip(stage_of(path))
     raw = _raw(path)
     argv = ["--config", str(path)]
     names = field_names(stage)
@@ -94,7 +102,7 @@ def test_recipe_keys_are_commented_and_launch_line_names_the_file(path):
             assert re.match(r"^[a-z0-9_]+: ", line), f"{path}:{n}: a recipe is flat (field: value), got {line!r}"
             assert "  # " in line, f"{path}:{n}: every key carries a comment saying what it is"
     rel = str(path.relative_to(ROOT))
-    stage = FOLDER_STAGE[path.parent.name]
+    stage = stage_of(path)
     assert re.search(rf"(-m llama2_hf\.cli|llama2-hf) {stage} --config {re.escape(rel)}", text), \
         f"{rel}: its header shows the launch line of this file"
     assert "--recipe" not in text
@@ -102,7 +110,7 @@ def test_recipe_keys_are_commented_and_launch_line_names_the_file(path):
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=_ids(RECIPE_FILES))
 def test_no_recipe_trains_bf16_weights(path):
-    stage = FOLDER_STAGE[path.parent.name]
+    stage = stage_of(path)
     raw = _raw(path)
     if stage in TRAINING_STAGES:
         assert raw.get("dtype", "float32") == "float32", f"{path.name}: trained weights stay float32 (bf16: compute)"

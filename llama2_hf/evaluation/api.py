@@ -208,11 +208,11 @@ def evaluate_model(model, tasks=None, *, tokenizer=None, config: EvalConfig | No
                    output: str | Path | None = None, dtype="auto", **overrides) -> dict:
     """Evaluate `model` (a checkpoint path / Hub id, or a loaded causal LM) on `tasks` in this process.
 
-    `tokenizer` defaults to the checkpoint's (`Llama2Tokenizer` for Llama checkpoints); it is required with a loaded
-    model, which is put in eval mode. `dtype` applies when loading a checkpoint. `overrides` replace fields of
+    `tokenizer` defaults to the checkpoint's (`base.load_tokenizer`: `Llama2Tokenizer` for Llama 2, its own class
+    for any other family); it is required with a loaded model, which is put in eval mode. `dtype` applies when loading a checkpoint. `overrides` replace fields of
     `config` (e.g. `limit=5, batch_size=16, mmlu_subjects=["anatomy"]`); `tasks` overrides `config.tasks`.
     Returns `{"results": {task: {metric: value}}, "samples": {task: [...]}, "config": {...}, "timing": {...}}`;
-    with `output`, also writes it (see `write_report`). A tokenizer without a pad token gets UNK as pad.
+    with `output`, also writes it (see `write_report`). A tokenizer without a pad token gets UNK (else EOS) as pad.
     `llama2-hf eval` is the same over the ranks of a launch (`llama2_hf.stages.evaluate`).
     """
     config = config or EvalConfig()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from ..loading import check_tokenizer_folder, load_pretrained
-from .prompts import chat_prompt
+from ..loading import load_pretrained
+from ..loading import load_tokenizer as _load_checkpoint_tokenizer
+from .prompts import chat_prompt, template_chat_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -86,26 +87,26 @@ class TaskResult:
     total: int | None = None
 
 
-def format_context(prompt: str, chat: bool, system_prompt: str | None) -> str:
-    """The task prompt, wrapped in the Llama 2-Chat format when `chat` (see `prompts.chat_prompt`)."""
-    return chat_prompt(prompt, system_prompt) if chat else prompt
+def format_context(prompt: str, chat: bool, system_prompt: str | None, tokenizer=None) -> str:
+    """The task prompt, as one user turn of the chat format when `chat`: Llama 2-Chat's `[INST]` text
+    (`prompts.chat_prompt`) for a Llama 2 tokenizer (or none given), the tokenizer's own chat template
+    (`prompts.template_chat_prompt`) for any other. Without `chat` the plain few-shot text, whatever the model."""
+    if not chat:
+        return prompt
+    from ..chat_format import is_llama2_tokenizer
+
+    if tokenizer is None or is_llama2_tokenizer(tokenizer):
+        return chat_prompt(prompt, system_prompt)
+    return template_chat_prompt(tokenizer, prompt, system_prompt)
 
 
 def load_tokenizer(name_or_path: str):
-    """The tokenizer of a checkpoint. Llama / Llama 2 checkpoints get `Llama2Tokenizer` (SentencePiece-exact ids from
-    their `tokenizer.model`; transformers' own conversion is not exact); anything else `AutoTokenizer`."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from ..tokenization_llama2 import Llama2Tokenizer
-
-    check_tokenizer_folder(name_or_path)
-    try:
-        model_type = AutoConfig.from_pretrained(name_or_path).model_type
-    except (OSError, ValueError):
-        model_type = None
-    if model_type in ("llama", "llama2"):
-        return Llama2Tokenizer.from_pretrained(name_or_path)
-    return AutoTokenizer.from_pretrained(name_or_path)
+    """The tokenizer of a checkpoint, read as the training stages read it (`llama2_hf.loading.load_tokenizer`):
+    `Llama2Tokenizer` (SentencePiece-exact ids; transformers' own conversion is not exact) for a Llama 2 checkpoint
+    (`loading.is_llama2_checkpoint`: Meta's Llama 2 tokenizer, a `model_type: llama2` folder), `AutoTokenizer` for any
+    other family (Qwen2, Mistral, a Llama with another template), never running code shipped with it. Its pad token,
+    when it had none: UNK for Llama 2 (lm-eval's choice), EOS for the others."""
+    return _load_checkpoint_tokenizer(name_or_path)
 
 
 def resolve_dtype(dtype):
@@ -165,12 +166,14 @@ def load_model(name_or_path: str, kind: str = "causal_lm", device: str | None = 
 
 
 def ensure_pad_token(tokenizer) -> None:
-    """Batching needs a pad id: use UNK as lm-eval does (then EOS) when the tokenizer has none. Mutates it."""
+    """Batching needs a pad id: use UNK as lm-eval does, else EOS, when the tokenizer has none (a token counts only
+    when it has an id in the vocabulary). Mutates it."""
     if tokenizer.pad_token_id is not None:
         return
-    if tokenizer.unk_token is not None:
-        tokenizer.pad_token = tokenizer.unk_token
-    elif tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    else:
-        raise ValueError("the tokenizer has no pad, unk or eos token to pad batches with")
+    for name in ("unk_token", "eos_token"):
+        token = getattr(tokenizer, name, None)
+        if token is not None and getattr(tokenizer, f"{name}_id", None) is not None:
+            tokenizer.pad_token = token
+            return
+    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}: it has no "
+                     "pad, unk or eos token to pad batches with; set pad_token in its tokenizer_config.json")

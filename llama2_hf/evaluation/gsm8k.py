@@ -38,7 +38,7 @@ def run_gsm8k(model, tokenizer, settings: RunSettings, config: GSM8KConfig | Non
     all_docs = settings.take(load_gsm8k(settings.data_dir))
     share = settings.my_share(all_docs)
     docs = [doc for _, doc in share]
-    contexts = [format_context(gsm8k_prompt(d["question"], config.num_fewshot), chat, system) for d in docs]
+    contexts = [format_context(gsm8k_prompt(d["question"], config.num_fewshot), chat, system, tokenizer) for d in docs]
     common = dict(stop=GSM8K_STOP, batch_size=settings.batch_size, max_length=settings.max_length,
                   progress=settings.progress, sampler=settings.sampler)
     greedy = generate_until(model, tokenizer, contexts, sampling=TaskDecoding(config.max_new_tokens),

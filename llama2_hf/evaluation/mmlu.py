@@ -39,7 +39,7 @@ def run_mmlu(model, tokenizer, settings: RunSettings, config: MMLUConfig | None 
     share = settings.my_share(all_docs)
     requests, groups = [], []
     for _, (subject, _, doc, prefix) in share:
-        context = format_context(prefix + mmlu_question(doc), chat, system)
+        context = format_context(prefix + mmlu_question(doc), chat, system, tokenizer)
         requests += [(context, cont) for cont in mmlu_continuations()]
         groups += [subject] * len(MMLU_LETTERS)
     scores = loglikelihoods(model, tokenizer, requests, batch_size=settings.batch_size, prefix_groups=groups,

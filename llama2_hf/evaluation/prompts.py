@@ -9,7 +9,8 @@
 - TruthfulQA generation: the primer, then "\\n\\nQ: {question}" (the model writes "\\nA: ..." itself).
 - ToxiGen: a decoded prompt line "- s1\\n- s2\\n...\\n-"; the model writes the next statement.
 
-`chat_prompt` wraps any of them in the Llama 2-Chat format for chat models (see its docstring for the choices).
+`chat_prompt` wraps any of them in the Llama 2-Chat format for chat models (see its docstring for the choices);
+`template_chat_prompt` does the same through the chat template of any other family's tokenizer.
 """
 
 from __future__ import annotations
@@ -193,3 +194,34 @@ def chat_prompt(prompt: str, system_prompt: str | None = None) -> str:
     """
     content = f"{B_SYS}{system_prompt}{E_SYS}{prompt}" if system_prompt is not None else prompt
     return f"{B_INST} {content.strip()} {E_INST}"
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether `tokenizer.encode(text)` puts BOS in front of the text by itself."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_special = tokenizer.encode("a")
+    return with_special[:1] == [bos] and tokenizer.encode("a", add_special_tokens=False)[:1] != [bos]
+
+
+def template_chat_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> str:
+    """One user turn in the chat template of a tokenizer that is not Llama 2's (`chat_format.TemplateChatFormat`),
+    with the template's generation prompt, ready for `tokenizer.encode(text)`: encoding it gives exactly the chat
+    format's `prompt_ids([system?, user])`. A system prompt goes in the template's system role, or in front of the
+    user turn where the template has none (Mistral's, Gemma's). BOS written by the template is left out of the text
+    when the tokenizer adds BOS itself, so it is never doubled. The choices of `chat_prompt` hold (the whole task
+    prompt is one user message; scored continuations follow the generation prompt; stop strings are unchanged).
+    A tokenizer without a chat template is a one-line `UsageError` naming it."""
+    from ..chat_format import chat_format_for
+    from ..tokenization_llama2 import validate_messages
+
+    chat_format = chat_format_for(tokenizer)
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
+    messages = chat_format.with_system([*messages, {"role": "user", "content": prompt}])
+    validate_messages(messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and _adds_bos(tokenizer):
+        text = text[len(bos):]
+    return text

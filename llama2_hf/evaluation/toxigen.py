@@ -105,7 +105,7 @@ def run_toxigen(model, tokenizer, settings: RunSettings, config: ToxiGenConfig |
     all_rows = build_toxigen_prompts(settings, config)
     share = settings.my_share(all_rows)
     rows = [row for _, row in share]
-    contexts = [format_context(r["prompt"], chat, system) for r in rows]
+    contexts = [format_context(r["prompt"], chat, system, tokenizer) for r in rows]
     stop = config.stop if config.stop is not None else ([] if chat else ["\n"])
     generations = generate_until(model, tokenizer, contexts, stop=stop,
                                  sampling=TaskDecoding(config.max_new_tokens, config.temperature, config.top_p),

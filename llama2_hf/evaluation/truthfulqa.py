@@ -92,7 +92,7 @@ def run_truthfulqa_mc(model, tokenizer, settings: RunSettings, config: TruthfulQ
     requests, spans = [], []
     for doc in docs:
         primer = config.primer_for(doc["question"], pool, settings.seed)
-        context = format_context(truthfulqa_mc_prompt(doc["question"], primer), chat, system)
+        context = format_context(truthfulqa_mc_prompt(doc["question"], primer), chat, system, tokenizer)
         span = {}
         for target in ("mc1_targets", "mc2_targets"):
             start = len(requests)
@@ -129,9 +129,9 @@ def run_truthfulqa_gen(model, tokenizer, settings: RunSettings, config: Truthful
     all_docs = settings.take(data)
     share = settings.my_share(all_docs)
     docs = [doc for _, doc in share]
-    contexts = [format_context(truthfulqa_gen_prompt(d["question"], config.primer_for(d["question"], pool,
-                                                                                       settings.seed)), chat, system)
-                for d in docs]
+    primers = [config.primer_for(d["question"], pool, settings.seed) for d in docs]
+    contexts = [format_context(truthfulqa_gen_prompt(d["question"], primer), chat, system, tokenizer)
+                for d, primer in zip(docs, primers)]
     sampling = TaskDecoding(config.max_new_tokens, 0.0 if config.greedy else config.temperature, config.top_p)
     generations = generate_until(model, tokenizer, contexts, stop=["\n\n"], sampling=sampling,
                                  batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed,

@@ -79,11 +79,46 @@ def load_model(cls, model_args, name_or_path=None, *, role: str = "model", train
     return load_pretrained(cls, source, role, new_head=new_head, **{**model_init_kwargs(model_args), **overrides})
 
 
+# The LoRA targets of a Llama 2 model (`model_type: llama2`, which peft's per-family table does not know) when
+# `lora_target_modules` is unset: every linear layer of the decoder, attention and SwiGLU, as the *-lora.yaml recipes.
+LLAMA2_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _lora_model_type(source) -> str | None:
+    """The `model_type` of the model LoRA wraps (a folder, a stage folder's model output, or a cached Hub id)."""
+    from ..loading import checkpoint_model_type
+    from ..runner import stage_output
+
+    if not source:
+        return None
+    try:
+        return checkpoint_model_type(stage_output(source, "model"))
+    except UsageError:  # a stage folder without a model output: the stage itself reports it
+        return checkpoint_model_type(source)
+
+
 def peft_config(model_args):
-    """`peft.LoraConfig` from TRL's `ModelConfig` (None unless `use_peft`)."""
+    """`peft.LoraConfig` from TRL's `ModelConfig` (None unless `use_peft`). Without `lora_target_modules` (and
+    `lora_target_parameters`) the adapted layers are the family's: `LLAMA2_LORA_TARGET_MODULES` for a Llama 2
+    model, peft's own per-family default for any other (`target_modules=None`: peft's
+    `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`, the attention's `q_proj`/`v_proj` for Llama, Qwen2,
+    Mistral, Gemma). A family peft has no default for is refused in one line asking for `lora_target_modules`."""
     from trl import get_peft_config
 
-    return get_peft_config(model_args)
+    config = get_peft_config(model_args)
+    if config is None or model_args.lora_target_modules or model_args.lora_target_parameters:
+        return config
+    model_type = _lora_model_type(model_args.model_name_or_path)
+    if model_type == "llama2":
+        config.target_modules = set(LLAMA2_LORA_TARGET_MODULES)
+        return config
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as FAMILY_DEFAULTS
+
+    if model_type is not None and model_type not in FAMILY_DEFAULTS:
+        raise UsageError(f"lora_target_modules: unset, and peft has no default for model_type {model_type!r} "
+                         f"({model_args.model_name_or_path}); give lora_target_modules (names of the linear layers "
+                         "to adapt, e.g. [q_proj, v_proj], or all-linear)")
+    return config  # target_modules None: peft takes the family's default when it wraps the model
 
 
 @dataclass

@@ -11,6 +11,12 @@ and computes the metrics from all of them. Output in `output_dir`: `results.json
 per example, with its task), `results.md` (the headline table) and `run.json`. A rerun with the same arguments
 returns the record; an interrupted run is redone task by task.
 
+Any transformers causal LM is evaluated as itself: the tokenizer saved with it is read by its own class
+(`loading.load_tokenizer`), MMLU and GSM8K keep the base few-shot protocol (plain text, whatever the family), and the
+chat variants (`chat`, `chat_tasks`, a system prompt) lay the task prompt out as one user turn in the model's chat
+format: Llama 2-Chat's `[INST]` for a Llama 2 tokenizer, the tokenizer's own chat template otherwise
+(`evaluation.prompts.template_chat_prompt`; a tokenizer without one is refused in one line).
+
 On the vLLM backend (`sampling.BackendArguments`) GSM8K, TruthfulQA generation and ToxiGen generate with a vLLM
 engine per process (each call seeded with the task's seed); MMLU and TruthfulQA MC stay log-likelihoods of the
 PyTorch model.
@@ -28,7 +34,8 @@ from trl import ModelConfig
 
 from ..console import library_progress
 from ..evaluation.api import EvalConfig, check_data, markdown_table, run_task, task_metrics, write_report
-from ..evaluation.base import ensure_pad_token, load_tokenizer
+from ..evaluation.base import ensure_pad_token
+from ..loading import load_tokenizer
 from ..runner import (
     RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, prefer_cpu, resolved_args, stage_output,
 )
@@ -39,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 
 def _tokenizer(name_or_path: str):
+    """The checkpoint's own tokenizer class (`loading.load_tokenizer`: `Llama2Tokenizer` for a Llama 2 checkpoint,
+    `AutoTokenizer` for any other family), with a pad token."""
     try:
         tokenizer = load_tokenizer(name_or_path)
     except (OSError, ValueError) as e:

@@ -5,9 +5,12 @@
 
 Input: a folder written by `save_pretrained`, or the folder of a stage that saved a model (its `model` output). The
 card (stage, data with hashes, hyperparameters, evaluation, versions, base model followed through the run records)
-is built from the folder's `run.json` (`llama2_hf.hub`). The token is `hub_token`, else `HF_TOKEN` or the stored
-login; it is never written to a record. Under a launch only rank 0 uploads. With `output_dir`, the generated card and a `run.json` holding the commit
-URL are written there, and a rerun with the same arguments returns that record without uploading again.
+is built from the folder's `run.json` (`llama2_hf.hub`). A model of another family (Qwen2, Mistral, ...) is
+uploaded as it is, with a card naming its stage and family and no license (`hub.family_of`; the base model's
+license applies: set `license:` in the card before publishing); remote code is added for `model_type: llama2` only.
+The token is `hub_token`, else `HF_TOKEN` or the stored login; it is never written to a record. Under a launch only
+rank 0 uploads. With `output_dir`, the generated card and a `run.json` holding the commit URL are written there, and
+a rerun with the same arguments returns that record without uploading again.
 """
 
 from __future__ import annotations
