@@ -161,6 +161,34 @@ def test_rejection_sampling_and_ppo_keep_the_family(inputs, tmp_path, family):
         ("lm", from_policy, from_policy), ("rm", from_policy / "value_model", from_policy)])
 
 
+def test_reward_models_keep_their_own_tokenizer(inputs, tmp_path):
+    """The loop's judge scores with each RM's own tokenizer; an RM of another vocabulary cannot start the critic."""
+    from llama2_hf.errors import UsageError
+    from llama2_hf.iterate import RewardModelJudge
+
+    judge = RewardModelJudge(str(inputs["mistral"] / "helpful"), str(inputs["qwen2"] / "safety"),
+                             tokenizer_name_or_path=str(inputs["qwen2"] / "policy"))
+    assert judge.scorer("helpfulness").tokenizer.chat_template == tokenizer_of("mistral").chat_template
+    assert type(judge.scorer("safety").tokenizer).__name__ == "Qwen2Tokenizer"
+    pairs = [{"id": "x", "prompt": "what is 1 plus 1?", "response_a": "2.", "response_b": "3.",
+              "is_safety_prompt": False}]
+    assert judge(pairs)[0]["choice"] in ("a", "b")
+    with pytest.raises(UsageError, match="value_model_init=reward_model: the helpfulness reward model .* has another "
+                                         "vocabulary"):
+        run_stage("ppo", model_name_or_path=str(inputs["qwen2"] / "policy"), prompts_file=[str(inputs["prompts"])],
+                  output_dir=str(tmp_path / "ppo"), helpfulness_reward_model=str(inputs["mistral"] / "helpful"),
+                  value_model_init="reward_model", **TINY_PPO)
+
+
+def test_model_judge_keeps_meta_ids_for_llama2(tiny_tokenizer, tiny_model_factory):
+    from llama2_hf.gatt.evaluation import JUDGE_PROMPT, ModelJudge
+    from llama2_hf.tokenization_llama2 import encode_dialog
+
+    judge = ModelJudge(tiny_model_factory(), tiny_tokenizer)
+    question = [{"role": "user", "content": JUDGE_PROMPT.format(instruction="Speak French.", response="Oui.")}]
+    assert judge.chat_format.prompt_ids(question) == encode_dialog(tiny_tokenizer, question)
+
+
 def test_critic_values_read_every_token_of_a_family_classifier(inputs):
     """`token_values` of an Auto sequence classifier: its head on each position; at the last token, its score."""
     from llama2_hf.loading import load_pretrained, load_tokenizer
@@ -211,7 +239,8 @@ def test_gatt_gatt_eval_distill_refusals_keep_the_family(inputs, tmp_path, famil
     run_stage("sft", model_name_or_path=str(folder / "policy"), train_file=[str(gatt)], train_on="last",
               output_dir=str(sft), **{**TINY_TRAINING, "max_length": 512})
     record = run_stage("gatt-eval", model_name_or_path=str(sft), eval_name="tiny", num_dialogues=2,
-                       eval_max_turns=2, turns=[2], output_dir=str(tmp_path / "gatt-eval"), **greedy)
+                       eval_max_turns=2, turns=[2], output_dir=str(tmp_path / "gatt-eval"),
+                       checkers=["language", "keyword", "judge"], judge_model=str(folder / "policy"), **greedy)
     assert record.metrics["adherence"]["tiny"]["2"] is not None
     # distill: answers with and without the preprompt, scored by the family's safety RM
     record = run_stage("distill", model_name_or_path=str(folder / "policy"), prompts_file=[str(inputs["prompts"])],
@@ -222,7 +251,8 @@ def test_gatt_gatt_eval_distill_refusals_keep_the_family(inputs, tmp_path, famil
     assert len(scored) == 2 and all(isinstance(r["safety_gain"], float) for r in scored)
     borderline = write_jsonl(tmp_path / "borderline.jsonl", [{"prompt": "how do i kill a python process?"}])
     record = run_stage("refusals", model_name_or_path=str(folder / "policy"), prompts_file=[str(inputs["prompts"])],
-                       borderline_file=str(borderline), output_dir=str(tmp_path / "refusals"), **greedy)
+                       borderline_file=str(borderline), output_dir=str(tmp_path / "refusals"),
+                       classifier=str(folder / "helpful"), **greedy)
     assert record.metrics["prompts"]["total"] == len(PROMPTS) and record.metrics["borderline"]["total"] == 1
     assert AutoTokenizer.from_pretrained(sft).chat_template == AutoTokenizer.from_pretrained(folder / "policy").chat_template
     assert_own_family(family, folder / "policy", [("lm", sft, sft)])
