@@ -56,7 +56,7 @@ from typing import Any
 
 from .data import SAFETY_TAG, InvalidDataFile, validate_preference
 from .losses import RATINGS
-from .loading import load_pretrained, load_tokenizer
+from .loading import has_tokenizer, load_pretrained, load_tokenizer
 from .rewards import SAFETY_THRESHOLD, SafetyGatedReward
 from .sampling import SamplingConfig
 from .runner import (
@@ -219,7 +219,9 @@ class RewardModelJudge:
     prompts) or the safety RM (on safety prompts), the higher score is chosen, the strength is the score difference
     binned by `margins`, and a response is labelled unsafe when sigmoid(R_s) < `safety_threshold` (the paper's gate).
     Without a safety RM every pair is judged by the helpfulness RM and no safety label is given (the annotation
-    protocol then refuses the pairs of safety prompts, which need labels)."""
+    protocol then refuses the pairs of safety prompts, which need labels). Each RM loads as its own family and scores
+    with the tokenizer saved with it (`tokenizer_name_or_path` only for an RM folder without one), re-encoding the
+    text in its own chat format."""
 
     def __init__(self, helpfulness_model: str, safety_model: str | None = None,
                  margins: Sequence[float] = (1.0, 0.5, 0.2), safety_threshold: float = SAFETY_THRESHOLD,
@@ -248,8 +250,9 @@ class RewardModelJudge:
             if not Path(source).exists():
                 raise UsageError(f"reward model {source}: no such folder")
             model = load_pretrained(Llama2ForRewardModel, str(source), f"{kind} reward model", dtype=torch.float32)
-            self._scorers[kind] = RewardModelScorer(model, load_tokenizer(self.tokenizer or source),
-                                                   batch_size=self.batch_size)
+            # the RM's own tokenizer (it re-encodes the text in its chat format); the given one where it has none
+            own = source if has_tokenizer(source) or not self.tokenizer else self.tokenizer
+            self._scorers[kind] = RewardModelScorer(model, load_tokenizer(own), batch_size=self.batch_size)
         return self._scorers[kind]
 
     def scores(self, kind: str, prompts: Sequence, responses: Sequence[str]) -> list[float]:

@@ -27,7 +27,9 @@ too_long), with both answers and scores, kept or not.
 
 Choices where the paper is silent (all options of `DistillConfig`):
 - the preprompt goes in the system message (`placement="system"`, appended before an existing system message);
-  `placement="prefix"` puts it before the text of the final user message instead;
+  `placement="prefix"` puts it before the text of the final user message instead. A model whose chat template has
+  no system role (Mistral, Gemma) reads a system message at the front of the first user turn
+  (`chat_format.ChatFormat.with_system`), so there `system` differs from `prefix` only for multi-turn prompts;
 - both answers are sampled by the same model and settings; both are scored on the prompt *without* the preprompt
   (the context the distilled model will see);
 - "higher" is strict (`min_gain=0.0`): ties keep nothing;

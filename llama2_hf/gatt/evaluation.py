@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..chat_format import chat_format_for
 from ..sampling import rollout, sampler_limits
 from ..sampling.chat import Answerer, Messages
 from .data import EVAL_USER_TURNS_FILE, PLACEMENTS, ConstraintSet, first_turn, interleave, load_constraint_sets, \
@@ -112,12 +113,15 @@ JUDGE_PROMPT = ("An assistant was given this instruction for the whole conversat
 
 class ModelJudge:
     """A causal chat LM as yes/no judge: the reply follows the instruction when the first answer token " Yes" is more
-    likely than " No" after `JUDGE_PROMPT` (one forward pass, no sampling)."""
+    likely than " No" after `JUDGE_PROMPT` (one forward pass, no sampling). The question is laid out as a generation
+    prompt in the judge's own chat format (`chat_format.chat_format_for`: Meta's for a Llama 2 tokenizer, the chat
+    template otherwise)."""
 
     def __init__(self, model, tokenizer, prompt: str = JUDGE_PROMPT):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prompt = prompt
+        self.chat_format = chat_format_for(tokenizer)
         self.yes_id = tokenizer.encode("Yes", add_special_tokens=False)[0]
         self.no_id = tokenizer.encode("No", add_special_tokens=False)[0]
         if self.yes_id == self.no_id:
@@ -126,9 +130,7 @@ class ModelJudge:
     def __call__(self, instruction: str, response: str, value: str, context: Messages) -> bool:
         import torch
 
-        from ..tokenization_llama2 import encode_dialog
-
-        ids = encode_dialog(self.tokenizer, [{"role": "user", "content": self.prompt.format(
+        ids = self.chat_format.prompt_ids([{"role": "user", "content": self.prompt.format(
             instruction=instruction, response=response)}])
         device = next(self.model.parameters()).device
         with torch.no_grad():

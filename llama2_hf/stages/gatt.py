@@ -7,7 +7,10 @@ Inputs: the chat model that samples the answers (the latest RLHF model) and mult
 `messages`; files, Hub names or a previous stage's `data` output). Each dialogue gets an instruction (constraint
 combination or a fixed text), its answers are sampled turn by turn with the instruction on every user turn, and
 the instruction is then kept in the first turn only (schema: `llama2_hf.gatt`). Output: `gatt.jsonl` (`data`, what
-`sft` trains on with `train_on: last`) and `run.json`.
+`sft` trains on with `train_on: last`) and `run.json`. The rows are `messages`, laid out in the model's own chat
+format when sampled and when `sft` encodes them: with `placement: system` the instruction is a system message, which
+a chat template without a system role (Mistral, Gemma) reads at the front of the first user turn
+(`chat_format.ChatFormat.with_system`).
 
 Under `accelerate launch` every rank draws the same plan (instructions from `seed`) and samples its own contiguous
 share of the dialogues into a part file (`parts/`), chunk by chunk; a killed run resumes from the finished chunks,

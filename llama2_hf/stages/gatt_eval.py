@@ -37,7 +37,7 @@ from ..gatt.evaluation import (
     format_table30,
     plot_adherence,
 )
-from ..loading import load_pretrained
+from ..loading import load_pretrained, load_tokenizer
 from ..runner import (
     RankParts, RunRecord, Stage, StageRun, UsageError, distributed_state, resolved_args, write_json_atomic
 )
@@ -101,10 +101,11 @@ def _checkers(config: GAttEvalConfig, sets) -> list:
         elif name == "judge":
             if not config.judge_model:
                 raise UsageError("the 'judge' checker needs judge_model")
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from ..modeling_llama2 import Llama2ForCausalLM
 
-            judge = ModelJudge(load_pretrained(AutoModelForCausalLM, config.judge_model, "judge model"),
-                               AutoTokenizer.from_pretrained(config.judge_model))
+            # any family: its own class and tokenizer (Meta's exact one for a Llama 2 checkpoint) and chat format
+            judge = ModelJudge(load_pretrained(Llama2ForCausalLM, config.judge_model, "judge model"),
+                               load_tokenizer(config.judge_model))
             checkers.append(JudgeChecker(judge, sets, types=config.judge_types))
         else:
             raise UsageError(f"unknown checker {name!r}; expected language, keyword or judge")

@@ -38,6 +38,7 @@ from ..loading import load_pretrained
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
 from ..runner import RUN_ARGS, RUN_RECORD, RunRecord, Stage, StageRun, UsageError, resolved_args, stage_output
 from ..sampling import open_sampler
+from ..trainers.ppo_parts import _reward_model_of
 from ..trainers.ppo import METRICS_FILE, Llama2PPOConfig, Llama2PPOTrainer, PPOSampling, latest_checkpoint
 from .common import RewardArguments, check_prompt_lengths, load_model, load_reward, load_tokenizer, peft_config
 
@@ -102,6 +103,8 @@ def main(script_args: PPOArguments, config: Llama2PPOConfig, model_args: ModelCo
 
     device = _device(config)
     reward = load_reward(reward_args, tokenizer, device)
+    if not config.value_model_name_or_path and config.value_model_init == "reward_model":
+        _reward_model_of(reward, tokenizer)  # an RM of another vocabulary cannot be the critic: refused before loading
     policy = load_model(Llama2ForCausalLM, model_args, role="policy").to(device)
     value_model = None
     if config.value_model_name_or_path:

@@ -24,7 +24,7 @@ from pathlib import Path
 from trl import ModelConfig
 
 from ..data import load_prompts
-from ..loading import load_pretrained
+from ..loading import load_pretrained, load_tokenizer
 from ..refusals import (
     BORDERLINE_PROMPTS_FILE,
     ClassifierRefusalDetector,
@@ -71,12 +71,12 @@ RefusalSampling = sampling_arguments(
 def _detector(args: RefusalArguments):
     if not args.classifier:
         return PatternRefusalDetector()
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     label: int | str = int(args.refusal_label) if args.refusal_label.isdigit() else args.refusal_label
     try:
         model = load_pretrained(AutoModelForSequenceClassification, args.classifier, "refusal classifier")
-        tokenizer = AutoTokenizer.from_pretrained(args.classifier)
+        tokenizer = load_tokenizer(args.classifier)
         return ClassifierRefusalDetector(model, tokenizer, refusal_label=label, threshold=args.refusal_threshold)
     except (OSError, ValueError) as err:
         raise UsageError(f"refusal classifier {args.classifier}: {err}") from None

@@ -158,7 +158,7 @@ class Llama2PPOTrainer(PPOCheckpointing):
         self.ref_model = ref_model
         if value_model is None:
             if args.value_model_init == "reward_model":
-                source = _reward_model_of(reward)
+                source = _reward_model_of(reward, processing_class)
                 if source is None:
                     raise ValueError("value_model_init='reward_model' needs a reward that holds a reward model "
                                      "(SafetyGatedReward / RewardModelScorer): pass value_model, or set "

@@ -93,8 +93,9 @@ class Llama2PPOConfig(TrainingArguments):
                 "backend always uses the forward pass."})
     value_model_init: str = field(default="reward_model", metadata={
         "help": "Critic initialisation when value_model_name_or_path is not given (paper silent): 'reward_model' "
-                "copies the helpfulness RM (its regression head read at every token), 'policy' copies the policy "
-                "with a zero head.", "choices": list(VALUE_MODEL_INITS)})
+                "copies the helpfulness RM (its regression head read at every token; it must share the policy's "
+                "vocabulary), 'policy' puts the policy's decoder in the sequence classifier of its own family with a "
+                "zero head.", "choices": list(VALUE_MODEL_INITS)})
     value_model_name_or_path: str | None = field(default=None, metadata={
         "help": "Critic folder or Hub id (a sequence-classification model with one label); overrides "
                 "value_model_init."})

@@ -33,14 +33,28 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def value_head(value_model: nn.Module) -> nn.Module:
+    """The scalar head of a critic or reward model (`score`, as `Llama2ForRewardModel` and transformers'
+    `*ForSequenceClassification` of the Llama, Mistral, Qwen2, Gemma families name it), refused in one line
+    otherwise."""
+    head = getattr(value_model, "score", None)
+    if not isinstance(head, nn.Module):
+        raise UsageError(f"critic {type(value_model).__name__}: it has no `score` head, so values cannot be read at "
+                         "every token; give a sequence classifier whose head is `score` (value_model_name_or_path), "
+                         "or set value_model_init: policy")
+    return head
+
+
 def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor) -> torch.Tensor:
     """Critic values at every position, (B, T): the sequence-classification head (`score`) applied to each token's
     final hidden state instead of only the last one. Works for `Llama2ForRewardModel` and any transformers
-    `*ForSequenceClassification` with a `score` head and `num_labels=1`.
+    `*ForSequenceClassification` with a `score` head and `num_labels=1` (its decoder is the `base_model_prefix`
+    attribute, `model` for Llama, Mistral and Qwen2).
 
     The model is called as a whole (so FSDP's root hooks gather the embeddings and the head) and the decoder's output
     is captured with a forward hook."""
+    head = value_head(value_model)
     backbone = getattr(value_model, value_model.base_model_prefix)
     captured = []
     handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
@@ -48,31 +62,43 @@ def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask
         value_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     finally:
         handle.remove()
-    return value_model.score(captured[0]).squeeze(-1).float()  # (B, T)
+    return head(captured[0]).squeeze(-1).float()  # (B, T)
 
 
 def value_model_from_policy(policy: nn.Module) -> nn.Module:
-    """A `Llama2ForRewardModel` with the policy's decoder weights and a zero head (initial values 0)."""
-    from ..modeling_llama2 import Llama2ForRewardModel
+    """A critic of the policy's own family with the policy's decoder weights and a zero head (initial values 0): a
+    `Llama2ForRewardModel` for a `Llama2ForCausalLM`, the family's sequence classifier (`num_labels=1`) for a
+    transformers causal LM (`trainers.reward.new_reward_model`)."""
+    from .reward import new_reward_model
 
     base = policy.get_base_model() if is_peft_model(policy) else policy
-    config = copy.deepcopy(base.config)
-    config.num_labels = 1
-    critic = Llama2ForRewardModel(config)
+    critic = new_reward_model(base)
     # A peft policy at initialisation computes exactly its base model (LoRA's B is zero), so its base decoder is it.
-    decoder = {k.removeprefix("model."): v for k, v in base.state_dict().items()
-               if k.startswith("model.") and "lora_" not in k}
-    decoder = {k.replace(".base_layer.", "."): v for k, v in decoder.items()}
-    critic.model.load_state_dict(decoder)
-    nn.init.zeros_(critic.score.weight)
+    prefix = f"{base.base_model_prefix}."
+    decoder = {k.removeprefix(prefix).replace(".base_layer.", "."): v for k, v in base.state_dict().items()
+               if k.startswith(prefix) and "lora_" not in k}
+    getattr(critic, critic.base_model_prefix).load_state_dict(decoder)
+    head = value_head(critic)
+    nn.init.zeros_(head.weight)
+    if getattr(head, "bias", None) is not None:
+        nn.init.zeros_(head.bias)
     return critic.to(device=next(policy.parameters()).device, dtype=next(policy.parameters()).dtype)
 
 
-def _reward_model_of(reward) -> nn.Module | None:
-    """The helpfulness RM inside the reward, for the critic's initialisation (None if it has none)."""
+def _reward_model_of(reward, tokenizer=None) -> nn.Module | None:
+    """The helpfulness RM inside the reward, for the critic's initialisation (None if it has none). The critic reads
+    the policy's token ids, so an RM that scores with another vocabulary than `tokenizer` (the policy's) cannot start
+    it: refused in one line."""
     for candidate in (getattr(reward, "helpfulness", None), reward):
         model = getattr(candidate, "model", None)
         if isinstance(model, nn.Module):
+            own = getattr(candidate, "tokenizer", None)
+            if tokenizer is not None and own is not None and own is not tokenizer \
+                    and own.get_vocab() != tokenizer.get_vocab():
+                name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+                raise UsageError(f"value_model_init=reward_model: the helpfulness reward model {name} has another "
+                                 "vocabulary than the policy's tokenizer, so it cannot read the policy's tokens as "
+                                 "critic; set value_model_init: policy, or give value_model_name_or_path")
             return model
     return None
 

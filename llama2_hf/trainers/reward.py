@@ -127,21 +127,30 @@ def is_causal_lm(model) -> bool:
     return isinstance(model, Llama2ForCausalLM) or type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
+def new_reward_model(causal_lm):
+    """A reward model of the causal LM's family with its config (`num_labels=1`) and freshly initialised weights: a
+    `Llama2ForRewardModel` for a `Llama2ForCausalLM`, else the sequence classifier of the LM's own family
+    (`AutoModelForSequenceClassification`), whose `architectures` then name that class. A PEFT model gives the
+    reward model of its base model."""
+    base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    config = copy.deepcopy(base.config)
+    config.num_labels = 1
+    if isinstance(base, Llama2ForCausalLM):
+        config.architectures = ["Llama2ForRewardModel"]
+        return Llama2ForRewardModel(config)
+    from transformers import AutoModelForSequenceClassification
+
+    reward_model = AutoModelForSequenceClassification.from_config(config)
+    reward_model.config.architectures = [type(reward_model).__name__]
+    return reward_model
+
+
 def reward_model_from_causal_lm(causal_lm):
     """A reward model whose decoder is a copy of the causal LM's (§3.2.2: RMs start from chat checkpoints); the
     next-token head is replaced by a freshly initialised scalar head `score`. A `Llama2ForCausalLM` gives a
     `Llama2ForRewardModel`; a causal LM of another family the sequence classifier of its own family
-    (`AutoModelForSequenceClassification`, `num_labels=1`)."""
-    config = copy.deepcopy(causal_lm.config)
-    config.num_labels = 1
-    if isinstance(causal_lm, Llama2ForCausalLM):
-        config.architectures = ["Llama2ForRewardModel"]
-        reward_model = Llama2ForRewardModel(config)
-    else:
-        from transformers import AutoModelForSequenceClassification
-
-        reward_model = AutoModelForSequenceClassification.from_config(config)
-        config.architectures = [type(reward_model).__name__]
+    (`AutoModelForSequenceClassification`, `num_labels=1`; see `new_reward_model`)."""
+    reward_model = new_reward_model(causal_lm)
     reward_model.base_model.load_state_dict(causal_lm.base_model.state_dict())
     param = next(causal_lm.parameters())
     return reward_model.to(device=param.device, dtype=param.dtype)
