@@ -119,6 +119,21 @@ def test_generate_until_greedy_matches_reference(tiny_model_factory, tiny_tokeni
     assert got == [r.split(stop)[0] for r in refs]
 
 
+def test_generate_until_stops_at_the_model_s_own_end_of_turn(tiny_model_factory, tiny_tokenizer):
+    """A model whose generation config names another end-of-turn id than the tokenizer's EOS stops there too."""
+    model = tiny_model_factory()
+    tiny_tokenizer.pad_token = tiny_tokenizer.unk_token
+    context = CONTEXTS[2]
+    ids = tiny_tokenizer.encode(context)
+    with torch.no_grad():  # the greedy first and second tokens of the context
+        first = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        second = int(model(input_ids=torch.tensor([ids + [first]])).logits[0, -1].argmax())
+    model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, second]
+    got = generate_until(model, tiny_tokenizer, [context], stop=[], sampling=TaskDecoding(max_new_tokens=10),
+                         progress=False)
+    assert got == [tiny_tokenizer.decode([first, second], skip_special_tokens=True)]
+
+
 def test_generate_until_sampling_is_seeded(tiny_model_factory, tiny_tokenizer):
     model = tiny_model_factory()
     tiny_tokenizer.pad_token = tiny_tokenizer.unk_token

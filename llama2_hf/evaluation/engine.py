@@ -307,6 +307,11 @@ def generate_until(model, tokenizer, contexts: Sequence[str], *, stop: Sequence[
         return [truncate_at_stop(tokenizer.decode(r[0], skip_special_tokens=True), stop) for r in out.response_ids]
     order = sorted(range(len(contexts)), key=lambda i: (-len(encoded[i]), contexts[i]))
     gen_config = sampling.generation_config(tokenizer)
+    # A chat model may end its turns with another token than the tokenizer's EOS: its generation config lists it.
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    own = [own] if isinstance(own, int) else list(own or [])
+    if any(i != tokenizer.eos_token_id for i in own):
+        gen_config.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id, *own]))
     device = next(model.parameters()).device
     if seed is not None:
         torch.manual_seed(seed)
