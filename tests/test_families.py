@@ -171,24 +171,29 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent("""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     out = {}
-    for kind, path in json.loads(sys.argv[1]):
+    for kind, path, tokenizer_path in json.loads(sys.argv[1]):
         cls = AutoModelForCausalLM if kind == "lm" else AutoModelForSequenceClassification
-        model, tokenizer = cls.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        model, tokenizer = cls.from_pretrained(path), AutoTokenizer.from_pretrained(tokenizer_path)
         ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello"},
                                              {"role": "assistant", "content": "hi"}], tokenize=True,
                                             return_dict=True)["input_ids"]
         logits = model(input_ids=torch.tensor([ids])).logits
-        out[path] = [type(model).__name__, type(tokenizer).__name__, list(logits.shape)]
+        out[path] = {"class": type(model).__name__, "model_type": model.config.model_type,
+                     "tokenizer": type(tokenizer).__name__, "template": tokenizer.chat_template,
+                     "shape": list(logits.shape)}
     assert "llama2_hf" not in sys.modules
     print(json.dumps(out))
 """)
 
 
-def load_elsewhere(outputs: list[tuple[str, str]]) -> dict:
-    """Load each (kind, folder) with the Auto classes in a process that never imports llama2_hf."""
+def load_elsewhere(outputs) -> dict:
+    """Load each (kind, model folder[, tokenizer folder]) with the Auto classes (kind "lm": a causal LM, else a
+    sequence classifier) in a process that never imports llama2_hf, and run it on a chat; per model folder: its
+    class, model type, tokenizer class, chat template and logits shape."""
+    entries = [[str(o[0]), str(o[1]), str(o[2] if len(o) > 2 else o[1])] for o in outputs]
     env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PACKAGE, json.dumps(outputs)], capture_output=True,
-                          text=True, env=env, cwd="/", timeout=120)
+    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PACKAGE, json.dumps(entries)], capture_output=True,
+                          text=True, env=env, cwd="/", timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -232,8 +237,8 @@ def test_sft_train_rm_eval_rm_keep_the_family(checkpoints, tmp_path, family, lm,
     alone = torch.cat([scorer.raw_scores([p], [r]) for p, r in zip(prompts, responses)])
     assert torch.allclose(together, alone, atol=1e-5)
     loaded = load_elsewhere([("lm", str(tmp_path / "sft")), ("rm", str(tmp_path / "rm"))])
-    assert loaded[str(tmp_path / "sft")][0] == lm and loaded[str(tmp_path / "rm")][0] == rm
-    assert loaded[str(tmp_path / "rm")][2][-1] == 1
+    assert loaded[str(tmp_path / "sft")]["class"] == lm and loaded[str(tmp_path / "rm")]["class"] == rm
+    assert loaded[str(tmp_path / "rm")]["shape"][-1] == 1
 
 
 def test_plain_llama_with_its_own_template_stays_llama(checkpoints, tmp_path):

@@ -9,10 +9,6 @@ never imports this package. The RLHF loop (`iterate`) runs one version with PPO 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -20,7 +16,7 @@ import torch
 from llama2_hf.stages import run_stage
 
 from conftest import TINY_TRAINING, write_jsonl
-from test_families import family_rows, tokenizer_of
+from test_families import load_elsewhere, tokenizer_of
 
 FAMILIES = {"qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
             "mistral": ("MistralForCausalLM", "MistralForSequenceClassification")}
@@ -86,38 +82,17 @@ def inputs(tmp_path_factory):
     return out
 
 
-LOAD_WITHOUT_PACKAGE = textwrap.dedent("""
-    import json, sys
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    out = {}
-    for kind, path, tokenizer_path in json.loads(sys.argv[1]):
-        cls = AutoModelForCausalLM if kind == "lm" else AutoModelForSequenceClassification
-        model, tokenizer = cls.from_pretrained(path), AutoTokenizer.from_pretrained(tokenizer_path)
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello"},
-                                             {"role": "assistant", "content": "hi"}], tokenize=True,
-                                            return_dict=True)["input_ids"]
-        logits = model(input_ids=torch.tensor([ids])).logits
-        out[path] = [type(model).__name__, model.config.model_type, type(tokenizer).__name__,
-                     tokenizer.chat_template, list(logits.shape)]
-    assert "llama2_hf" not in sys.modules
-    print(json.dumps(out))
-""")
-
-
 def assert_own_family(family: str, policy, outputs: list[tuple[str, str, str]]) -> None:
     """Each (kind, model folder, tokenizer folder) loads with the Auto classes without this package, as `family`."""
     from transformers import AutoTokenizer
 
-    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PACKAGE, json.dumps([list(map(str, o)) for o in outputs])],
-                          capture_output=True, text=True, env=env, cwd="/", timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    loaded = load_elsewhere(outputs)
     source = AutoTokenizer.from_pretrained(policy)
     lm, rm = FAMILIES[family]
     for kind, path, tokenizer_path in outputs:
-        arch, model_type, tokenizer_class, template, shape = loaded[str(path)]
+        seen = loaded[str(path)]
+        arch, model_type, tokenizer_class, template, shape = (seen[k] for k in ("class", "model_type", "tokenizer",
+                                                                                 "template", "shape"))
         assert (arch, model_type) == (lm if kind == "lm" else rm, family), path
         assert (tokenizer_class, template) == (type(source).__name__, source.chat_template), path
         assert shape[-1] == (1 if kind == "rm" else len(source))

@@ -7,10 +7,6 @@ same chain for Qwen2 under a 2-process `accelerate launch`."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ from llama2_hf.runner import RunRecord
 from llama2_hf.stages import run_stage
 
 from conftest import TINY_TRAINING, accelerate_launch, preference_rows, write_jsonl
-from test_families import family_rows, model_of, tokenizer_of
+from test_families import family_rows, load_elsewhere, model_of, tokenizer_of
 
 FAMILIES = {"qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification", "Qwen2Tokenizer"),
             "mistral": ("MistralForCausalLM", "MistralForSequenceClassification", None)}
@@ -66,28 +62,6 @@ def data(tmp_path_factory) -> dict[str, Path]:
             "dialogues": write_jsonl(root / "dialogues.jsonl", dialogues), "eval_data": root}
 
 
-def load_elsewhere(folders: dict[str, tuple[str, str]]) -> dict:
-    """Load each folder with an Auto class in a fresh process that does not import llama2_hf; return what it saw."""
-    script = textwrap.dedent("""
-        import json, os, sys
-        import transformers
-        out = {}
-        for name, (folder, auto) in json.loads(sys.argv[1]).items():
-            model = getattr(transformers, auto).from_pretrained(folder)
-            out[name] = {"class": type(model).__name__, "model_type": model.config.model_type}
-            if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-                tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-                out[name].update(tokenizer=type(tokenizer).__name__, template=tokenizer.chat_template)
-        assert "llama2_hf" not in sys.modules
-        print(json.dumps(out))
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps({k: list(v) for k, v in folders.items()})],
-                          capture_output=True, text=True, env=env, cwd="/", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def run_chain(family: str, base: Path, data: dict, out: Path, stage) -> None:
     """The chain through `stage(name, **fields)`: in this process, or one `accelerate launch` per stage."""
     stage("sft", model_name_or_path=base, train_file=[data["sft"]], output_dir=out / "sft", **TINY_TRAINING)
@@ -120,23 +94,20 @@ def check_chain(family: str, base: Path, out: Path) -> None:
         assert row["messages"][0] == {"role": "system", "content": INSTRUCTION}
     results = json.loads((out / "eval" / "results.json").read_text())
     assert "mmlu" in results["results"]
-    seen = load_elsewhere({"sft": (str(out / "sft"), "AutoModelForCausalLM"),
-                           "rm": (str(out / "rm_safety"), "AutoModelForSequenceClassification"),
-                           "rs": (str(out / "rs"), "AutoModelForCausalLM"),
-                           "ppo": (str(out / "ppo"), "AutoModelForCausalLM"),
-                           "critic": (str(out / "ppo" / "value_model"), "AutoModelForSequenceClassification"),
-                           "chat": (str(out / "chat"), "AutoModelForCausalLM")})
+    # (kind, model folder, tokenizer folder): the critic's folder holds weights only, the policy's its tokenizer
+    outputs = [("lm", out / "sft"), ("rm", out / "rm_safety"), ("lm", out / "rs"), ("lm", out / "ppo"),
+               ("rm", out / "ppo" / "value_model", out / "ppo"), ("lm", out / "chat")]
+    seen = load_elsewhere(outputs)
     template = json.loads((base / "tokenizer_config.json").read_text()).get("chat_template") or \
         (base / "chat_template.jinja").read_text()
-    for name, info in seen.items():
-        assert info["model_type"] == family, name
-        assert info["class"] == (rm if name in ("rm", "critic") else lm), name
-        if name == "critic":  # the critic's folder holds weights only (the policy's folder has the tokenizer)
-            continue
-        assert info["template"] == template, name
+    for kind, path, *_ in outputs:
+        info = seen[str(path)]
+        assert info["model_type"] == family, path
+        assert info["class"] == (rm if kind == "rm" else lm), path
+        assert info["template"] == template, path
         if tokenizer_class:
-            assert info["tokenizer"] == tokenizer_class, name
-        assert "Llama2" not in info["tokenizer"], name
+            assert info["tokenizer"] == tokenizer_class, path
+        assert "Llama2" not in info["tokenizer"], path
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
