@@ -5,8 +5,9 @@
 The recipe is read as its stage reads it (its keys checked against the stage's fields, the fields it leaves out at
 their defaults); the stage comes from the launch line in the recipe's header (`--stage` overrides it), the launcher
 (DDP, FSDP or ZeRO-3) from the `--config_file recipes/accelerate/<name>.yaml` there. Parameter counts are exact: every
-model is built on the meta device from its config (a `config.json` in the recipe's model folder, else the released
-size named in the path: `Llama2Config.from_preset`). The figures are bytes per rank, for each strategy and phase:
+model is built on the meta device from its config (a `config.json` in the recipe's model folder, of any family; else
+a model of `KNOWN_CONFIGS` named in the path, e.g. Qwen2.5 7B; else the released Llama 2 size named in the path:
+`Llama2Config.from_preset`; a name of another family plan has no shapes for is refused). The figures are bytes per rank, for each strategy and phase:
 
 - weights, gradients, optimizer state of the trained models (AdamW: two float32 moments per trainable parameter).
   DDP replicates all three (plus DDP's gradient buckets, one more float32 copy of the gradients: torch's default
@@ -133,16 +134,34 @@ def read_recipe(path: str, stage_name: str | None = None) -> Recipe:
     return Recipe(path, stage_name, values, LAUNCHERS.get(launcher.group(1)) if launcher else None)
 
 
+# Shapes of the other families' recipe models (recipes/qwen2.5-7b/), from their published config.json: a Hub id is
+# not read at plan time (offline), and a recipe's output folders (`out/qwen2.5-7b-sft`) do not exist yet.
+KNOWN_CONFIGS = {
+    "qwen2.5-7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                                 tie_word_embeddings=False)),
+}
+OTHER_FAMILIES = ("qwen", "mistral", "mixtral", "gemma", "phi", "falcon", "olmo", "deepseek", "yi-", "internlm")
+
+
 @functools.cache
 def _meta_counts(config_json: str, reward_head: bool, lora_key: tuple) -> ModelShape:
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from .configuration_llama2 import Llama2Config
     from .modeling_llama2 import Llama2ForCausalLM, Llama2ForRewardModel
 
-    config = Llama2Config.from_dict(json.loads(config_json))
+    values = json.loads(config_json)
     with torch.device("meta"):
-        model = (Llama2ForRewardModel if reward_head else Llama2ForCausalLM)(copy.deepcopy(config))
+        if values.get("model_type") == "llama2":
+            config = Llama2Config.from_dict(values)
+            model = (Llama2ForRewardModel if reward_head else Llama2ForCausalLM)(copy.deepcopy(config))
+        else:  # another family: its own classes (the reward model: one label, as the stages load it)
+            if reward_head:
+                values = {**{k: v for k, v in values.items() if k not in ("id2label", "label2id")}, "num_labels": 1}
+            config = AutoConfig.for_model(**values)
+            model = (AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM).from_config(config)
     params = sum(p.numel() for p in model.parameters())
     layer = model.model.layers[0]
     rank, targets = lora_key
@@ -153,18 +172,34 @@ def _meta_counts(config_json: str, reward_head: bool, lora_key: tuple) -> ModelS
     return ModelShape(params=params, quantizable=sum(m.weight.numel() for m in linears), layer_params=layer_params,
                       root_params=params - layer_params * config.num_hidden_layers, lora=lora,
                       layers=config.num_hidden_layers, hidden=config.hidden_size,
-                      kv_width=config.num_key_value_heads * config.head_dim, ffn=config.intermediate_size,
+                      kv_width=config.num_key_value_heads * (getattr(config, "head_dim", None)
+                                                             or config.hidden_size // config.num_attention_heads),
+                      ffn=config.intermediate_size,
                       context=config.max_position_embeddings)
 
 
 def model_config(name_or_path: str):
-    """The Llama 2 config of a model folder (its config.json), or of the released size its name contains."""
+    """The config of a model folder (its config.json: Llama 2 or any family), else of the model its name names: a
+    `KNOWN_CONFIGS` model, or the released Llama 2 size in the name. A name of another family that is not known is
+    refused rather than sized as Llama 2."""
+    from transformers import AutoConfig
+
     from .configuration_llama2 import Llama2Config
 
     folder = Path(str(name_or_path))
     if (folder / "config.json").is_file():
-        return Llama2Config.from_json_file(str(folder / "config.json"))
-    size = SIZE_IN_NAME.search(str(name_or_path).lower())
+        if json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") == "llama2":
+            return Llama2Config.from_json_file(str(folder / "config.json"))
+        return AutoConfig.from_pretrained(str(folder))
+    name = str(name_or_path).lower()
+    for key, (model_type, values) in KNOWN_CONFIGS.items():
+        if key in name:
+            return AutoConfig.for_model(model_type, **values)
+    family = next((f for f in OTHER_FAMILIES if f in name), None)
+    if family is not None:
+        raise UsageError(f"{name_or_path}: plan knows the shapes of Llama 2 sizes and {sorted(KNOWN_CONFIGS)}, not "
+                         f"this {family.strip('-')} model: give a local folder with its config.json")
+    size = SIZE_IN_NAME.search(name)
     if size is None:
         raise UsageError(f"{name_or_path}: not a folder with a config.json, and its name gives no Llama 2 size "
                          "(7b, 13b, 34b, 70b)")
@@ -172,8 +207,9 @@ def model_config(name_or_path: str):
 
 
 def shape_of(config, reward_head: bool = False, lora_r: int = 0, targets: Sequence[str] = ()) -> ModelShape:
-    """Parameter counts of a `Llama2Config`'s causal LM (or reward model), built on the meta device."""
-    return _meta_counts(config.to_json_string(), reward_head, (lora_r, tuple(sorted(targets or ()))))
+    """Parameter counts of a config's causal LM (or reward model), built on the meta device: `Llama2Config` with this
+    package's classes, any other family with the Auto classes."""
+    return _meta_counts(config.to_json_string(use_diff=False), reward_head, (lora_r, tuple(sorted(targets or ()))))
 
 
 def model_shape(name_or_path: str, reward_head: bool = False, lora_r: int = 0,

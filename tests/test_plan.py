@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO_ROOT
 from llama2_hf.cli import main as cli_main
 from llama2_hf.configuration_llama2 import Llama2Config
+from llama2_hf.errors import UsageError
 from llama2_hf.plan import (
     GIB,
     activation_bytes_per_token,
@@ -105,6 +106,30 @@ def test_plan_of_a_local_model_folder_reads_its_config(tmp_path):
     shape = model_shape(str(tmp_path / "model"))
     assert shape.params == sum(p.numel() for p in __import__("llama2_hf").Llama2ForCausalLM(config).parameters())
     assert phase.parts["weights"] == 4 * shape.params
+
+
+def test_other_families_are_sized_as_themselves(tmp_path):
+    """Qwen2.5 7B (the `recipes/qwen2.5-7b/` model, its Hub id or a recipe's output folder named after it) counted by
+    hand from its published shapes: per layer q/k/v with biases, o, the SwiGLU MLP and two norms; embeddings and an
+    untied output head of 152,064 x 3,584; a reward model trades the head for one score row. A folder of another
+    family is read with its own config class; a family plan has no shapes for is refused, not sized as Llama 2."""
+    h, kv, ffn, vocab, layers = 3584, 4 * 128, 18944, 152064, 28
+    per_layer = h * h + h + 2 * (h * kv + kv) + h * h + 3 * h * ffn + 2 * h
+    assert per_layer * layers == 6_525_618_176  # Qwen2.5-7B's published "non-embedding" 6.53B
+    total = per_layer * layers + h + 2 * vocab * h
+    assert model_shape("Qwen/Qwen2.5-7B").params == total == 7_615_616_512
+    assert model_shape("out/qwen2.5-7b-rm", reward_head=True).params == total - vocab * h + h
+    seven = model_shape("Qwen/Qwen2.5-7B-Instruct")
+    assert (seven.layers, seven.hidden, seven.kv_width, seven.ffn) == (layers, h, kv, ffn)
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+    config.save_pretrained(tmp_path / "mistral")
+    assert model_shape(str(tmp_path / "mistral")).params == sum(p.numel() for p in MistralForCausalLM(config).parameters())
+    with pytest.raises(UsageError, match=r"mistralai/Mistral-7B-v0.1: plan knows .* not this mistral model"):
+        model_shape("mistralai/Mistral-7B-v0.1")
 
 
 @pytest.mark.parametrize("argv, message", [
