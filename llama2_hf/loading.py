@@ -175,21 +175,24 @@ def is_llama2_checkpoint(source) -> bool:
     return not template or "[INST]" in str(template)
 
 
-def ensure_pad_token(tokenizer):
-    """Give a tokenizer without a pad token one, deterministically: `unk` for a Llama 2 tokenizer (as Meta's code
-    pads), else EOS (as TRL does), else `unk`. Padding is masked out of every loss and attention, so any id serves
-    causal LMs; reward models need a pad that does not end a dialogue (`reward_pad_token`). Mutates and returns it."""
-    if tokenizer.pad_token is not None:
+def ensure_pad_token(tokenizer, order: tuple[str, ...] | None = None):
+    """Give a tokenizer without a pad token one, deterministically: the first of `order` it has (with an id in its
+    vocabulary); by default `unk` for a Llama 2 tokenizer (as Meta's code pads), else EOS (as TRL does), else `unk`.
+    Padding is masked out of every loss and attention, so any id serves causal LMs; reward models need a pad that does
+    not end a dialogue (`reward_pad_token`). Mutates and returns it."""
+    if tokenizer.pad_token_id is not None:
         return tokenizer
     from .chat_format import is_llama2_tokenizer
 
-    order = ("unk_token", "eos_token") if is_llama2_tokenizer(tokenizer) else ("eos_token", "unk_token")
+    if order is None:
+        order = ("unk_token", "eos_token") if is_llama2_tokenizer(tokenizer) else ("eos_token", "unk_token")
     for name in order:
-        if getattr(tokenizer, name, None) is not None:
+        if getattr(tokenizer, name, None) is not None and getattr(tokenizer, f"{name}_id", None) is not None:
             tokenizer.pad_token = getattr(tokenizer, name)
             return tokenizer
+    names = " or ".join(name.removesuffix("_token") for name in order)
     raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}: it has no "
-                     "pad, EOS or unk token to pad batches with; set pad_token in its tokenizer_config.json")
+                     f"pad, {names} token to pad batches with; set pad_token in its tokenizer_config.json")
 
 
 def _reward_pad(tokenizer) -> str:

@@ -131,10 +131,9 @@ class ClassifierRefusalDetector:
                  use_prompt: bool = False, batch_size: int = 16, max_length: int = 512) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        if tokenizer.pad_token is None:  # batches need one: unk for Llama 2, else EOS (`loading.ensure_pad_token`)
-            from .loading import ensure_pad_token
+        from .loading import ensure_pad_token
 
-            ensure_pad_token(tokenizer)
+        ensure_pad_token(tokenizer)  # batches need one: unk for Llama 2, else EOS
         if getattr(model.config, "pad_token_id", None) is None:  # transformers' heads find each row's end by it
             model.config.pad_token_id = tokenizer.pad_token_id
         if isinstance(refusal_label, str):

@@ -55,18 +55,34 @@ def tokenizer_of(family: str):
     return trained_tokenizer(["<unk>", "<s>", "</s>"], ZEPHYR, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def model_of(family: str, tokenizer):
+def checkpoint_tokenizer(family: str, folder):
+    """`tokenizer_of(family)` as a checkpoint folder of that family reads it back: AutoTokenizer reads any qwen2 folder
+    with Qwen2Tokenizer whatever tokenizer_class says (its own pre-tokenizer, pad <|endoftext|>), so the Qwen2
+    tokenizer is saved beside a qwen2 config and read back; the others are returned as trained."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    tokenizer = tokenizer_of(family)
+    if family != "qwen2":
+        return tokenizer
+    tokenizer.save_pretrained(folder)
+    Qwen2Config().save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer"
+    return tokenizer
+
+
+def model_of(family: str, tokenizer, seed: int = 0, **overrides):
+    """A tiny random causal LM of `family` over `tokenizer` (`overrides`: config fields)."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
         Qwen2ForCausalLM
 
     cls, config_cls = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "mistral": (MistralForCausalLM, MistralConfig),
                        "llama": (LlamaForCausalLM, LlamaConfig)}[family]
-    torch.manual_seed(0)
-    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        tie_word_embeddings=False)
-    return cls(config)
+    torch.manual_seed(seed)
+    values = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    return cls(config_cls(**{**values, **overrides}))
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +91,7 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     out = {}
     for family in ("qwen2", "mistral", "llama"):
-        tokenizer = tokenizer_of(family)
-        if family == "qwen2":
-            # AutoTokenizer reads a qwen2 folder with Qwen2Tokenizer whatever tokenizer_class says (its own
-            # pre-tokenizer, pad <|endoftext|>): the checkpoint's tokenizer is what that class makes of the files.
-            from transformers import AutoTokenizer, Qwen2Config
-
-            tokenizer.save_pretrained(root / family)
-            Qwen2Config().save_pretrained(root / family)
-            tokenizer = AutoTokenizer.from_pretrained(root / family)
-            assert type(tokenizer).__name__ == "Qwen2Tokenizer"
+        tokenizer = checkpoint_tokenizer(family, root / family)
         model_of(family, tokenizer).save_pretrained(root / family)
         tokenizer.save_pretrained(root / family)
         out[family] = root / family

@@ -16,7 +16,7 @@ import torch
 from llama2_hf.stages import run_stage
 
 from conftest import TINY_TRAINING, write_jsonl
-from test_families import load_elsewhere, tokenizer_of
+from test_families import checkpoint_tokenizer, load_elsewhere, model_of, tokenizer_of
 
 FAMILIES = {"qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
             "mistral": ("MistralForCausalLM", "MistralForSequenceClassification")}
@@ -27,27 +27,13 @@ TINY_PPO = {"use_cpu": True, "batch_size": 4, "mini_batch_size": 4, "prompt_batc
 
 
 def lm_of(family: str, tokenizer, seed: int = 0):
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    cls, config_cls = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "mistral": (MistralForCausalLM, MistralConfig)}[family]
-    torch.manual_seed(seed)
-    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    return cls(config)
+    return model_of(family, tokenizer, seed, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id)
 
 
 def family_tokenizer(family: str, folder):
-    """The family's tokenizer as its checkpoint folder reads back (Qwen2: `Qwen2Tokenizer`, see test_families)."""
-    from transformers import AutoTokenizer, Qwen2Config
-
-    tokenizer = tokenizer_of(family)
-    if family == "qwen2":
-        tokenizer.save_pretrained(folder)
-        Qwen2Config().save_pretrained(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    elif tokenizer.pad_token is None:
+    """The family's tokenizer as its checkpoint folder reads it back, with a pad token (EOS where it has none)."""
+    tokenizer = checkpoint_tokenizer(family, folder)
+    if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

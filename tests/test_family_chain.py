@@ -15,7 +15,7 @@ from llama2_hf.runner import RunRecord
 from llama2_hf.stages import run_stage
 
 from conftest import TINY_TRAINING, accelerate_launch, preference_rows, write_jsonl
-from test_families import family_rows, load_elsewhere, model_of, tokenizer_of
+from test_families import checkpoint_tokenizer, family_rows, load_elsewhere, model_of
 
 FAMILIES = {"qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification", "Qwen2Tokenizer"),
             "mistral": ("MistralForCausalLM", "MistralForSequenceClassification", None)}
@@ -27,14 +27,8 @@ TINY_PPO = {"use_cpu": True, "num_iterations": 1, "batch_size": 4, "mini_batch_s
 
 def checkpoint(root: Path, family: str) -> Path:
     """A saved tiny base checkpoint of `family` with its tokenizer (as the family's own tokenizer class reads it)."""
-    from transformers import AutoTokenizer, Qwen2Config
-
     folder = root / family
-    tokenizer = tokenizer_of(family)
-    if family == "qwen2":  # AutoTokenizer reads a qwen2 folder with Qwen2Tokenizer: the checkpoint's own
-        tokenizer.save_pretrained(folder)
-        Qwen2Config().save_pretrained(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = checkpoint_tokenizer(family, folder)
     model_of(family, tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

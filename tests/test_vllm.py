@@ -265,15 +265,13 @@ def test_a_missing_vllm_environment_stops_the_stage_before_any_model_load(rs_inp
 def test_another_family_samples_through_vllm_as_through_torch(tmp_path):
     """A Qwen2 policy (ChatML template, tied embeddings) on the vLLM backend: vLLM's own Qwen2 class serves it, the
     prompts are the ids of the tokenizer's chat template, and greedy answers equal the PyTorch backend's."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from llama2_hf.sampling import open_sampler
     from llama2_hf.sampling.torch_backend import TorchSampler
-    from tests.test_families import tokenizer_of
+    from tests.test_families import checkpoint_tokenizer
 
-    tokenizer_of("qwen2").save_pretrained(tmp_path)
-    Qwen2Config().save_pretrained(tmp_path)
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path)  # what any process reads from a qwen2 folder
+    tokenizer = checkpoint_tokenizer("qwen2", tmp_path)  # what any process reads from a qwen2 folder
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,

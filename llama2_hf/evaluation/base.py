@@ -166,14 +166,10 @@ def load_model(name_or_path: str, kind: str = "causal_lm", device: str | None = 
 
 
 def ensure_pad_token(tokenizer) -> None:
-    """Batching needs a pad id: use UNK as lm-eval does, else EOS, when the tokenizer has none (a token counts only
-    when it has an id in the vocabulary). Mutates it."""
-    if tokenizer.pad_token_id is not None:
-        return
-    for name in ("unk_token", "eos_token"):
-        token = getattr(tokenizer, name, None)
-        if token is not None and getattr(tokenizer, f"{name}_id", None) is not None:
-            tokenizer.pad_token = token
-            return
-    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}: it has no "
-                     "pad, unk or eos token to pad batches with; set pad_token in its tokenizer_config.json")
+    """Batching needs a pad id: use UNK as lm-eval does, else EOS, when the tokenizer has none
+    (`loading.ensure_pad_token` in lm-eval's order; a token counts only when it has an id). Mutates it."""
+    from ..loading import ensure_pad_token as pad_with
+
+    pad_with(tokenizer, ("unk_token", "eos_token"))
+
+

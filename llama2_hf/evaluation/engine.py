@@ -29,6 +29,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..modeling_llama2 import CACHE_NAME
+from ..sampling.base import end_ids
 
 logger = logging.getLogger(__name__)
 
@@ -308,10 +309,9 @@ def generate_until(model, tokenizer, contexts: Sequence[str], *, stop: Sequence[
     order = sorted(range(len(contexts)), key=lambda i: (-len(encoded[i]), contexts[i]))
     gen_config = sampling.generation_config(tokenizer)
     # A chat model may end its turns with another token than the tokenizer's EOS: its generation config lists it.
-    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    own = [own] if isinstance(own, int) else list(own or [])
-    if any(i != tokenizer.eos_token_id for i in own):
-        gen_config.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id, *own]))
+    ends = end_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    if ends != [tokenizer.eos_token_id]:
+        gen_config.eos_token_id = ends
     device = next(model.parameters()).device
     if seed is not None:
         torch.manual_seed(seed)

@@ -12,6 +12,13 @@ from collections.abc import Iterator, Sequence
 from .config import BackendArguments, SamplingConfig
 
 
+def end_ids(tokenizer, model_eos: int | Sequence[int] | None) -> list[int]:
+    """The ids that end an answer: the tokenizer's EOS, then the model's own (its generation config's
+    `eos_token_id`: an id, a list or None), without repeats."""
+    extra = [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
+    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *extra] if i is not None))
+
+
 class Sampler:
     """Samples from one causal LM with its tokenizer's chat format.
 
@@ -47,10 +54,10 @@ class Sampler:
         """Sample from `model`'s current weights from the next call on (the same architecture as before)."""
         raise NotImplementedError
 
-    def model_eos_ids(self) -> list[int]:
-        """The EOS ids the model's own configuration names (a chat model whose turns end with another token than
+    def model_eos_ids(self) -> int | list[int] | None:
+        """The EOS id(s) the model's own configuration names (a chat model whose turns end with another token than
         the tokenizer's EOS lists it in its generation config)."""
-        return []
+        return None
 
     def generating(self) -> contextlib.AbstractContextManager:
         """A frame around many calls that sample from unchanged weights (the torch backend gathers FSDP-sharded
@@ -64,8 +71,7 @@ class Sampler:
 
     def eos_ids(self) -> list[int]:
         """The ids that end an answer: the tokenizer's EOS and the model's own (`model_eos_ids`)."""
-        ids = [self.tokenizer.eos_token_id, *self.model_eos_ids()]
-        return list(dict.fromkeys(i for i in ids if i is not None))
+        return end_ids(self.tokenizer, self.model_eos_ids())
 
     def with_config(self, **changes) -> SamplingConfig:
         """This sampler's config with some fields changed (e.g. a temperature sweep's value, or K)."""
@@ -122,4 +128,4 @@ def engine_sampler(model, tokenizer, backend: BackendArguments | None, *, seed: 
         yield sampler
 
 
-__all__ = ["Sampler", "engine_sampler", "open_sampler"]
+__all__ = ["Sampler", "end_ids", "engine_sampler", "open_sampler"]

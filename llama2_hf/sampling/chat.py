@@ -4,6 +4,7 @@ the RLHF loop sample with."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
@@ -33,7 +34,8 @@ class ChatSampler:
             from .torch_backend import TorchSampler
 
             sampler = TorchSampler(sampler, tokenizer, config)
-        elif config is not None:
+        elif config is not None:  # the same engine or model with this config; the caller's sampler is left as it is
+            sampler = copy.copy(sampler)
             sampler.config = config
         if sampler.config.num_samples != 1:
             raise ValueError(f"ChatSampler answers once per conversation: num_samples must be 1, got "

@@ -36,9 +36,8 @@ class TorchSampler(Sampler):
         except StopIteration:
             return torch.device("cpu")
 
-    def model_eos_ids(self) -> list[int]:
-        ids = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        return [ids] if isinstance(ids, int) else list(ids or [])
+    def model_eos_ids(self) -> int | list[int] | None:
+        return getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
 
     def sample_ids(self, prompt_ids: Sequence[Sequence[int]], *, seed: int | None, config: SamplingConfig | None = None,
                    return_logprobs: bool = False):

@@ -64,7 +64,7 @@ class VLLMSampler(Sampler):
         return self.engine.generate_output(prompt_ids, config or self.config, seeds=seeds, eos_token_id=self.eos_ids())
 
     def model_eos_ids(self) -> list[int]:
-        return list(self.engine.eos_ids)
+        return self.engine.eos_ids
 
     def update_weights(self, model) -> None:
         """Push `model`'s current weights (LoRA merged; a collective under FSDP: every rank gathers the full

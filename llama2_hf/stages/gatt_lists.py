@@ -59,6 +59,7 @@ def main(args: GAttListsArguments, sampling: ListSampling, model_args: ModelConf
             raise UsageError(f"unknown constraint type {name!r}; known: {sorted(sets)}")
         if not sets[name].list_prompt:
             raise UsageError(f"constraint type {name!r} has no list_prompt to ask a model with")
+    sampling.check_installed()
     run.add_input("model", model_args.model_name_or_path)
     counts = {}
     if run.is_main:

@@ -30,12 +30,11 @@ def chat_sampling(model_args, tokenizer_name_or_path: str | None, sampling: Samp
     """A `ChatSampler` over the model of `model_args` (frozen: bf16 weights allowed) on this rank's device, on the
     backend `sampling` names (a vLLM engine is stopped on exit). The stage reseeds it per chunk of work
     (`ChatSampler.reseed(derive_seed(seed, first row))`), so a resumed or rank-split run redraws the same answers
-    for the same rows."""
+    for the same rows. The stage checks `sampling.check_installed()` first, with its other inputs."""
     from accelerate import PartialState
 
     from ..modeling_llama2 import Llama2ForCausalLM
 
-    sampling.check_installed()
     source = stage_model(model_args.model_name_or_path)
     tokenizer = load_tokenizer(tokenizer_name_or_path or source)
     model = load_model(Llama2ForCausalLM, model_args, source, role="chat model", trainable=False)

@@ -4,7 +4,6 @@ their writing and restoring (`PPOCheckpointing`, mixed into the trainer), and th
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
